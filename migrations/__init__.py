@@ -1,0 +1,1 @@
+"""Alembic revisions for the screener database (installed as ``screener._migrations``)."""

@@ -1,0 +1,3 @@
+"""CXR Screener: a DICOM chest X-ray screening daemon."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,66 @@
+"""Wiring for ``screener serve``: database, spool, listener; runs until SIGTERM/SIGINT, then drains."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from screener.config import Config
+from screener.db.migrate import ensure_at_head
+from screener.db.session import make_engine, make_session_factory
+from screener.errors import DatabaseUnavailableError
+from screener.ingest import Ingest, reconcile_spool
+from screener.listener import CHEST_SOP_CLASSES, Listener
+from screener.logs import get_logger
+from screener.spool import Spool
+
+log = get_logger("screener.serve")
+
+
+def serve(config: Config, stop: threading.Event | None = None) -> int:
+    """Run the daemon until ``stop`` is set or a SIGTERM/SIGINT arrives. Returns the exit code."""
+    stop = stop or threading.Event()
+    engine = make_engine(config.database)
+    try:
+        revision = ensure_at_head(engine, config.database.auto_migrate)
+    except SQLAlchemyError as exc:
+        raise DatabaseUnavailableError(
+            f"cannot open database {engine.url.render_as_string(hide_password=True)}: {type(exc).__name__}: "
+            f"{exc.orig if hasattr(exc, 'orig') else exc}; check database.url and that the server is running"
+        ) from exc
+    log.info("database.ready", url=engine.url.render_as_string(hide_password=True), revision=revision)
+
+    spool = Spool(config.storage.spool_dir, config.storage.min_free_bytes)
+    spool.ensure_layout()
+    temporaries, orphans = reconcile_spool(spool, engine, config.storage.orphan_grace_seconds)
+    log.info("spool.ready", path=str(spool.root), free_bytes=spool.free_bytes(), removed_temporaries=temporaries,
+             removed_orphans=orphans)
+
+    ingest = Ingest(
+        spool,
+        make_session_factory(engine),
+        refuse_conflicts=config.listener.on_conflict == "refuse",
+        chest_sop_classes=CHEST_SOP_CLASSES,
+    )
+    listener = Listener(config.listener, ingest)
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("serve.signal", signal=signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
+        if threading.current_thread() is threading.main_thread() else {}
+    try:
+        listener.start()
+        log.info("serve.ready", config=config.source)
+        stop.wait()
+        listener.drain(config.listener.drain_seconds)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        engine.dispose()
+    log.info("serve.stopped")
+    return 0

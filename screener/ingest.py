@@ -1,0 +1,273 @@
+"""Received bytes -> durable spool file + committed ``instances`` row -> a DICOM status.
+
+This is the whole C-STORE contract (DESIGN "No acknowledged instance is ever lost"):
+0x0000 only after the file and its directory are fsynced and the row is committed; 0xA700 when the
+spool is below its floor or the database is unreachable, with nothing half-written left behind;
+the same SOP Instance UID with the same bytes is a no-op success; with different bytes the first
+copy is kept and the clash recorded (or refused, by ``listener.on_conflict``).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from dataclasses import dataclass
+from io import BytesIO
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import Engine, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from screener.db.models import ClashAction, Instance, InstanceClash, InstanceStatus, Study, utcnow
+from screener.errors import SpoolError, SpoolFullError
+from screener.spool import Spool
+
+# DICOM status codes (PS3.4 Annex B.2.3 and PS3.7 Annex C).
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DUPLICATE_REFUSED = 0x0111  # PS3.7 C.5.4 "Duplicate SOP Instance"
+STATUS_CANNOT_UNDERSTAND = 0xC000
+
+
+class Outcome(enum.StrEnum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    CLASH_KEPT_FIRST = "clash_kept_first"
+    CLASH_REFUSED = "clash_refused"
+    SPOOL_FULL = "spool_full"
+    SPOOL_ERROR = "spool_error"
+    DATABASE_UNAVAILABLE = "database_unavailable"
+    INVALID = "invalid"
+
+
+@dataclass(frozen=True)
+class Received:
+    """One C-STORE request as it arrived: identifiers from the command set, the Part 10 bytes."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    calling_ae_title: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    outcome: Outcome
+    status: int
+    study_instance_uid: str | None = None
+    detail: str | None = None
+
+
+@dataclass(frozen=True)
+class _Header:
+    study_instance_uid: str | None
+    series_instance_uid: str | None
+    problem: str | None
+
+
+def read_header(data: bytes) -> _Header:
+    """Study and series UIDs from a Part 10 byte string, without touching the pixel data."""
+    try:
+        ds = dcmread(
+            BytesIO(data),
+            stop_before_pixels=True,
+            specific_tags=["StudyInstanceUID", "SeriesInstanceUID"],
+        )
+        study = ds.get("StudyInstanceUID")
+        series = ds.get("SeriesInstanceUID")
+    except (InvalidDicomError, ValueError, KeyError, EOFError, OSError, NotImplementedError) as exc:
+        return _Header(None, None, f"header could not be parsed ({type(exc).__name__})")
+    study_uid = str(study).strip() if study else None
+    series_uid = str(series).strip() if series else None
+    if not study_uid:
+        return _Header(None, series_uid, "dataset has no Study Instance UID (0020,000D)")
+    if len(study_uid) > 64:
+        return _Header(None, series_uid, "Study Instance UID is longer than 64 characters")
+    if series_uid and len(series_uid) > 64:
+        series_uid = None
+    return _Header(study_uid, series_uid, None)
+
+
+class Ingest:
+    def __init__(
+        self,
+        spool: Spool,
+        sessions: sessionmaker[Session],
+        *,
+        refuse_conflicts: bool,
+        chest_sop_classes: frozenset[str],
+    ) -> None:
+        self.spool = spool
+        self.sessions = sessions
+        self.refuse_conflicts = refuse_conflicts
+        self.chest_sop_classes = chest_sop_classes
+
+    def receive(self, rx: Received) -> IngestResult:
+        digest = hashlib.sha256(rx.data).hexdigest()
+        if len(rx.sop_instance_uid) > 64 or not rx.sop_instance_uid:
+            # Cannot be keyed; PS3.5 9.1 caps UIDs at 64 characters.
+            return IngestResult(
+                Outcome.INVALID,
+                STATUS_CANNOT_UNDERSTAND,
+                detail="Affected SOP Instance UID is empty or longer than 64 characters (PS3.5 9.1)",
+            )
+        try:
+            kept = self._kept_sha256(rx.sop_instance_uid)
+        except SQLAlchemyError as exc:
+            return self._db_down(exc)
+        if kept is not None:
+            return self._repeat(rx, kept, digest)
+
+        header = read_header(rx.data)
+        status, reason = self._initial_status(rx, header)
+        try:
+            entry = self.spool.put(rx.data, digest)
+        except SpoolFullError as exc:
+            return IngestResult(Outcome.SPOOL_FULL, STATUS_OUT_OF_RESOURCES, detail=str(exc))
+        except SpoolError as exc:
+            return IngestResult(Outcome.SPOOL_ERROR, STATUS_OUT_OF_RESOURCES, detail=str(exc))
+
+        try:
+            with self.sessions.begin() as session:
+                study_id = None
+                if header.study_instance_uid is not None:
+                    study_id = self._upsert_study(session, header.study_instance_uid)
+                session.add(
+                    Instance(
+                        sop_instance_uid=rx.sop_instance_uid,
+                        sop_class_uid=rx.sop_class_uid,
+                        study_id=study_id,
+                        series_instance_uid=header.series_instance_uid,
+                        transfer_syntax_uid=rx.transfer_syntax_uid,
+                        calling_ae_title=rx.calling_ae_title,
+                        spool_name=entry.name,
+                        sha256=entry.sha256,
+                        size_bytes=entry.size_bytes,
+                        status=status,
+                        status_reason=reason,
+                        attempts=0,
+                    )
+                )
+        except IntegrityError:
+            # Another association committed the same SOP Instance UID first.
+            self.spool.remove(entry.name)
+            try:
+                kept = self._kept_sha256(rx.sop_instance_uid)
+            except SQLAlchemyError as exc:
+                return self._db_down(exc)
+            if kept is None:
+                return IngestResult(
+                    Outcome.DATABASE_UNAVAILABLE, STATUS_OUT_OF_RESOURCES, detail="integrity error, retry"
+                )
+            return self._repeat(rx, kept, digest)
+        except SQLAlchemyError as exc:
+            self.spool.remove(entry.name)
+            return self._db_down(exc)
+        return IngestResult(Outcome.STORED, STATUS_SUCCESS, study_instance_uid=header.study_instance_uid)
+
+    def _initial_status(self, rx: Received, header: _Header) -> tuple[InstanceStatus, str | None]:
+        if header.problem is not None:
+            return InstanceStatus.FAILED, header.problem
+        if rx.sop_class_uid not in self.chest_sop_classes:
+            return (
+                InstanceStatus.SKIPPED,
+                f"SOP class {rx.sop_class_uid} is not a chest radiography storage class "
+                "(accepted because listener.accept_all_storage = true)",
+            )
+        return InstanceStatus.QUEUED, None
+
+    def _kept_sha256(self, sop_instance_uid: str) -> str | None:
+        with self.sessions() as session:
+            return session.scalar(select(Instance.sha256).where(Instance.sop_instance_uid == sop_instance_uid))
+
+    @staticmethod
+    def _upsert_study(session: Session, study_uid: str) -> int:
+        now = utcnow()
+        dialect = session.get_bind().dialect.name
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        session.execute(
+            insert(Study)
+            .values(study_instance_uid=study_uid, first_received_at=now, last_received_at=now)
+            .on_conflict_do_nothing(index_elements=["study_instance_uid"])
+        )
+        session.execute(
+            update(Study).where(Study.study_instance_uid == study_uid).values(last_received_at=now)
+        )
+        study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == study_uid))
+        assert study_id is not None
+        return study_id
+
+    def _repeat(self, rx: Received, kept_sha256: str, digest: str) -> IngestResult:
+        if kept_sha256 == digest:
+            return IngestResult(Outcome.DUPLICATE, STATUS_SUCCESS, detail="same bytes already stored")
+        action = ClashAction.REFUSED if self.refuse_conflicts else ClashAction.KEPT_FIRST
+        try:
+            self._record_clash(rx, kept_sha256, digest, action)
+        except SQLAlchemyError as exc:
+            return self._db_down(exc)
+        if action is ClashAction.REFUSED:
+            return IngestResult(
+                Outcome.CLASH_REFUSED,
+                STATUS_DUPLICATE_REFUSED,
+                detail="SOP Instance UID already stored with different bytes (listener.on_conflict = refuse)",
+            )
+        return IngestResult(
+            Outcome.CLASH_KEPT_FIRST, STATUS_SUCCESS, detail="SOP Instance UID already stored with different bytes"
+        )
+
+    def _record_clash(self, rx: Received, kept: str, digest: str, action: ClashAction) -> None:
+        """Audit the clash; with keep_first also keep the new bytes once, for a person to compare."""
+        with self.sessions() as session:
+            seen = session.scalar(
+                select(InstanceClash.id).where(
+                    InstanceClash.sop_instance_uid == rx.sop_instance_uid,
+                    InstanceClash.received_sha256 == digest,
+                )
+            )
+        spool_name = None
+        if action is ClashAction.KEPT_FIRST and seen is None:
+            try:
+                spool_name = self.spool.put(rx.data, digest).name
+            except SpoolError:
+                spool_name = None  # the audit row still records the clash
+        try:
+            with self.sessions.begin() as session:
+                session.add(
+                    InstanceClash(
+                        sop_instance_uid=rx.sop_instance_uid,
+                        kept_sha256=kept,
+                        received_sha256=digest,
+                        received_size_bytes=len(rx.data),
+                        calling_ae_title=rx.calling_ae_title,
+                        action=action,
+                        spool_name=spool_name,
+                    )
+                )
+        except SQLAlchemyError:
+            if spool_name is not None:
+                self.spool.remove(spool_name)
+            raise
+
+    @staticmethod
+    def _db_down(exc: SQLAlchemyError) -> IngestResult:
+        return IngestResult(
+            Outcome.DATABASE_UNAVAILABLE,
+            STATUS_OUT_OF_RESOURCES,
+            detail=f"database unavailable ({type(exc).__name__}); the sender should retry",
+        )
+
+
+def reconcile_spool(spool: Spool, engine: Engine, grace_seconds: float) -> tuple[int, int]:
+    """Start-up repair: remove temporaries of dead processes and files no row refers to.
+
+    Returns (temporaries removed, orphans removed).
+    """
+    with Session(engine) as session:
+        known = set(session.scalars(select(Instance.spool_name)))
+        known.update(n for n in session.scalars(select(InstanceClash.spool_name)) if n is not None)
+    return spool.remove_stale_temporaries(), spool.remove_orphans(known, grace_seconds)
+

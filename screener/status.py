@@ -1,0 +1,33 @@
+"""``screener status``: what is in the queue, from the database alone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
+
+from screener.db.models import Instance, InstanceClash, InstanceStatus, Study
+
+
+def collect_status(engine: Engine) -> dict[str, Any]:
+    with Session(engine) as session:
+        by_status = dict.fromkeys((s.value for s in InstanceStatus), 0)
+        for status, count in session.execute(select(Instance.status, func.count()).group_by(Instance.status)):
+            by_status[InstanceStatus(status).value] = int(count)
+        studies = int(session.scalar(select(func.count()).select_from(Study)) or 0)
+        clashes = int(session.scalar(select(func.count()).select_from(InstanceClash)) or 0)
+    return {
+        "instances": {"total": sum(by_status.values()), **by_status},
+        "studies": studies,
+        "clashes": clashes,
+    }
+
+
+def render_status(status: dict[str, Any]) -> str:
+    inst = status["instances"]
+    lines = [f"instances: {inst['total']}"]
+    lines += [f"  {name:<11} {inst[name]}" for name in (s.value for s in InstanceStatus)]
+    lines.append(f"studies:   {status['studies']}")
+    lines.append(f"clashes:   {status['clashes']} (same SOP Instance UID received with different bytes)")
+    return "\n".join(lines)
