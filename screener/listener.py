@@ -203,7 +203,7 @@ class Listener:
 
     def _on_requested(self, event: Any) -> None:
         assoc = event.assoc
-        calling = str(assoc.requestor.ae_title).strip()
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()  # ae_title is set later
         host = str(assoc.requestor.address)
         reason = None
         if self._draining.is_set():

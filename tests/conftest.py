@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import Server, ThrowawayCluster, free_port, scratch_database
+
+CXR3_ENV = "CXR3_DIR"
+
+
+@pytest.fixture
+def cxr3_dir() -> Path:
+    """The real labelled chest X-rays (set CXR3_DIR); tests that need them skip without."""
+    value = os.environ.get(CXR3_ENV)
+    if not value or not Path(value).is_dir():
+        pytest.skip(f"{CXR3_ENV} not set to the cxr3 dataset folder")
+    return Path(value)
+
+
+@pytest.fixture
+def make_server(tmp_path: Path) -> Iterator[object]:
+    """Factory for `screener serve` subprocesses; all are stopped at teardown."""
+    servers: list[Server] = []
+
+    def factory(**overrides: str) -> Server:
+        workdir = tmp_path / f"server{len(servers)}"
+        workdir.mkdir()
+        server = Server(workdir=workdir, port=free_port(), overrides=dict(overrides))
+        servers.append(server)
+        return server
+
+    yield factory
+    for server in servers:
+        if server.proc is not None and server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    with scratch_database() as url:
+        yield url
+
+
+@pytest.fixture
+def pg_cluster() -> Iterator[ThrowawayCluster]:
+    root = Path(tempfile.mkdtemp(prefix="screener-pg-"))
+    cluster = ThrowawayCluster(root).init()
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        try:
+            cluster.stop()
+        except Exception:  # noqa: BLE001 - already stopped by the test
+            pass
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,368 @@
+"""Test helpers: a `screener serve` subprocess, real DICOM files, real peers, throwaway PostgreSQL."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom import Dataset, dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from sqlalchemy import create_engine, text
+
+CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+REPO = Path(__file__).resolve().parents[1]
+SCREENER = Path(sys.executable).with_name("screener")
+
+
+def rg1_dir() -> Path:
+    import data_store  # the pydicom-data package
+
+    return Path(data_store.__file__).parent / "data"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def dataset_offset(data: bytes) -> int:
+    """Offset of the first dataset byte after the Part 10 preamble, prefix and file meta group."""
+    assert data[128:132] == b"DICM"
+    # (0002,0000) UL, explicit VR little endian: tag 4 + VR 2 + length 2 + value 4.
+    assert data[132:136] == b"\x02\x00\x00\x00"
+    group_length = int.from_bytes(data[140:144], "little")
+    return 144 + group_length
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def reuid(src: Path, dst: Path, *, study_uid: str | None = None, **tags: Any) -> Dataset:
+    """Copy a DICOM file with a new SOP Instance UID (pixel data, compressed or not, untouched)."""
+    ds = dcmread(src)
+    # Peers may drop Data Set Trailing Padding on the wire (PS3.5 7.5.1 allows it): send without it.
+    if 0xFFFCFFFC in ds:
+        del ds[0xFFFCFFFC]
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    if study_uid:
+        ds.StudyInstanceUID = study_uid
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    ds.save_as(dst, enforce_file_format=True)
+    return ds
+
+
+def small_cr(
+    pixels: np.ndarray,
+    *,
+    study_uid: str,
+    sop_uid: str | None = None,
+    patient_name: str = "Anon^Test",
+    patient_id: str = "TEST0001",
+    birth_date: str = "",
+    accession: str = "",
+) -> Dataset:
+    """A CR chest PA dataset carrying ``pixels`` (uint16), ready to send."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = CR_STORAGE
+    ds.SOPClassUID = CR_STORAGE
+    ds.SOPInstanceUID = sop_uid or generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = birth_date
+    ds.AccessionNumber = accession
+    ds.Modality = "CR"
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = "PA"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    return ds
+
+
+def rg1_pixels(size: int = 256) -> np.ndarray:
+    """A real chest radiograph (RG1_UNCR, 15-bit CR), block-averaged down to about ``size`` px."""
+    ds = dcmread(rg1_dir() / "RG1_UNCR.dcm")
+    arr = ds.pixel_array.astype(np.float32)
+    step = max(1, min(arr.shape) // size)
+    h, w = (arr.shape[0] // step) * step, (arr.shape[1] // step) * step
+    small = arr[:h, :w].reshape(h // step, step, w // step, step).mean(axis=(1, 3))
+    return (small / small.max() * 4095).astype(np.uint16)[:size, :size]
+
+
+def store(
+    port: int,
+    datasets_or_paths: Sequence[Dataset | Path],
+    *,
+    calling: str = "TESTSCU",
+    called: str = "CXRSCREENER",
+    on_status: Any = None,
+) -> list[int | None]:
+    """Send over one pynetdicom association; returns each status (None: no response)."""
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    items = [dcmread(p) if isinstance(p, Path) else p for p in datasets_or_paths]
+    for sop_class, ts in {(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for d in items}:
+        ae.add_requested_context(sop_class, ts)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    if not assoc.is_established:
+        return [None] * len(items)
+    statuses: list[int | None] = []
+    try:
+        for ds in items:
+            try:
+                rsp = assoc.send_c_store(ds)
+            except (RuntimeError, OSError, ValueError):
+                statuses.append(None)
+                continue
+            status = int(rsp.Status) if rsp and "Status" in rsp else None
+            statuses.append(status)
+            if on_status is not None:
+                on_status(ds, status)
+            if not assoc.is_established:
+                break
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    statuses += [None] * (len(items) - len(statuses))
+    return statuses
+
+
+def store_file_raw(port: int, path: Path, *, calling: str = "TESTSCU") -> int | None:
+    """Send one file's encoded dataset exactly as stored on disk (pynetdicom chunked send)."""
+    from pynetdicom import _config
+
+    meta = dcmread(path, stop_before_pixels=True)
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(str(meta.SOPClassUID), str(meta.file_meta.TransferSyntaxUID))
+    previous = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        assoc = ae.associate("127.0.0.1", port, ae_title="CXRSCREENER")
+        assert assoc.is_established
+        try:
+            rsp = assoc.send_c_store(path)
+        finally:
+            assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
+    return int(rsp.Status) if rsp and "Status" in rsp else None
+
+
+def associate_result(port: int, *, calling: str = "TESTSCU", called: str = "CXRSCREENER") -> str:
+    """'accepted', 'rejected' or 'failed' for a bare association attempt."""
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.network_timeout = 10
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    if assoc.is_established:
+        assoc.release()
+        return "accepted"
+    return "rejected" if assoc.is_rejected else "failed"
+
+
+@dataclass
+class Server:
+    """A `screener serve` subprocess configured through SCREENER__ environment overrides only."""
+
+    workdir: Path
+    port: int
+    overrides: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    runs: int = 0
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"serve-{self.runs}.log"
+
+    @property
+    def spool(self) -> Path:
+        return Path(self.overrides.get("SCREENER__STORAGE__SPOOL_DIR", self.workdir / "spool"))
+
+    @property
+    def db_url(self) -> str:
+        return self.overrides["SCREENER__DATABASE__URL"]
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SCREENER")}
+        env.update(
+            {
+                "SCREENER__LISTENER__PORT": str(self.port),
+                "SCREENER__LOGGING__FORMAT": "json",
+                "SCREENER__STORAGE__SPOOL_DIR": str(self.workdir / "spool"),
+                "SCREENER__STORAGE__MIN_FREE_BYTES": "0",
+                "SCREENER__STORAGE__ORPHAN_GRACE_SECONDS": "0",
+                "SCREENER__DATABASE__URL": f"sqlite:///{self.workdir / 'screener.db'}",
+                "SCREENER__LISTENER__DRAIN_SECONDS": "20",
+            }
+        )
+        env.update(self.overrides)
+        return env
+
+    def start(self, wait: bool = True) -> Server:
+        self.runs += 1
+        self.overrides.setdefault("SCREENER__DATABASE__URL", f"sqlite:///{self.workdir / 'screener.db'}")
+        log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [str(SCREENER), "serve"], cwd=self.workdir, env=self.env(), stdout=log, stderr=subprocess.STDOUT
+        )
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"screener serve exited {self.proc.returncode}:\n{self.log_text()}")
+            if '"serve.ready"' in self.log_text():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"screener serve not ready after {timeout}s:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in sorted(self.workdir.glob("serve-*.log")))
+
+    def log_events(self) -> list[dict[str, Any]]:
+        events = []
+        for line in self.log_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                events.append(json.loads(line))
+        return events
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+
+    def rows(self, sql: str, **params: Any) -> list[Any]:
+        engine = create_engine(self.db_url)
+        try:
+            with engine.connect() as conn:
+                return list(conn.execute(text(sql), params))
+        finally:
+            engine.dispose()
+
+    def spool_files(self) -> set[str]:
+        root = self.spool
+        return {p.relative_to(root).as_posix() for p in root.glob("??/??/*.dcm")}
+
+    def temp_files(self) -> list[Path]:
+        return list((self.spool / ".tmp").glob("*"))
+
+
+def assert_spool_consistent(server: Server) -> None:
+    """Every row has its file with the recorded hash, and no spool file lacks a row."""
+    rows = server.rows("SELECT spool_name, sha256 FROM instances")
+    clash_files = {r[0] for r in server.rows("SELECT spool_name FROM instance_clashes") if r[0]}
+    files = server.spool_files()
+    for name, digest in rows:
+        assert name in files, f"row points at missing spool file {name}"
+        assert sha256(server.spool / name) == digest, f"spool file {name} does not match its recorded hash"
+    orphans = files - {r[0] for r in rows} - clash_files
+    assert not orphans, f"orphan spool files: {sorted(orphans)[:5]}"
+    assert not server.temp_files(), f"temporary files left: {server.temp_files()}"
+
+
+# --- PostgreSQL -------------------------------------------------------------------------------------
+
+SHARED_PG = os.environ.get("SCREENER_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@contextlib.contextmanager
+def scratch_database() -> Iterator[str]:
+    """A fresh database on the shared PostgreSQL server, dropped afterwards. Yields its URL."""
+    name = f"screener_t_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(SHARED_PG, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # noqa: BLE001
+        admin.dispose()
+        import pytest
+
+        pytest.skip(f"PostgreSQL at {SHARED_PG} not reachable: {exc}")
+    base = SHARED_PG.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def _pg_bin(name: str) -> str:
+    for candidate in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True):
+        return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        import pytest
+
+        pytest.skip(f"PostgreSQL binary {name} not installed")
+    return found
+
+
+class ThrowawayCluster:
+    """A private PostgreSQL cluster (initdb in a temp dir, own port), never the shared server."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.data = root / "pgdata"
+        self.port = free_port()
+        self._as: list[str] = []
+        if os.geteuid() == 0:  # initdb and postgres refuse to run as root
+            shutil.chown(root, "postgres")
+            self._as = ["runuser", "-u", "postgres", "--"]
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str) -> None:
+        subprocess.run([*self._as, *args], check=True, capture_output=True, timeout=120)
+
+    def init(self) -> ThrowawayCluster:
+        self._run(_pg_bin("initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        return self
+
+    def start(self) -> None:
+        opts = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=on"
+        self._run(_pg_bin("pg_ctl"), "-D", str(self.data), "-o", opts, "-l", str(self.root / "pg.log"), "-w", "start")
+
+    def stop(self) -> None:
+        self._run(_pg_bin("pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
