@@ -36,8 +36,13 @@ def serve(config: Config, stop: threading.Event | None = None) -> int:
     spool = Spool(config.storage.spool_dir, config.storage.min_free_bytes)
     spool.ensure_layout()
     temporaries, orphans = reconcile_spool(spool, engine, config.storage.orphan_grace_seconds)
-    log.info("spool.ready", path=str(spool.root), free_bytes=spool.free_bytes(), removed_temporaries=temporaries,
-             removed_orphans=orphans)
+    log.info(
+        "spool.ready",
+        path=str(spool.root),
+        free_bytes=spool.free_bytes(),
+        removed_temporaries=temporaries,
+        removed_orphans=orphans,
+    )
 
     ingest = Ingest(
         spool,
@@ -51,8 +56,11 @@ def serve(config: Config, stop: threading.Event | None = None) -> int:
         log.info("serve.signal", signal=signal.Signals(signum).name)
         stop.set()
 
-    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
-        if threading.current_thread() is threading.main_thread() else {}
+    previous = (
+        {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        if threading.current_thread() is threading.main_thread()
+        else {}
+    )
     try:
         listener.start()
         log.info("serve.ready", config=config.source)

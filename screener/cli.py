@@ -27,7 +27,9 @@ def load_from_args(args: argparse.Namespace) -> Config:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="screener", description="CXR Screener: chest X-ray screening daemon")
+    parser = argparse.ArgumentParser(
+        prog="screener", description="CXR Screener: chest X-ray screening daemon"
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     add_config_option(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -38,8 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("db", help="database schema")
     add_config_option(p, top=False)
     dbsub = p.add_subparsers(dest="db_command", required=True, metavar="ACTION")
-    add_config_option(dbsub.add_parser("upgrade", help="migrate the database to the newest revision"), top=False)
-    add_config_option(dbsub.add_parser("current", help="print the database revision and the newest one"), top=False)
+    add_config_option(
+        dbsub.add_parser("upgrade", help="migrate the database to the newest revision"), top=False
+    )
+    add_config_option(
+        dbsub.add_parser("current", help="print the database revision and the newest one"), top=False
+    )
 
     p = sub.add_parser("status", help="counts of instances by status and of studies")
     add_config_option(p, top=False)

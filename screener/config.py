@@ -253,7 +253,7 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
     for name, value in env.items():
         if name.startswith(ENV_PREFIX):
             _apply_override(raw, name, value, sources)
-    config = _build(Config, raw, "", sources, source)
+    config = typing.cast(Config, _build(Config, raw, "", sources, source))
     return dataclasses.replace(config, source=source)
 
 
@@ -269,7 +269,9 @@ def _apply_override(raw: dict[str, Any], name: str, value: str, sources: dict[st
     parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
     if len(parts) < 2 or any(p == "" for p in parts):
         raise ConfigError(
-            name, value, "environment overrides are named SCREENER__<SECTION>__<KEY> (e.g. SCREENER__LISTENER__PORT)"
+            name,
+            value,
+            "environment overrides are named SCREENER__<SECTION>__<KEY> (e.g. SCREENER__LISTENER__PORT)",
         )
     node = raw
     for part in parts[:-1]:
@@ -329,7 +331,9 @@ def _convert(hint: Any, value: Any, key: str, sources: dict[str, str], file_sour
     if origin is tuple:
         if not isinstance(value, list):
             raise ConfigError(key, value, "must be a list", src)
-        return tuple(_convert(args[0], item, f"{key}[{i}]", sources, file_source) for i, item in enumerate(value))
+        return tuple(
+            _convert(args[0], item, f"{key}[{i}]", sources, file_source) for i, item in enumerate(value)
+        )
     if dataclasses.is_dataclass(hint):
         return _build(typing.cast(type[Any], hint), value, key, sources, file_source)
     if hint is bool:

@@ -182,7 +182,9 @@ class Ingest:
 
     def _kept_sha256(self, sop_instance_uid: str) -> str | None:
         with self.sessions() as session:
-            return session.scalar(select(Instance.sha256).where(Instance.sop_instance_uid == sop_instance_uid))
+            return session.scalar(
+                select(Instance.sha256).where(Instance.sop_instance_uid == sop_instance_uid)
+            )
 
     @staticmethod
     def _upsert_study(session: Session, study_uid: str) -> int:
@@ -216,7 +218,9 @@ class Ingest:
                 detail="SOP Instance UID already stored with different bytes (listener.on_conflict = refuse)",
             )
         return IngestResult(
-            Outcome.CLASH_KEPT_FIRST, STATUS_SUCCESS, detail="SOP Instance UID already stored with different bytes"
+            Outcome.CLASH_KEPT_FIRST,
+            STATUS_SUCCESS,
+            detail="SOP Instance UID already stored with different bytes",
         )
 
     def _record_clash(self, rx: Received, kept: str, digest: str, action: ClashAction) -> None:
@@ -270,4 +274,3 @@ def reconcile_spool(spool: Spool, engine: Engine, grace_seconds: float) -> tuple
         known = set(session.scalars(select(Instance.spool_name)))
         known.update(n for n in session.scalars(select(InstanceClash.spool_name)) if n is not None)
     return spool.remove_stale_temporaries(), spool.remove_orphans(known, grace_seconds)
-

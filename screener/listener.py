@@ -11,12 +11,12 @@ import socket
 import ssl
 import threading
 import time
+import typing
 from typing import Any
 
 from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from screener.config import ListenerConfig
@@ -24,6 +24,8 @@ from screener.ingest import STATUS_OUT_OF_RESOURCES, Ingest, IngestResult, Outco
 from screener.logs import get_logger, uid_hash
 
 log = get_logger("screener.listener")
+
+VERIFICATION = "1.2.840.10008.1.1"
 
 # Storage SOP classes of chest radiography (PS3.4 Annex B.5).
 CHEST_SOP_CLASSES: frozenset[str] = frozenset(
@@ -67,7 +69,7 @@ def _sop_name(uid: str) -> str:
     return name if name != uid else "unknown"
 
 
-class _Server(ThreadedAssociationServer):  # type: ignore[misc]
+class _Server(ThreadedAssociationServer):
     """pynetdicom's server with TCP_NODELAY on every accepted socket and a non-blocking TLS accept.
 
     DCMTK peers leave Nagle on; without TCP_NODELAY small instances stall ~40 ms each. The TLS
@@ -76,6 +78,7 @@ class _Server(ThreadedAssociationServer):  # type: ignore[misc]
     """
 
     def get_request(self) -> tuple[socket.socket, Any]:
+        assert self.socket is not None
         client, address = self.socket.accept()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.ssl_context:
@@ -131,7 +134,7 @@ class Listener:
         ae.network_timeout = c.network_timeout
         ae.maximum_pdu_size = c.max_pdu_size
         ae.require_called_aet = c.require_called_aet
-        ae.add_supported_context(Verification)
+        ae.add_supported_context(VERIFICATION)
         sop_classes = set(CHEST_SOP_CLASSES)
         if c.accept_all_storage:
             sop_classes.update(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
@@ -145,7 +148,7 @@ class Listener:
         return int(self._server.server_address[1])
 
     def start(self) -> None:
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_STORE, self._on_c_store),
             (evt.EVT_C_ECHO, self._on_c_echo),
@@ -158,7 +161,7 @@ class Listener:
         )
         self.ae._servers.append(server)  # pynetdicom's shutdown() removes it from this list
         threading.Thread(target=server.serve_forever, name="dicom-accept", daemon=True).start()
-        self._server = server
+        self._server = typing.cast(_Server, server)
         if not self._allowed:
             log.warning(
                 "listener.open_to_all_callers",
@@ -243,7 +246,7 @@ class Listener:
                     data=data,
                 )
             )
-        except Exception as exc:  # noqa: BLE001 - a bug must answer "retry later", never drop the instance
+        except Exception as exc:
             log.exception("instance.handler_error", error=type(exc).__name__)
             result = IngestResult(Outcome.SPOOL_ERROR, STATUS_OUT_OF_RESOURCES, detail=type(exc).__name__)
         fields: dict[str, Any] = {

@@ -9,6 +9,7 @@ one reception can always remove its own file when its database commit fails.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -53,7 +54,8 @@ class Spool:
             self._tmp.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise SpoolError(
-                f"cannot create spool folder {self.root}: {exc.strerror}; check storage.spool_dir and permissions"
+                f"cannot create spool folder {self.root}: {exc.strerror}; "
+                "check storage.spool_dir and its permissions"
             ) from exc
 
     def free_bytes(self) -> int:
@@ -121,10 +123,8 @@ class Spool:
         """Delete a spooled file (missing is fine) and make the deletion durable."""
         path = self.path(name)
         path.unlink(missing_ok=True)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             _fsync_dir(path.parent)
-        except FileNotFoundError:
-            pass
 
     def sha256_of(self, name: str) -> str:
         h = hashlib.sha256()

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,8 +57,6 @@ def pg_cluster() -> Iterator[ThrowawayCluster]:
     try:
         yield cluster
     finally:
-        try:
+        with contextlib.suppress(subprocess.CalledProcessError):  # the test may have stopped it
             cluster.stop()
-        except Exception:  # noqa: BLE001 - already stopped by the test
-            pass
         shutil.rmtree(root, ignore_errors=True)

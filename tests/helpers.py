@@ -244,7 +244,7 @@ class Server:
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise AssertionError(f"screener serve exited {self.proc.returncode}:\n{self.log_text()}")
-            if '"serve.ready"' in self.log_text():
+            if '"serve.ready"' in self.log_path.read_text(errors="replace"):
                 return
             time.sleep(0.05)
         raise AssertionError(f"screener serve not ready after {timeout}s:\n{self.log_text()}")
@@ -312,7 +312,7 @@ def scratch_database() -> Iterator[str]:
     try:
         with admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         admin.dispose()
         import pytest
 
@@ -362,7 +362,17 @@ class ThrowawayCluster:
 
     def start(self) -> None:
         opts = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=on"
-        self._run(_pg_bin("pg_ctl"), "-D", str(self.data), "-o", opts, "-l", str(self.root / "pg.log"), "-w", "start")
+        self._run(
+            _pg_bin("pg_ctl"),
+            "-D",
+            str(self.data),
+            "-o",
+            opts,
+            "-l",
+            str(self.root / "pg.log"),
+            "-w",
+            "start",
+        )
 
     def stop(self) -> None:
         self._run(_pg_bin("pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")

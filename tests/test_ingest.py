@@ -43,7 +43,8 @@ def test_each_rg1_radiograph_is_spooled_byte_identical(make_server, tmp_path: Pa
     ds = reuid(rg1_dir() / name, sent)
     assert store_file_raw(server.port, sent) == 0x0000
     rows = server.rows(
-        "SELECT status, spool_name, transfer_syntax_uid, calling_ae_title FROM instances WHERE sop_instance_uid = :u",
+        "SELECT status, spool_name, transfer_syntax_uid, calling_ae_title FROM instances "
+        "WHERE sop_instance_uid = :u",
         u=ds.SOPInstanceUID,
     )
     assert len(rows) == 1
@@ -89,11 +90,17 @@ def test_storescu_uncompressed_and_status_command(make_server, tmp_path: Path):
     sent = tmp_path / "a.dcm"
     reuid(rg1_dir() / "RG1_UNCR.dcm", sent)
     out = subprocess.run(
-        ["storescu", "-aec", "CXRSCREENER", "127.0.0.1", str(server.port), str(sent)], capture_output=True, text=True
+        ["storescu", "-aec", "CXRSCREENER", "127.0.0.1", str(server.port), str(sent)],
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 0, out.stderr
     res = subprocess.run(
-        [str(SCREENER), "status", "--json"], cwd=server.workdir, env=server.env(), capture_output=True, text=True
+        [str(SCREENER), "status", "--json"],
+        cwd=server.workdir,
+        env=server.env(),
+        capture_output=True,
+        text=True,
     )
     assert res.returncode == 0, res.stderr
     counts = json.loads(res.stdout)
@@ -102,7 +109,9 @@ def test_storescu_uncompressed_and_status_command(make_server, tmp_path: Path):
 
 
 def test_calling_ae_not_on_list_is_rejected(make_server):
-    server = make_server(SCREENER__LISTENER__ALLOWED_CALLING_AETS='["PACS1", "PACS2@127.0.0.1", "PACS3@10.9.9.9"]')
+    server = make_server(
+        SCREENER__LISTENER__ALLOWED_CALLING_AETS='["PACS1", "PACS2@127.0.0.1", "PACS3@10.9.9.9"]'
+    )
     server.start()
     assert associate_result(server.port, calling="INTRUDER") == "rejected"
     assert associate_result(server.port, calling="PACS1") == "accepted"
@@ -147,7 +156,7 @@ def test_conflicting_duplicate_keeps_first_and_records_clash(make_server):
     assert store(server.port, [first]) == [0x0000]
     assert store(server.port, [second]) == [0x0000]
     assert store(server.port, [second]) == [0x0000]  # the same clash again is audited, not stored twice
-    (name, digest), = server.rows("SELECT spool_name, sha256 FROM instances")
+    ((name, digest),) = server.rows("SELECT spool_name, sha256 FROM instances")
     kept = dcmread(server.spool / name)
     assert kept.PixelData == first.PixelData
     clashes = server.rows("SELECT kept_sha256, action, spool_name FROM instance_clashes ORDER BY id")
@@ -172,7 +181,10 @@ def test_real_rg1_clash_pair_keeps_the_first(make_server):
     """RG1_UNCI and RG1_J2KI carry one SOP Instance UID with different bytes: a real-world clash."""
     server = make_server().start()
     d = rg1_dir()
-    unci, j2ki = dcmread(d / "RG1_UNCI.dcm", stop_before_pixels=True), dcmread(d / "RG1_J2KI.dcm", stop_before_pixels=True)
+    unci, j2ki = (
+        dcmread(d / "RG1_UNCI.dcm", stop_before_pixels=True),
+        dcmread(d / "RG1_J2KI.dcm", stop_before_pixels=True),
+    )
     if unci.SOPInstanceUID != j2ki.SOPInstanceUID:
         pytest.skip("this pydicom-data release gives the pair different UIDs")
     assert store(server.port, [d / "RG1_UNCI.dcm"]) == [0x0000]
@@ -192,7 +204,7 @@ def test_path_traversal_uid_writes_nothing_outside_the_spool(make_server, tmp_pa
     outside = [p for p in created if not p.resolve().is_relative_to(spool) and p.parent != server.workdir]
     assert outside == [], outside
     assert not Path("/etc/x").exists()
-    (name,), = server.rows("SELECT spool_name FROM instances WHERE sop_instance_uid = '../../etc/x'")
+    ((name,),) = server.rows("SELECT spool_name FROM instances WHERE sop_instance_uid = '../../etc/x'")
     assert "etc" not in name and ".." not in name
     assert_spool_consistent(server)
 

@@ -41,8 +41,14 @@ def upgrade() -> None:
         sa.Column(
             "status",
             sa.Enum(
-                "queued", "processing", "classified", "skipped", "failed",
-                name="instancestatus", native_enum=False, length=16,
+                "queued",
+                "processing",
+                "classified",
+                "skipped",
+                "failed",
+                name="instancestatus",
+                native_enum=False,
+                length=16,
             ),
             nullable=False,
         ),
