@@ -152,12 +152,41 @@ class InferenceConfig:
     max_wait_ms: int = 200
     study_settle_seconds: float = 30.0
     preprocess_workers: int = 0
+    lease_seconds: float = 300.0
+    poll_seconds: float = 1.0
+    threads: int = 0
+    torch_compile: bool = False
+    trt_cache_dir: Path = Path("var/trt-cache")
 
     def validate(self) -> None:
         _require(1 <= self.max_batch <= 1024, "max_batch", "must be between 1 and 1024")
         _require(0 <= self.max_wait_ms <= 60_000, "max_wait_ms", "must be between 0 and 60000")
         _require(self.study_settle_seconds >= 0, "study_settle_seconds", "must be zero or more seconds")
         _require(self.preprocess_workers >= 0, "preprocess_workers", "must be 0 (one per core) or more")
+        _require(10 <= self.lease_seconds <= 86400, "lease_seconds", "must be between 10 and 86400 seconds")
+        _require(0.05 <= self.poll_seconds <= 60, "poll_seconds", "must be between 0.05 and 60 seconds")
+        _require(self.threads >= 0, "threads", "must be 0 (one per core) or more")
+
+
+@dataclass(frozen=True)
+class EligibilityConfig:
+    """Header rules deciding whether an instance is a frontal chest radiograph (screener.eligibility)."""
+
+    modalities: tuple[str, ...] = ("CR", "DX")
+    secondary_capture_needs_chest_body_part: bool = True
+    body_parts: tuple[str, ...] = ("CHEST",)
+    chest_description_keywords: tuple[str, ...] = ("CHEST", "THORAX", "CXR", "LUNG", "TORAX", "THORAC")
+    view_positions: tuple[str, ...] = ("PA", "AP")
+    allow_missing_view_position: bool = True
+    lateral_description_keywords: tuple[str, ...] = ("LAT", "LATERAL")
+    max_pixels: int = 100_000_000
+    max_frames: int = 1
+
+    def validate(self) -> None:
+        _require(len(self.modalities) > 0, "modalities", "must list at least one modality")
+        _require(len(self.view_positions) > 0, "view_positions", "must list at least one view position")
+        _require(1 <= self.max_pixels <= 2**31, "max_pixels", "must be between 1 and 2147483648")
+        _require(1 <= self.max_frames <= 10_000, "max_frames", "must be between 1 and 10000")
 
 
 @dataclass(frozen=True)
@@ -214,6 +243,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    eligibility: EligibilityConfig = field(default_factory=EligibilityConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     pacs: PacsConfig = field(default_factory=PacsConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

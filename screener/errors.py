@@ -29,6 +29,35 @@ class DatabaseUnavailableError(ScreenerError):
     """The database could not be reached or refused the write."""
 
 
+class ImagingError(ScreenerError):
+    """An image could not be turned into model input."""
+
+
+class ImageDecodeError(ImagingError):
+    """Pixel data could not be decoded; the message names the transfer syntax and the reason."""
+
+    def __init__(self, transfer_syntax: str, reason: str) -> None:
+        super().__init__(f"cannot decode pixel data in transfer syntax {transfer_syntax}: {reason}")
+        self.transfer_syntax = transfer_syntax
+        self.reason = reason
+
+
+class ImageTooLargeError(ImagingError):
+    """Rows x Columns x Frames exceeds the configured limit; refused before any decoding."""
+
+
+class ModelError(ScreenerError):
+    """A model directory is missing, malformed, or fails its integrity check."""
+
+
+class ModelIntegrityError(ModelError):
+    """A model file's sha256 does not match its card: the file was changed or corrupted."""
+
+
+class EngineUnavailableError(ScreenerError):
+    """The requested inference backend cannot run on this host (no GPU, package missing)."""
+
+
 class DatabaseNotMigratedError(ScreenerError):
     """The database schema is not at the revision this code expects."""
 

@@ -1,0 +1,1 @@
+"""Inference engines: one Engine protocol, three backends."""
