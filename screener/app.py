@@ -16,6 +16,7 @@ from screener.ingest import Ingest, reconcile_spool
 from screener.listener import CHEST_SOP_CLASSES, Listener
 from screener.logs import get_logger
 from screener.spool import Spool
+from screener.worker import Worker
 
 log = get_logger("screener.serve")
 
@@ -51,6 +52,7 @@ def serve(config: Config, stop: threading.Event | None = None) -> int:
         chest_sop_classes=CHEST_SOP_CLASSES,
     )
     listener = Listener(config.listener, ingest)
+    worker = Worker(config, engine, spool, stop)
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("serve.signal", signal=signal.Signals(signum).name)
@@ -63,9 +65,11 @@ def serve(config: Config, stop: threading.Event | None = None) -> int:
     )
     try:
         listener.start()
+        worker.start()
         log.info("serve.ready", config=config.source)
         stop.wait()
         listener.drain(config.listener.drain_seconds)
+        worker.join(timeout=config.listener.drain_seconds + 60)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from screener import __version__
 from screener.config import Config, as_dict, load_config, resolve_config_path
@@ -53,6 +54,26 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the effective settings (file + environment overrides) as JSON")
     add_config_option(p, top=False)
+
+    p = sub.add_parser("models", help="model registry: register, activate, list")
+    add_config_option(p, top=False)
+    msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    r = msub.add_parser("register", help="verify a model directory and record it as a candidate")
+    add_config_option(r, top=False)
+    r.add_argument("model_dir", metavar="DIR", type=Path)
+    r.add_argument("--activate", action="store_true", help="make it the active model at once")
+    a = msub.add_parser(
+        "activate", help="make a registered version the active model (hot-reloaded by workers)"
+    )
+    add_config_option(a, top=False)
+    a.add_argument("version")
+    add_config_option(msub.add_parser("list", help="registered models and their status"), top=False)
+
+    p = sub.add_parser("classify", help="classify DICOM/PNG/JPEG files without the daemon")
+    add_config_option(p, top=False)
+    p.add_argument("--model", metavar="DIR", type=Path, help="model directory (default: the active model)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("files", metavar="FILE", nargs="+", type=Path)
     return parser
 
 
@@ -85,6 +106,8 @@ def _run(args: argparse.Namespace, config: Config) -> int:
     from screener.db.migrate import current_revision, ensure_at_head, head_revision, upgrade
     from screener.db.session import make_engine
 
+    if args.command == "classify" and args.model is not None:
+        return _classify(config, args.model, args.files, args.json)
     engine = make_engine(config.database)
     try:
         if args.command == "db" and args.db_command == "upgrade":
@@ -97,11 +120,67 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         from screener.status import collect_status, render_status
 
         ensure_at_head(engine, auto_migrate=False)
+        if args.command == "models":
+            return _models(engine, args)
+        if args.command == "classify":
+            from sqlalchemy.orm import Session
+
+            from screener.errors import ModelError
+            from screener.registry import active_version
+
+            with Session(engine) as session:
+                row = active_version(session)
+            if row is None:
+                raise ModelError(
+                    "no active model: pass --model DIR or run `screener models register DIR --activate`"
+                )
+            return _classify(config, Path(row.path), args.files, args.json)
         status = collect_status(engine)
         print(json.dumps(status, indent=2) if args.json else render_status(status))
         return 0
     finally:
         engine.dispose()
+
+
+def _models(engine: object, args: argparse.Namespace) -> int:
+    from sqlalchemy import Engine
+    from sqlalchemy.orm import Session
+
+    from screener.registry import activate_version, list_versions, register
+
+    assert isinstance(engine, Engine)
+    with Session(engine) as session, session.begin():
+        if args.models_command == "register":
+            row = register(session, args.model_dir, activate=args.activate)
+            print(f"registered {row.version} ({row.status.value}) from {row.path}")
+        elif args.models_command == "activate":
+            row = activate_version(session, args.version)
+            print(f"active model: {row.version}")
+        else:
+            rows = list_versions(session)
+            if not rows:
+                print("no models registered: screener models register DIR --activate")
+            for r in rows:
+                weight = f"w={r.fusion_weight:.3f}"
+                print(f"{r.version:<32} {r.status.value:<9} {r.architectures:<20} {weight} {r.path}")
+    return 0
+
+
+def _classify(config: Config, model_dir: Path, files: list[Path], as_json: bool) -> int:
+    from screener.classify import classify_files
+
+    version, results = classify_files(config, model_dir, files)
+    if as_json:
+        print(json.dumps({"model_version": version, "results": [r.as_dict() for r in results]}, indent=2))
+    else:
+        print(f"model {version}")
+        for r in results:
+            if r.status == "classified" and r.probs:
+                probs = "  ".join(f"{k}={v:.3f}" for k, v in r.probs.items())
+                print(f"{r.path}: {r.label}  ({probs})")
+            else:
+                print(f"{r.path}: {r.status}: {r.reason}")
+    return 0 if all(r.status != "failed" for r in results) else 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``screener status``: what is in the queue, from the database alone."""
+"""``screener status``: what is in the queue and which model serves it, from the database alone."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Any
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from screener.db.models import Instance, InstanceClash, InstanceStatus, Study
+from screener.db.models import Instance, InstanceClash, InstanceStatus, Prediction, Study, StudyResult
+from screener.registry import active_version
 
 
 def collect_status(engine: Engine) -> dict[str, Any]:
@@ -17,10 +18,18 @@ def collect_status(engine: Engine) -> dict[str, Any]:
             by_status[InstanceStatus(status).value] = int(count)
         studies = int(session.scalar(select(func.count()).select_from(Study)) or 0)
         clashes = int(session.scalar(select(func.count()).select_from(InstanceClash)) or 0)
+        predictions = int(session.scalar(select(func.count()).select_from(Prediction)) or 0)
+        results = int(session.scalar(select(func.count()).select_from(StudyResult)) or 0)
+        model = active_version(session)
     return {
         "instances": {"total": sum(by_status.values()), **by_status},
         "studies": studies,
+        "study_results": results,
+        "predictions": predictions,
         "clashes": clashes,
+        "active_model": None
+        if model is None
+        else {"version": model.version, "architectures": model.architectures, "path": model.path},
     }
 
 
@@ -28,6 +37,13 @@ def render_status(status: dict[str, Any]) -> str:
     inst = status["instances"]
     lines = [f"instances: {inst['total']}"]
     lines += [f"  {name:<11} {inst[name]}" for name in (s.value for s in InstanceStatus)]
-    lines.append(f"studies:   {status['studies']}")
+    lines.append(f"studies:   {status['studies']} ({status['study_results']} verdicts)")
     lines.append(f"clashes:   {status['clashes']} (same SOP Instance UID received with different bytes)")
+    model = status["active_model"]
+    if model is None:
+        lines.append(
+            "model:     none active - the worker is waiting; run `screener models register DIR --activate`"
+        )
+    else:
+        lines.append(f"model:     {model['version']} ({model['architectures']})")
     return "\n".join(lines)

@@ -5,7 +5,20 @@ from __future__ import annotations
 import enum
 from datetime import UTC, datetime
 
-from sqlalchemy import BigInteger, DateTime, Enum, ForeignKey, Index, Integer, MetaData, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING_CONVENTION = {
@@ -92,3 +105,71 @@ class InstanceClash(Base):
     action: Mapped[ClashAction] = mapped_column(_enum(ClashAction))
     spool_name: Mapped[str | None] = mapped_column(String(128))
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ModelStatus(enum.StrEnum):
+    """candidate -> active -> retired; exactly one active model at a time."""
+
+    CANDIDATE = "candidate"
+    ACTIVE = "active"
+    RETIRED = "retired"
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_versions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[str] = mapped_column(String(64), unique=True)
+    path: Mapped[str] = mapped_column(Text)
+    status: Mapped[ModelStatus] = mapped_column(_enum(ModelStatus), default=ModelStatus.CANDIDATE)
+    architectures: Mapped[str] = mapped_column(String(64))
+    fusion_weight: Mapped[float] = mapped_column(Float)
+    onnx_sha256: Mapped[str] = mapped_column(String(64))
+    card_json: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    activated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    retired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Prediction(Base):
+    """One classification of one instance by one model version (unique)."""
+
+    __tablename__ = "predictions"
+    __table_args__ = (UniqueConstraint("instance_id", "model_version_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    label: Mapped[str] = mapped_column(String(32))
+    p_normal: Mapped[float] = mapped_column(Float)
+    p_covid19: Mapped[float] = mapped_column(Float)
+    p_viral_pneumonia: Mapped[float] = mapped_column(Float)
+    probs_a: Mapped[list[float]] = mapped_column(JSON)
+    probs_b: Mapped[list[float]] = mapped_column(JSON)
+    disagreement: Mapped[float] = mapped_column(Float)
+    backend: Mapped[str] = mapped_column(String(32))
+    batch_size: Mapped[int] = mapped_column(Integer)
+    preprocess_ms: Mapped[float] = mapped_column(Float)
+    inference_ms: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class StudyResult(Base):
+    """A study verdict by one model version; a new revision when the study changed after the last one."""
+
+    __tablename__ = "study_results"
+    __table_args__ = (UniqueConstraint("study_id", "model_version_id", "revision"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    revision: Mapped[int] = mapped_column(Integer, default=1)
+    verdict: Mapped[str] = mapped_column(String(32))
+    p_normal: Mapped[float | None] = mapped_column(Float)
+    p_covid19: Mapped[float | None] = mapped_column(Float)
+    p_viral_pneumonia: Mapped[float | None] = mapped_column(Float)
+    instances_total: Mapped[int] = mapped_column(Integer)
+    instances_classified: Mapped[int] = mapped_column(Integer)
+    instances_skipped: Mapped[int] = mapped_column(Integer)
+    instances_failed: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

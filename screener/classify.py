@@ -1,0 +1,101 @@
+"""``screener classify``: classify DICOM/PNG/JPEG files with a model directory, without the daemon."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from screener.config import Config
+from screener.engine import load_engine
+from screener.errors import ImagingError
+from screener.imaging import preprocess_file
+from screener.prepare import Prepared, prepare_instance
+from screener.verdict import instance_label
+
+
+@dataclass(frozen=True)
+class FileResult:
+    path: str
+    status: str  # classified | skipped | failed
+    label: str | None
+    probs: dict[str, float] | None
+    reason: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "status": self.status,
+            "label": self.label,
+            "probs": self.probs,
+            "reason": self.reason,
+        }
+
+
+def _is_dicom(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(132)
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def classify_files(
+    config: Config, model_dir: Path, files: list[Path], batch: int = 8
+) -> tuple[str, list[FileResult]]:
+    """Classify ``files``; DICOM files go through the same eligibility and preprocessing as the worker.
+
+    Returns (model version, one result per file in order). Raises ModelError on a bad model directory.
+    """
+    inf = config.inference
+    engine, loaded = load_engine(
+        model_dir,
+        inf.backend,
+        threads=inf.threads,
+        torch_compile=inf.torch_compile,
+        trt_cache_dir=inf.trt_cache_dir,
+        max_batch=max(batch, 1),
+    )
+    card = loaded.card
+    spec = card.preprocessing
+    prepared: list[Prepared] = []
+    for n, path in enumerate(files):
+        if not path.is_file():
+            prepared.append(Prepared(n, "failed", None, f"no such file: {path}", 0.0))
+        elif _is_dicom(path):
+            prepared.append(prepare_instance(n, str(path), spec, config.eligibility))
+        else:
+            started = time.perf_counter()
+            try:
+                array = preprocess_file(path, spec, config.eligibility.max_pixels)
+                prepared.append(Prepared(n, "ok", array, None, (time.perf_counter() - started) * 1000))
+            except ImagingError as exc:
+                prepared.append(Prepared(n, "failed", None, str(exc), 0.0))
+    results: dict[int, FileResult] = {}
+    ok = [p for p in prepared if p.kind == "ok" and p.array is not None]
+    try:
+        for start in range(0, len(ok), max(batch, 1)):
+            chunk = ok[start : start + batch]
+            out = engine.infer(np.stack([p.array for p in chunk if p.array is not None]).astype(np.float32))
+            for k, p in enumerate(chunk):
+                probs = [float(x) for x in out.probs[k]]
+                results[p.instance_id] = FileResult(
+                    str(files[p.instance_id]),
+                    "classified",
+                    instance_label(probs, card.classes, card.thresholds),
+                    dict(zip(card.classes, probs, strict=True)),
+                    None,
+                )
+    finally:
+        engine.close()
+    for p in prepared:
+        if p.instance_id not in results:
+            results[p.instance_id] = FileResult(
+                str(files[p.instance_id]),
+                "skipped" if p.kind == "skipped" else "failed",
+                None,
+                None,
+                p.reason,
+            )
+    return card.version, [results[n] for n in range(len(files))]

@@ -1,0 +1,51 @@
+"""Per-instance preprocessing for the worker's process pool (kept light: no torch, no engine imports)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from pydicom import dcmread
+
+from screener.config import EligibilityConfig
+from screener.eligibility import decide
+from screener.errors import ImagingError
+from screener.imaging import PreprocessSpec, preprocess_dataset
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What preprocessing made of one instance (crosses the process boundary, so plain data)."""
+
+    instance_id: int
+    kind: Literal["ok", "skipped", "failed"]
+    array: np.ndarray | None
+    reason: str | None
+    ms: float
+
+
+def prepare_instance(instance_id: int, path: str, spec: PreprocessSpec, rules: EligibilityConfig) -> Prepared:
+    """Eligibility from the header, then decode + preprocess. Never raises: bad input becomes a reason."""
+    started = time.perf_counter()
+
+    def done(
+        kind: Literal["ok", "skipped", "failed"], array: np.ndarray | None, reason: str | None
+    ) -> Prepared:
+        return Prepared(instance_id, kind, array, reason, (time.perf_counter() - started) * 1000)
+
+    try:
+        header = dcmread(path, stop_before_pixels=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable header is this instance's failure, not the worker's
+        return done("failed", None, f"DICOM header unreadable ({type(exc).__name__})")
+    decision = decide(header, rules)
+    if not decision.eligible:
+        return done("skipped", None, decision.reason)
+    try:
+        array = preprocess_dataset(dcmread(path), spec, rules.max_pixels)
+    except ImagingError as exc:
+        return done("failed", None, str(exc))
+    except Exception as exc:  # noqa: BLE001 - a decoder bug must not take the worker down
+        return done("failed", None, f"unexpected error while decoding ({type(exc).__name__})")
+    return done("ok", array, None)

@@ -1,0 +1,453 @@
+"""The worker: claim queued instances with a lease, preprocess in a pool, infer in batches, persist.
+
+Pipelined: while the engine runs batch N, the pool decodes and preprocesses batch N+1. A crash at any
+point loses nothing: claimed rows carry a lease (``inference.lease_seconds``); expired leases are
+reclaimed by any worker; the status update and the prediction insert commit together and only while
+the lease is still ours, and ``predictions`` is unique per (instance, model version).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Engine, and_, exists, func, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from screener.config import Config
+from screener.db.models import (
+    Instance,
+    InstanceStatus,
+    Prediction,
+    Study,
+    StudyResult,
+    utcnow,
+)
+from screener.engine import load_engine
+from screener.engine.base import Engine as InferenceEngine
+from screener.errors import ScreenerError
+from screener.imaging import PreprocessSpec
+from screener.logs import get_logger, uid_hash
+from screener.prepare import Prepared, prepare_instance
+from screener.registry import active_version
+from screener.spool import Spool
+from screener.verdict import ImageOutcome, instance_label, study_verdict
+
+log = get_logger("screener.worker")
+
+MAX_ATTEMPTS = 3  # an instance whose processing crashed this often is marked failed, not retried forever
+MODEL_RETRY_SECONDS = 60.0
+
+
+@dataclass
+class _Claimed:
+    rows: list[tuple[int, str, int]]  # (instance id, spool name, attempts)
+    futures: list[Future[Prepared]]
+    claimed_at: float
+
+
+@dataclass
+class _Model:
+    row_id: int
+    version: str
+    engine: InferenceEngine
+    spec: PreprocessSpec
+    classes: tuple[str, ...]
+    thresholds: dict[str, float]
+
+
+class Worker:
+    """Runs in a thread of ``screener serve`` (or alone with ``--role worker``)."""
+
+    def __init__(self, config: Config, db: Engine, spool: Spool, stop: threading.Event) -> None:
+        self.config = config
+        self.db = db
+        self.sessions: sessionmaker[Session] = sessionmaker(db, expire_on_commit=False)
+        self.spool = spool
+        self.stop = stop
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.model: _Model | None = None
+        self._failed_model: tuple[int, float] | None = None
+        self._pool: ProcessPoolExecutor | None = None
+        self._waiting_logged = False
+        self._last_settle = 0.0
+        self.thread = threading.Thread(target=self._run, name="worker", daemon=True)
+        self.alive = threading.Event()
+
+    # --- lifecycle ---
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def join(self, timeout: float) -> None:
+        self.thread.join(timeout)
+
+    def _make_pool(self) -> ProcessPoolExecutor:
+        workers = self.config.inference.preprocess_workers or (os.cpu_count() or 1)
+        # spawn, not fork: the parent holds threads (listener, engine) that fork would copy mid-state.
+        return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def _run(self) -> None:
+        self.alive.set()
+        self._pool = self._make_pool()
+        log.info("worker.started", owner=self.owner, preprocess_workers=self._pool._max_workers)
+        pending: _Claimed | None = None
+        try:
+            while not self.stop.is_set():
+                try:
+                    pending = self._step(pending)
+                except SQLAlchemyError as exc:
+                    log.warning("worker.database_unavailable", error=type(exc).__name__)
+                    pending = None  # leases expire; the rows are reclaimed
+                    self.stop.wait(self.config.inference.poll_seconds)
+            if pending is not None:
+                self._finish(pending)
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            if self.model is not None:
+                self.model.engine.close()
+            self.alive.clear()
+            log.info("worker.stopped")
+
+    def _step(self, pending: _Claimed | None) -> _Claimed | None:
+        self._ensure_model()
+        if self.model is None:
+            if pending is not None:
+                self._release(pending)
+            self.stop.wait(self.config.inference.poll_seconds)
+            return None
+        self._settle_studies()
+        nxt = self._claim_when_ready(block=pending is None)
+        if pending is not None:
+            self._finish(pending)
+        return nxt
+
+    # --- model ---
+
+    def _ensure_model(self) -> None:
+        with self.sessions() as session:
+            row = active_version(session)
+        if row is None:
+            if not self._waiting_logged:
+                log.warning(
+                    "worker.no_active_model",
+                    hint="register and activate one: screener models register DIR --activate",
+                )
+                self._waiting_logged = True
+            return
+        self._waiting_logged = False
+        if self.model is not None and self.model.row_id == row.id:
+            return
+        if (
+            self._failed_model
+            and self._failed_model[0] == row.id
+            and time.monotonic() < self._failed_model[1]
+        ):
+            return
+        inf = self.config.inference
+        try:
+            engine, loaded = load_engine(
+                Path(row.path),
+                inf.backend,
+                threads=inf.threads,
+                torch_compile=inf.torch_compile,
+                trt_cache_dir=inf.trt_cache_dir,
+                max_batch=inf.max_batch,
+            )
+        except ScreenerError as exc:
+            self._failed_model = (row.id, time.monotonic() + MODEL_RETRY_SECONDS)
+            log.error(
+                "model.load_failed",
+                version=row.version,
+                error=str(exc),
+                serving=self.model.version if self.model else None,
+            )
+            return
+        previous = self.model
+        card = loaded.card
+        self.model = _Model(
+            row.id, row.version, engine, card.preprocessing, tuple(card.classes), dict(card.thresholds)
+        )
+        if previous is not None:
+            previous.engine.close()
+        log.info(
+            "model.loaded",
+            version=row.version,
+            backend=engine.name,
+            previous=previous.version if previous else None,
+        )
+
+    # --- claiming ---
+
+    def _claimable(self) -> Any:
+        now = utcnow()
+        return or_(
+            Instance.status == InstanceStatus.QUEUED,
+            and_(Instance.status == InstanceStatus.PROCESSING, Instance.lease_expires_at < now),
+        )
+
+    def _claim_when_ready(self, block: bool) -> _Claimed | None:
+        inf = self.config.inference
+        with self.sessions() as session:
+            ready, oldest = session.execute(
+                select(func.count(), func.min(Instance.received_at)).where(self._claimable())
+            ).one()
+        if not ready:
+            if block:
+                self.stop.wait(inf.poll_seconds)
+            return None
+        if ready < inf.max_batch and oldest is not None:
+            age_ms = (utcnow() - _aware(oldest)).total_seconds() * 1000
+            if age_ms < inf.max_wait_ms:
+                self.stop.wait((inf.max_wait_ms - age_ms) / 1000)
+        return self._claim(inf.max_batch)
+
+    def _claim(self, limit: int) -> _Claimed | None:
+        assert self.model is not None and self._pool is not None
+        now = utcnow()
+        pick = (
+            select(Instance.id)
+            .where(self._claimable())
+            .order_by(Instance.received_at, Instance.id)
+            .limit(limit)
+        )
+        if self.db.dialect.name == "postgresql":
+            pick = pick.with_for_update(skip_locked=True)
+        stmt = (
+            update(Instance)
+            .where(Instance.id.in_(pick.scalar_subquery()))
+            .values(
+                status=InstanceStatus.PROCESSING,
+                lease_owner=self.owner,
+                lease_expires_at=now + timedelta(seconds=self.config.inference.lease_seconds),
+                attempts=Instance.attempts + 1,
+                updated_at=now,
+            )
+            .returning(Instance.id, Instance.spool_name, Instance.attempts)
+            .execution_options(synchronize_session=False)
+        )
+        with self.sessions.begin() as session:
+            rows = [(int(r[0]), str(r[1]), int(r[2])) for r in session.execute(stmt)]
+        if not rows:
+            return None
+        exhausted = [r for r in rows if r[2] > MAX_ATTEMPTS]
+        for instance_id, _, attempts in exhausted:
+            self._set_status(instance_id, InstanceStatus.FAILED, f"processing crashed {attempts - 1} times")
+        rows = [r for r in rows if r[2] <= MAX_ATTEMPTS]
+        rules = self.config.eligibility
+        futures = [
+            self._pool.submit(prepare_instance, iid, str(self.spool.path(name)), self.model.spec, rules)
+            for iid, name, _ in rows
+        ]
+        return _Claimed(rows, futures, time.perf_counter())
+
+    def _release(self, claimed: _Claimed) -> None:
+        """Give claimed rows back to the queue (no model to run them)."""
+        ids = [r[0] for r in claimed.rows]
+        with self.sessions.begin() as session:
+            session.execute(
+                update(Instance)
+                .where(Instance.id.in_(ids), Instance.lease_owner == self.owner)
+                .values(status=InstanceStatus.QUEUED, lease_owner=None, lease_expires_at=None)
+            )
+
+    # --- inference and persistence ---
+
+    def _finish(self, claimed: _Claimed) -> None:
+        assert self.model is not None
+        prepared: list[Prepared] = []
+        for (iid, _, _), fut in zip(claimed.rows, claimed.futures, strict=True):
+            try:
+                prepared.append(fut.result())
+            except BrokenProcessPool:
+                # A decoder crashed its process; the lease expires and the row is retried (MAX_ATTEMPTS).
+                log.error("worker.preprocess_pool_broken", instance=iid)
+                self._pool = self._make_pool()
+                return
+        ok = [p for p in prepared if p.kind == "ok"]
+        started = time.perf_counter()
+        model = self.model
+        output = None
+        if ok:
+            batch = np.stack([p.array for p in ok if p.array is not None]).astype(np.float32, copy=False)
+            output = model.engine.infer(batch)
+        infer_ms = (time.perf_counter() - started) * 1000
+        per_image_ms = infer_ms / max(1, len(ok))
+        counts = {"classified": 0, "skipped": 0, "failed": 0, "lost_lease": 0}
+        with self.sessions.begin() as session:
+            k = 0
+            for p in prepared:
+                if p.kind == "ok":
+                    assert output is not None
+                    probs = [float(x) for x in output.probs[k]]
+                    pa = [float(x) for x in output.probs_a[k]]
+                    pb = [float(x) for x in output.probs_b[k]]
+                    k += 1
+                    if not self._mark(session, p.instance_id, InstanceStatus.CLASSIFIED, None):
+                        counts["lost_lease"] += 1
+                        continue
+                    by_class = dict(zip(model.classes, probs, strict=True))
+                    session.add(
+                        Prediction(
+                            instance_id=p.instance_id,
+                            model_version_id=model.row_id,
+                            label=instance_label(probs, model.classes, model.thresholds),
+                            p_normal=by_class["normal"],
+                            p_covid19=by_class["covid19"],
+                            p_viral_pneumonia=by_class["viral_pneumonia"],
+                            probs_a=pa,
+                            probs_b=pb,
+                            disagreement=float(0.5 * sum(abs(a - b) for a, b in zip(pa, pb, strict=True))),
+                            backend=model.engine.name,
+                            batch_size=len(ok),
+                            preprocess_ms=round(p.ms, 2),
+                            inference_ms=round(per_image_ms, 2),
+                        )
+                    )
+                    counts["classified"] += 1
+                else:
+                    status = InstanceStatus.SKIPPED if p.kind == "skipped" else InstanceStatus.FAILED
+                    if self._mark(session, p.instance_id, status, p.reason):
+                        counts[p.kind] += 1
+                    else:
+                        counts["lost_lease"] += 1
+        log.info(
+            "batch.done",
+            model=model.version,
+            backend=model.engine.name,
+            size=len(prepared),
+            infer_ms=round(infer_ms, 1),
+            images_per_s=round(len(ok) / (infer_ms / 1000), 2) if ok and infer_ms > 0 else None,
+            wall_ms=round((time.perf_counter() - claimed.claimed_at) * 1000, 1),
+            **counts,
+        )
+
+    def _mark(self, session: Session, instance_id: int, status: InstanceStatus, reason: str | None) -> bool:
+        """Move a row we lease to its final status; False when our lease was lost to another worker."""
+        result = session.execute(
+            update(Instance)
+            .where(
+                Instance.id == instance_id,
+                Instance.lease_owner == self.owner,
+                Instance.status == InstanceStatus.PROCESSING,
+            )
+            .values(
+                status=status,
+                status_reason=reason,
+                lease_owner=None,
+                lease_expires_at=None,
+                updated_at=utcnow(),
+            )
+            .execution_options(synchronize_session=False)
+        )
+        return bool(getattr(result, "rowcount", 0))
+
+    def _set_status(self, instance_id: int, status: InstanceStatus, reason: str) -> None:
+        with self.sessions.begin() as session:
+            self._mark(session, instance_id, status, reason)
+
+    # --- study verdicts ---
+
+    def _settle_studies(self) -> None:
+        """Verdicts for studies quiet for ``study_settle_seconds`` with every instance done."""
+        if time.monotonic() - self._last_settle < min(1.0, self.config.inference.study_settle_seconds or 1.0):
+            return
+        self._last_settle = time.monotonic()
+        assert self.model is not None
+        cutoff = utcnow() - timedelta(seconds=self.config.inference.study_settle_seconds)
+        pending = exists().where(
+            Instance.study_id == Study.id,
+            Instance.status.in_([InstanceStatus.QUEUED, InstanceStatus.PROCESSING]),
+        )
+        fresh_result = exists().where(
+            StudyResult.study_id == Study.id, StudyResult.created_at >= Study.last_received_at
+        )
+        with self.sessions() as session:
+            study_ids = list(
+                session.scalars(
+                    select(Study.id)
+                    .where(Study.last_received_at <= cutoff, ~pending, ~fresh_result)
+                    .limit(500)
+                )
+            )
+        for study_id in study_ids:
+            self._settle(study_id)
+
+    def _settle(self, study_id: int) -> None:
+        assert self.model is not None
+        with self.sessions.begin() as session:
+            rows = session.execute(
+                select(
+                    Instance.status,
+                    Prediction.label,
+                    Prediction.p_normal,
+                    Prediction.p_covid19,
+                    Prediction.p_viral_pneumonia,
+                    Prediction.model_version_id,
+                )
+                .outerjoin(Prediction, Prediction.instance_id == Instance.id)
+                .where(Instance.study_id == study_id)
+            ).all()
+            model_ids = [r[5] for r in rows if r[5] is not None]
+            model_id = max(model_ids) if model_ids else self.model.row_id
+            images = [
+                ImageOutcome(
+                    status=str(r[0].value if hasattr(r[0], "value") else r[0]),
+                    label=r[1] if r[5] == model_id else None,
+                    probs={"normal": r[2], "covid19": r[3], "viral_pneumonia": r[4]}
+                    if r[5] == model_id
+                    else None,
+                )
+                for r in rows
+            ]
+            verdict = study_verdict(images)
+            latest = session.scalar(
+                select(func.max(StudyResult.revision)).where(
+                    StudyResult.study_id == study_id, StudyResult.model_version_id == model_id
+                )
+            )
+            probs = verdict.probs or {}
+            session.add(
+                StudyResult(
+                    study_id=study_id,
+                    model_version_id=model_id,
+                    revision=(latest or 0) + 1,
+                    verdict=verdict.label,
+                    p_normal=probs.get("normal"),
+                    p_covid19=probs.get("covid19"),
+                    p_viral_pneumonia=probs.get("viral_pneumonia"),
+                    instances_total=verdict.total,
+                    instances_classified=verdict.classified,
+                    instances_skipped=verdict.skipped,
+                    instances_failed=verdict.failed,
+                )
+            )
+            study_uid = session.scalar(select(Study.study_instance_uid).where(Study.id == study_id))
+        log.info(
+            "study.verdict",
+            study_uid=uid_hash(study_uid),
+            verdict=verdict.label,
+            revision=(latest or 0) + 1,
+            classified=verdict.classified,
+            skipped=verdict.skipped,
+            failed=verdict.failed,
+        )
+
+
+def _aware(value: Any) -> Any:
+    """SQLite returns naive datetimes for timezone-aware columns; they are stored in UTC."""
+    from datetime import UTC
+
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
