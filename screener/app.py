@@ -15,6 +15,7 @@ from screener.errors import DatabaseUnavailableError
 from screener.ingest import Ingest, reconcile_spool
 from screener.listener import CHEST_SOP_CLASSES, Listener
 from screener.logs import get_logger
+from screener.sender import Sender
 from screener.spool import Spool
 from screener.worker import Worker
 
@@ -53,6 +54,7 @@ def serve(config: Config, stop: threading.Event | None = None) -> int:
     )
     listener = Listener(config.listener, ingest)
     worker = Worker(config, engine, spool, stop)
+    sender = Sender(config.pacs, engine, spool, stop)
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("serve.signal", signal=signal.Signals(signum).name)
@@ -66,10 +68,12 @@ def serve(config: Config, stop: threading.Event | None = None) -> int:
     try:
         listener.start()
         worker.start()
+        sender.start()
         log.info("serve.ready", config=config.source)
         stop.wait()
         listener.drain(config.listener.drain_seconds)
         worker.join(timeout=config.listener.drain_seconds + 60)
+        sender.join(timeout=config.pacs.timeout_seconds * 2)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -69,6 +69,18 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("version")
     add_config_option(msub.add_parser("list", help="registered models and their status"), top=False)
 
+    p = sub.add_parser("deliveries", help="results outbox: list and re-drive sends to the PACS")
+    add_config_option(p, top=False)
+    dsub = p.add_subparsers(dest="deliveries_command", required=True, metavar="ACTION")
+    d = dsub.add_parser("list", help="recent deliveries with status, attempts and last error")
+    add_config_option(d, top=False)
+    d.add_argument("--status", choices=["pending", "sent", "failed", "dead"])
+    d.add_argument("--json", action="store_true")
+    d = dsub.add_parser("retry", help="re-drive deliveries: by ID, or --dead for every dead one")
+    add_config_option(d, top=False)
+    d.add_argument("ids", metavar="ID", nargs="*", type=int)
+    d.add_argument("--dead", action="store_true", help="re-drive every dead delivery")
+
     p = sub.add_parser("classify", help="classify DICOM/PNG/JPEG files without the daemon")
     add_config_option(p, top=False)
     p.add_argument("--model", metavar="DIR", type=Path, help="model directory (default: the active model)")
@@ -122,6 +134,8 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         ensure_at_head(engine, auto_migrate=False)
         if args.command == "models":
             return _models(engine, args)
+        if args.command == "deliveries":
+            return _deliveries(engine, args)
         if args.command == "classify":
             from sqlalchemy.orm import Session
 
@@ -163,6 +177,50 @@ def _models(engine: object, args: argparse.Namespace) -> int:
             for r in rows:
                 weight = f"w={r.fusion_weight:.3f}"
                 print(f"{r.version:<32} {r.status.value:<9} {r.architectures:<20} {weight} {r.path}")
+    return 0
+
+
+def _deliveries(engine: object, args: argparse.Namespace) -> int:
+    from sqlalchemy import Engine
+    from sqlalchemy.orm import Session
+
+    from screener.sender import list_deliveries, retry_deliveries
+
+    assert isinstance(engine, Engine)
+    with Session(engine) as session, session.begin():
+        if args.deliveries_command == "retry":
+            if not args.ids and not args.dead:
+                print("screener: deliveries retry needs IDs or --dead", file=sys.stderr)
+                return 2
+            count = retry_deliveries(session, args.ids, args.dead)
+            print(f"re-driven: {count}")
+            return 0
+        rows = list_deliveries(session, args.status)
+        data = [
+            {
+                "id": r.id,
+                "study_result_id": r.study_result_id,
+                "destination": r.destination,
+                "object": r.object_kind,
+                "status": r.status.value,
+                "attempts": r.attempts,
+                "next_attempt_at": r.next_attempt_at.isoformat() if r.next_attempt_at else None,
+                "sent_at": r.sent_at.isoformat() if r.sent_at else None,
+                "last_error": r.last_error,
+            }
+            for r in rows
+        ]
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    if not data:
+        print("no deliveries")
+    for d in data:
+        print(
+            f"{d['id']:>6} {d['status']:<8} {d['object']:<3} {d['destination']:<40} "
+            f"attempts={d['attempts']:<3} "
+            f"{d['last_error'] or ''}"
+        )
     return 0
 
 

@@ -199,20 +199,61 @@ class PacsDestination:
     ae_title: str
     host: str
     port: int
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
 
     def validate(self) -> None:
         _check_ae_title("ae_title", self.ae_title)
         _require(self.host != "", "host", "must not be empty")
         _check_port("port", self.port)
+        _require(
+            (self.tls_cert_file is None) == (self.tls_key_file is None),
+            "tls_cert_file",
+            "tls_cert_file and tls_key_file must be set together",
+        )
+        for name in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+            path = getattr(self, name)
+            _require(path is None or path.is_file(), name, "file does not exist")
+
+
+_UID_ROOT = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 
 @dataclass(frozen=True)
 class PacsConfig:
     destinations: tuple[PacsDestination, ...] = ()
     calling_ae_title: str = "CXRSCREENER"
+    uid_root: str = "2.25"
+    send_secondary_capture: bool = False
+    institution_name: str = ""
+    manufacturer: str = "CXR Screener project"
+    max_attempts: int = 12
+    backoff_initial_seconds: float = 10.0
+    backoff_max_seconds: float = 900.0
+    timeout_seconds: float = 30.0
+    sweep_seconds: float = 2.0
 
     def validate(self) -> None:
         _check_ae_title("calling_ae_title", self.calling_ae_title)
+        _require(
+            bool(_UID_ROOT.match(self.uid_root)) and len(self.uid_root) <= 24,
+            "uid_root",
+            "must be a DICOM UID root (digits and dots, no leading zeros, at most 24 characters)",
+        )
+        _require(1 <= self.max_attempts <= 1000, "max_attempts", "must be between 1 and 1000")
+        _require(self.backoff_initial_seconds > 0, "backoff_initial_seconds", "must be more than 0 seconds")
+        _require(
+            self.backoff_max_seconds >= self.backoff_initial_seconds,
+            "backoff_max_seconds",
+            "must be at least backoff_initial_seconds",
+        )
+        _require(0 < self.timeout_seconds <= 3600, "timeout_seconds", "must be in (0, 3600] seconds")
+        _require(0.05 <= self.sweep_seconds <= 3600, "sweep_seconds", "must be between 0.05 and 3600 seconds")
 
 
 @dataclass(frozen=True)

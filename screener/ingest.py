@@ -21,7 +21,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from screener.db.models import ClashAction, Instance, InstanceClash, InstanceStatus, Study, utcnow
+from screener.db.models import ClashAction, Delivery, Instance, InstanceClash, InstanceStatus, Study, utcnow
 from screener.errors import SpoolError, SpoolFullError
 from screener.spool import Spool
 
@@ -273,4 +273,5 @@ def reconcile_spool(spool: Spool, engine: Engine, grace_seconds: float) -> tuple
     with Session(engine) as session:
         known = set(session.scalars(select(Instance.spool_name)))
         known.update(n for n in session.scalars(select(InstanceClash.spool_name)) if n is not None)
+        known.update(session.scalars(select(Delivery.spool_name)))
     return spool.remove_stale_temporaries(), spool.remove_orphans(known, grace_seconds)

@@ -36,16 +36,23 @@ def prepare_instance(instance_id: int, path: str, spec: PreprocessSpec, rules: E
         return Prepared(instance_id, kind, array, reason, (time.perf_counter() - started) * 1000)
 
     try:
-        header = dcmread(path, stop_before_pixels=True)
+        ds = dcmread(path)  # pixel data stays encoded until preprocess_dataset, after the size check
     except Exception as exc:  # noqa: BLE001 - any unreadable header is this instance's failure, not the worker's
         return done("failed", None, f"DICOM header unreadable ({type(exc).__name__})")
-    decision = decide(header, rules)
+    decision = decide(ds, rules)
     if not decision.eligible:
         return done("skipped", None, decision.reason)
     try:
-        array = preprocess_dataset(dcmread(path), spec, rules.max_pixels)
+        array = preprocess_dataset(ds, spec, rules.max_pixels)
     except ImagingError as exc:
         return done("failed", None, str(exc))
     except Exception as exc:  # noqa: BLE001 - a decoder bug must not take the worker down
         return done("failed", None, f"unexpected error while decoding ({type(exc).__name__})")
     return done("ok", array, None)
+
+
+def init_pool_process() -> None:
+    """Pool initialiser: one OpenCV thread per process, so N processes do not fight over N cores."""
+    import cv2
+
+    cv2.setNumThreads(1)

@@ -40,7 +40,8 @@ from screener.engine.base import Engine as InferenceEngine
 from screener.errors import ScreenerError
 from screener.imaging import PreprocessSpec
 from screener.logs import get_logger, uid_hash
-from screener.prepare import Prepared, prepare_instance
+from screener.outbox import build_objects, enqueue
+from screener.prepare import Prepared, init_pool_process, prepare_instance
 from screener.registry import active_version
 from screener.spool import Spool
 from screener.verdict import ImageOutcome, instance_label, study_verdict
@@ -97,12 +98,18 @@ class Worker:
     def _make_pool(self) -> ProcessPoolExecutor:
         workers = self.config.inference.preprocess_workers or (os.cpu_count() or 1)
         # spawn, not fork: the parent holds threads (listener, engine) that fork would copy mid-state.
-        return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        return ProcessPoolExecutor(
+            max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_pool_process
+        )
 
     def _run(self) -> None:
         self.alive.set()
         self._pool = self._make_pool()
-        log.info("worker.started", owner=self.owner, preprocess_workers=self._pool._max_workers)
+        log.info(
+            "worker.started",
+            owner=self.owner,
+            preprocess_workers=self.config.inference.preprocess_workers or (os.cpu_count() or 1),
+        )
         pending: _Claimed | None = None
         try:
             while not self.stop.is_set():
@@ -111,6 +118,10 @@ class Worker:
                 except SQLAlchemyError as exc:
                     log.warning("worker.database_unavailable", error=type(exc).__name__)
                     pending = None  # leases expire; the rows are reclaimed
+                    self.stop.wait(self.config.inference.poll_seconds)
+                except Exception as exc:
+                    log.exception("worker.step_failed", error=type(exc).__name__)
+                    pending = None  # leases expire; the rows are reclaimed (MAX_ATTEMPTS bounds retries)
                     self.stop.wait(self.config.inference.poll_seconds)
             if pending is not None:
                 self._finish(pending)
@@ -272,9 +283,11 @@ class Worker:
             try:
                 prepared.append(fut.result())
             except BrokenProcessPool:
-                # A decoder crashed its process; the lease expires and the row is retried (MAX_ATTEMPTS).
-                log.error("worker.preprocess_pool_broken", instance=iid)
+                # A decoder crashed its process (some codecs abort on corrupt data). Requeue the batch now;
+                # attempts were counted at claim time, so a poison instance ends failed after MAX_ATTEMPTS.
+                log.error("worker.preprocess_pool_broken", batch=len(claimed.rows))
                 self._pool = self._make_pool()
+                self._release(claimed)
                 return
         ok = [p for p in prepared if p.kind == "ok"]
         started = time.perf_counter()
@@ -419,21 +432,22 @@ class Worker:
                 )
             )
             probs = verdict.probs or {}
-            session.add(
-                StudyResult(
-                    study_id=study_id,
-                    model_version_id=model_id,
-                    revision=(latest or 0) + 1,
-                    verdict=verdict.label,
-                    p_normal=probs.get("normal"),
-                    p_covid19=probs.get("covid19"),
-                    p_viral_pneumonia=probs.get("viral_pneumonia"),
-                    instances_total=verdict.total,
-                    instances_classified=verdict.classified,
-                    instances_skipped=verdict.skipped,
-                    instances_failed=verdict.failed,
-                )
+            result = StudyResult(
+                study_id=study_id,
+                model_version_id=model_id,
+                revision=(latest or 0) + 1,
+                verdict=verdict.label,
+                p_normal=probs.get("normal"),
+                p_covid19=probs.get("covid19"),
+                p_viral_pneumonia=probs.get("viral_pneumonia"),
+                instances_total=verdict.total,
+                instances_classified=verdict.classified,
+                instances_skipped=verdict.skipped,
+                instances_failed=verdict.failed,
             )
+            session.add(result)
+            session.flush()
+            deliveries = self._enqueue_results(session, result)
             study_uid = session.scalar(select(Study.study_instance_uid).where(Study.id == study_id))
         log.info(
             "study.verdict",
@@ -443,7 +457,21 @@ class Worker:
             classified=verdict.classified,
             skipped=verdict.skipped,
             failed=verdict.failed,
+            deliveries=deliveries,
         )
+
+    def _enqueue_results(self, session: Session, result: StudyResult) -> int:
+        """Build the SR (+SC) for a new verdict and queue one delivery per destination, in its transaction."""
+        pacs = self.config.pacs
+        if not pacs.destinations:
+            return 0
+        try:
+            objects = build_objects(session, self.spool, pacs, result)
+        except (ValueError, OSError, ScreenerError) as exc:
+            # The verdict stays recorded; the error names why no SR could be made for it.
+            log.error("sr.build_failed", study_result=result.id, error=f"{type(exc).__name__}: {exc}")
+            return 0
+        return enqueue(session, pacs, result, objects)
 
 
 def _aware(value: Any) -> Any:

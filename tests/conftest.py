@@ -60,3 +60,15 @@ def pg_cluster() -> Iterator[ThrowawayCluster]:
         with contextlib.suppress(subprocess.CalledProcessError):  # the test may have stopped it
             cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real fused resnet101 + resnet152 (random weights, seeded), exported once per test session."""
+    from trainer.export import create_random_model_dir
+
+    out = tmp_path_factory.mktemp("models") / "fused-random"
+    create_random_model_dir(
+        out, arch_a="resnet101", arch_b="resnet152", input_size=224, seed=0, version="test-random-0"
+    )
+    return out

@@ -290,6 +290,7 @@ def assert_spool_consistent(server: Server) -> None:
     """Every row has its file with the recorded hash, and no spool file lacks a row."""
     rows = server.rows("SELECT spool_name, sha256 FROM instances")
     clash_files = {r[0] for r in server.rows("SELECT spool_name FROM instance_clashes") if r[0]}
+    clash_files |= {r[0] for r in server.rows("SELECT spool_name FROM deliveries")}
     files = server.spool_files()
     for name, digest in rows:
         assert name in files, f"row points at missing spool file {name}"
@@ -376,3 +377,166 @@ class ThrowawayCluster:
 
     def stop(self) -> None:
         self._run(_pg_bin("pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+
+
+DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+
+
+def wrap_png_as_dx(png: Path, *, study_uid: str, view: str = "PA", body_part: str = "CHEST") -> Dataset:
+    """A real cxr3 PNG as a DX For Presentation instance (12 bits stored), as a modality would send it."""
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(png).convert("L"), dtype=np.uint16) * 16
+    ds = small_cr(pixels, study_uid=study_uid)
+    ds.SOPClassUID = DX_PRESENTATION
+    ds.file_meta.MediaStorageSOPClassUID = DX_PRESENTATION
+    ds.Modality = "DX"
+    ds.ViewPosition = view
+    ds.BodyPartExamined = body_part
+    ds.SeriesDescription = f"CHEST {view}"
+    return ds
+
+
+def cli(server: Server, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run `screener ARGS` against the server's settings."""
+    res = subprocess.run(
+        [str(SCREENER), *args], cwd=server.workdir, env=server.env(), capture_output=True, text=True
+    )
+    if check:
+        assert res.returncode == 0, res.stdout + res.stderr
+    return res
+
+
+def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.25) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+# --- Orthanc as the PACS ------------------------------------------------------------------------------
+
+ROUTE_LUA = """
+function OnStoredInstance(instanceId, tags, metadata, origin)
+  local modality = tags['Modality']
+  if (modality == 'CR' or modality == 'DX') then
+    SendToModality(instanceId, 'screener')
+  end
+end
+"""
+
+
+class Orthanc:
+    """A real Orthanc (Debian package) on loopback ports that auto-routes CR/DX to the screener."""
+
+    def __init__(self, root: Path, screener_port: int, screener_aet: str = "CXRSCREENER") -> None:
+        self.root = root
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "route.lua").write_text(ROUTE_LUA)
+        config = {
+            "Name": "TestPACS",
+            "StorageDirectory": str(root / "storage"),
+            "IndexDirectory": str(root / "storage"),
+            "DicomAet": "ORTHANC",
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": True,
+            "DicomAlwaysAllowStore": True,
+            "DicomModalities": {"screener": [screener_aet, "127.0.0.1", screener_port]},
+            "LuaScripts": [str(root / "route.lua")],
+            "Plugins": [],
+            "StableAge": 2,
+        }
+        (root / "orthanc.json").write_text(json.dumps(config))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Orthanc:
+        log = (self.root / "orthanc.log").open("wb")
+        self.proc = subprocess.Popen(
+            ["Orthanc", str(self.root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                self.get("/system")
+                return self
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError(f"Orthanc did not start:\n{(self.root / 'orthanc.log').read_text()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+    def get(self, path: str) -> Any:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as rsp:
+            return json.loads(rsp.read())
+
+    def post(self, path: str, body: Any) -> Any:
+        import urllib.request
+
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}{path}", data=json.dumps(body).encode(), method="POST"
+        )
+        with urllib.request.urlopen(req, timeout=10) as rsp:
+            return json.loads(rsp.read())
+
+    def instances_of_modality(self, study_uid: str, modality: str) -> list[dict[str, Any]]:
+        """Instances (simplified tags) of ``modality`` in the study, as Orthanc holds them."""
+        series = self.post(
+            "/tools/find",
+            {
+                "Level": "Series",
+                "Query": {"StudyInstanceUID": study_uid, "Modality": modality},
+                "Expand": True,
+            },
+        )
+        out = []
+        for s in series:
+            for inst_id in s["Instances"]:
+                out.append(self.get(f"/instances/{inst_id}/simplified-tags"))
+        return out
+
+
+class FakePacs:
+    """A pynetdicom storage SCP whose answer the test switches: refuse, a status code, or success."""
+
+    def __init__(self, ae_title: str = "FAKEPACS") -> None:
+        from pynetdicom import evt
+
+        self.port = free_port()
+        self.ae_title = ae_title
+        self.answer = 0x0000
+        self.received: list[tuple[str, int]] = []  # (SOP Instance UID, status answered)
+        self._server: Any = None
+        self._evt = evt
+
+    def _on_store(self, event: Any) -> int:
+        uid = str(event.request.AffectedSOPInstanceUID)
+        self.received.append((uid, self.answer))
+        return self.answer
+
+    def start(self) -> FakePacs:
+        from pynetdicom import AllStoragePresentationContexts
+
+        ae = AE(ae_title=self.ae_title)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        self._server = ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(self._evt.EVT_C_STORE, self._on_store)]
+        )
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None

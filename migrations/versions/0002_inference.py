@@ -54,9 +54,13 @@ def upgrade() -> None:
         sa.Column("preprocess_ms", sa.Float(), nullable=False),
         sa.Column("inference_ms", sa.Float(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(["instance_id"], ["instances.id"], name=op.f("fk_predictions_instance_id_instances")),
         sa.ForeignKeyConstraint(
-            ["model_version_id"], ["model_versions.id"], name=op.f("fk_predictions_model_version_id_model_versions")
+            ["instance_id"], ["instances.id"], name=op.f("fk_predictions_instance_id_instances")
+        ),
+        sa.ForeignKeyConstraint(
+            ["model_version_id"],
+            ["model_versions.id"],
+            name=op.f("fk_predictions_model_version_id_model_versions"),
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_predictions")),
         sa.UniqueConstraint("instance_id", "model_version_id", name=op.f("uq_predictions_instance_id")),

@@ -173,3 +173,37 @@ class StudyResult(Base):
     instances_skipped: Mapped[int] = mapped_column(Integer)
     instances_failed: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class DeliveryStatus(enum.StrEnum):
+    """pending -> sent; retryable failures -> failed (retried after next_attempt_at); fatal -> dead."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+    DEAD = "dead"
+
+
+class Delivery(Base):
+    """Outbox: one row per (study result, destination, object); survives restarts."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint("study_result_id", "destination", "object_kind"),
+        Index("ix_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_result_id: Mapped[int] = mapped_column(ForeignKey("study_results.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(128))
+    object_kind: Mapped[str] = mapped_column(String(8))  # "sr" | "sc"
+    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    spool_name: Mapped[str] = mapped_column(String(128))
+    status: Mapped[DeliveryStatus] = mapped_column(_enum(DeliveryStatus), default=DeliveryStatus.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

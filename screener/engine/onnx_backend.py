@@ -1,0 +1,54 @@
+"""ONNX Runtime backend: the CPU default, CUDA when onnxruntime-gpu offers it."""
+
+from __future__ import annotations
+
+import os
+
+from screener.engine.base import EngineOutput, FloatArray, as_output, check_batch
+from screener.errors import ModelError
+from screener.modelcard import LoadedModel
+
+OUTPUT_NAMES = ["probs", "probs_a", "probs_b"]
+
+
+class OnnxRuntimeEngine:
+    """Runs the card's single ``model.onnx`` graph in an ONNX Runtime session.
+
+    ``threads`` sets intra-op threads (0 = one per core). CUDAExecutionProvider is used first when this
+    onnxruntime build offers it. Raises :class:`ModelError` when the graph's inputs or outputs do not match
+    the contract (input ``image`` [N, 3, S, S], outputs ``probs``, ``probs_a``, ``probs_b``).
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, model: LoadedModel, *, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads if threads > 0 else (os.cpu_count() or 1)
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        available = ort.get_available_providers()
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        self._session = ort.InferenceSession(str(model.onnx_path), sess_options=options, providers=providers)
+        self._input_size = model.card.input_size
+        self.providers: list[str] = list(self._session.get_providers())
+        inputs = self._session.get_inputs()
+        outputs = [o.name for o in self._session.get_outputs()]
+        size = self._input_size
+        if len(inputs) != 1 or inputs[0].name != "image" or list(inputs[0].shape[1:]) != [3, size, size]:
+            got = [(i.name, i.shape) for i in inputs]
+            raise ModelError(f"{model.onnx_path} inputs {got} are not image [N, 3, {size}, {size}]")
+        if sorted(outputs) != sorted(OUTPUT_NAMES):
+            raise ModelError(f"{model.onnx_path} outputs {outputs} are not {OUTPUT_NAMES}")
+
+    def infer(self, batch: FloatArray) -> EngineOutput:
+        """Classify a float32 ``[N, 3, S, S]`` batch; raises ``ValueError`` for a malformed batch."""
+        x = check_batch(batch, self._input_size)
+        probs, probs_a, probs_b = self._session.run(OUTPUT_NAMES, {"image": x})
+        return as_output(probs, probs_a, probs_b)
+
+    def close(self) -> None:
+        """Drop the session (ONNX Runtime frees it when the last reference goes)."""
+        self._session = None

@@ -1,0 +1,127 @@
+"""The fused classifier: two ResNets whose softmax outputs are mixed by one weight ("model integration").
+
+``probs = w * softmax(net_a(x)) + (1 - w) * softmax(net_b(x))`` as in Wang, Liu & Xu (2020), section II.C,
+with ResNet-101 and ResNet-152 by default. Weights are only ever read from safetensors, never unpickled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from torchvision import models
+
+from screener.errors import ModelError
+from screener.modelcard import ARCHITECTURE_NAMES, CLASSES, ModelCard
+
+if TYPE_CHECKING:
+    from torchvision.models import ResNet
+
+ARCHITECTURES: dict[str, Callable[..., ResNet]] = {
+    "resnet18": models.resnet18,
+    "resnet34": models.resnet34,
+    "resnet50": models.resnet50,
+    "resnet101": models.resnet101,
+    "resnet152": models.resnet152,
+}
+"""Explicit backbone factories by name (never ``models.__dict__[name]``)."""
+
+assert tuple(ARCHITECTURES) == ARCHITECTURE_NAMES, "screener.modelcard.ARCHITECTURE_NAMES is out of date"
+
+
+def make_backbone(name: str, num_classes: int = len(CLASSES)) -> ResNet:
+    """A randomly initialised ResNet whose ``fc`` is replaced by a ``num_classes`` Linear head.
+
+    Nothing is downloaded (``weights=None``). Raises :class:`ModelError` for an unknown name.
+    """
+    try:
+        factory = ARCHITECTURES[name]
+    except KeyError:
+        raise ModelError(f"unknown backbone {name!r}: choose one of {', '.join(ARCHITECTURES)}") from None
+    if num_classes < 2:
+        raise ModelError(f"num_classes {num_classes} must be at least 2")
+    net = factory(weights=None)
+    net.fc = nn.Linear(net.fc.in_features, num_classes)
+    return net
+
+
+class FusedResNet(nn.Module):
+    """Two backbones and a fusion weight ``w`` in [0, 1], kept as a float32 buffer named ``fusion_weight``.
+
+    :meth:`forward` takes a float32 image batch ``[N, 3, S, S]`` and returns ``(probs, probs_a, probs_b)``,
+    each ``[N, num_classes]``, with ``probs = w * probs_a + (1 - w) * probs_b``.
+    """
+
+    fusion_weight: torch.Tensor
+
+    def __init__(
+        self,
+        arch_a: str = "resnet101",
+        arch_b: str = "resnet152",
+        *,
+        fusion_weight: float = 0.5,
+        num_classes: int = len(CLASSES),
+    ) -> None:
+        super().__init__()
+        self.arch_a = arch_a
+        self.arch_b = arch_b
+        self.net_a = make_backbone(arch_a, num_classes)
+        self.net_b = make_backbone(arch_b, num_classes)
+        self.register_buffer(
+            "fusion_weight", torch.tensor(_checked_weight(fusion_weight), dtype=torch.float32)
+        )
+
+    def set_fusion_weight(self, weight: float) -> None:
+        """Re-weight the two networks (the paper's integration step).
+
+        Raises :class:`ModelError` when ``weight`` is outside [0, 1].
+        """
+        self.fusion_weight.fill_(_checked_weight(weight))
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        probs_a = torch.softmax(self.net_a(image), dim=1)
+        probs_b = torch.softmax(self.net_b(image), dim=1)
+        w = self.fusion_weight.to(probs_a.dtype)
+        probs = w * probs_a + (1.0 - w) * probs_b
+        return probs, probs_a, probs_b
+
+
+def _checked_weight(weight: float) -> float:
+    value = float(weight)
+    if not 0.0 <= value <= 1.0:
+        raise ModelError(f"fusion weight {weight!r} must be between 0 and 1")
+    return value
+
+
+def load_fused_from_safetensors(path: Path, card: ModelCard) -> FusedResNet:
+    """Build the card's :class:`FusedResNet` and load its state dict from a safetensors file (eval mode, CPU).
+
+    Only safetensors is read (no pickle). Raises :class:`ModelError` when the file is unreadable, its
+    tensors do not fit the card's architectures, or its stored fusion weight disagrees with the card.
+    Digests are not checked here: call :func:`screener.modelcard.load_model_dir` first.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    arch_a, arch_b = card.architectures
+    model = FusedResNet(arch_a, arch_b, fusion_weight=card.fusion_weight, num_classes=len(card.classes))
+    try:
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise ModelError(f"cannot read weights {path}: {exc}; restore the file or re-export") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise ModelError(
+            f"weights {path} do not fit {arch_a}+{arch_b} with {len(card.classes)} classes: {first}"
+        ) from None
+    stored = float(model.fusion_weight)
+    if abs(stored - card.fusion_weight) > 1e-6:
+        raise ModelError(
+            f"weights {path} carry fusion weight {stored} but the card says {card.fusion_weight}: re-export"
+        )
+    return model.eval()

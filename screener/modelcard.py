@@ -1,0 +1,304 @@
+"""The model card: one JSON file next to the weights that carries a model's whole contract.
+
+A model directory holds ``card.json``, ``model.onnx`` (both networks and the fusion in one graph) and
+``weights.safetensors``. The card records the version, the label map, the preprocessing the screener must
+apply, the fusion weight, decision thresholds, validation metrics, the training-data digest, the parent
+version and the sha256 of every file; :func:`load_model_dir` checks every one of those digests before any
+byte is handed to an inference engine. Nothing here imports torch or onnxruntime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from screener.errors import ModelError, ModelIntegrityError
+from screener.imaging import PreprocessSpec
+
+CLASSES: tuple[str, ...] = ("normal", "covid19", "viral_pneumonia")
+"""The label map, in model output order. The single source: everything else derives from it."""
+
+ARCHITECTURE_NAMES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+"""Backbones a card may name; ``screener.fused.ARCHITECTURES`` maps each to its factory."""
+
+CARD_FILE = "card.json"
+ONNX_FILE = "model.onnx"
+WEIGHTS_FILE = "weights.safetensors"
+REQUIRED_FILES: tuple[str, ...] = (ONNX_FILE, WEIGHTS_FILE)
+
+_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_CHUNK = 1 << 20
+
+
+def _bad(key: str, value: object, problem: str) -> ModelError:
+    return ModelError(f"model card {key} = {value!r}: {problem}")
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a model promises: label map, preprocessing, fusion, thresholds, provenance and file digests.
+
+    ``thresholds`` maps a class to a decision threshold on its fused probability; an empty mapping means
+    "argmax". ``files`` maps each file name in the model directory to its sha256 (lower-case hex).
+    Construct through :meth:`from_json` or call :meth:`validate`; :meth:`to_json` validates first.
+    """
+
+    version: str
+    classes: tuple[str, ...]
+    architectures: tuple[str, str]
+    input_size: int
+    preprocessing: PreprocessSpec
+    fusion_weight: float
+    created_at: str
+    files: dict[str, str]
+    opset: int
+    thresholds: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    training_data_digest: str = ""
+    parent_version: str | None = None
+    notes: str = ""
+
+    def validate(self) -> None:
+        """Check every field; raises :class:`ModelError` naming the offending key and value."""
+        if not isinstance(self.version, str) or not _VERSION_RE.match(self.version):
+            raise _bad(
+                "version", self.version, "must be 1-64 characters of letters, digits, '.', '_', '+', '-'"
+            )
+        if not isinstance(self.classes, tuple) or len(self.classes) < 2:
+            raise _bad("classes", self.classes, "must list at least two classes")
+        for name in self.classes:
+            if name not in CLASSES:
+                raise _bad("classes", name, f"unknown class; known classes are {', '.join(CLASSES)}")
+        if len(set(self.classes)) != len(self.classes):
+            raise _bad("classes", self.classes, "lists a class twice")
+        if not isinstance(self.architectures, tuple) or len(self.architectures) != 2:
+            raise _bad("architectures", self.architectures, "must name exactly two backbones")
+        for arch in self.architectures:
+            if arch not in ARCHITECTURE_NAMES:
+                raise _bad("architectures", arch, f"unknown backbone; known: {', '.join(ARCHITECTURE_NAMES)}")
+        if not isinstance(self.input_size, int) or isinstance(self.input_size, bool):
+            raise _bad("input_size", self.input_size, "must be an integer")
+        if not 32 <= self.input_size <= 4096:
+            raise _bad("input_size", self.input_size, "must be between 32 and 4096 pixels")
+        if self.preprocessing.input_size != self.input_size:
+            raise _bad(
+                "preprocessing.input_size",
+                self.preprocessing.input_size,
+                f"differs from input_size {self.input_size}",
+            )
+        weight = self.fusion_weight
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
+            raise _bad("fusion_weight", weight, "must be a finite number")
+        if not 0.0 <= weight <= 1.0:
+            raise _bad("fusion_weight", weight, "must be between 0 and 1")
+        for cls, threshold in self.thresholds.items():
+            if cls not in self.classes:
+                raise _bad(f"thresholds.{cls}", threshold, "names a class the model does not output")
+            if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+                raise _bad(f"thresholds.{cls}", threshold, "must be a number")
+            if not 0.0 <= threshold <= 1.0:
+                raise _bad(f"thresholds.{cls}", threshold, "must be between 0 and 1")
+        try:
+            datetime.fromisoformat(self.created_at)
+        except (TypeError, ValueError):
+            raise _bad("created_at", self.created_at, "must be an ISO 8601 timestamp") from None
+        if not isinstance(self.files, dict):
+            raise _bad("files", self.files, "must map file names to sha256 digests")
+        for name, digest in self.files.items():
+            if not isinstance(name, str) or not _FILE_NAME_RE.match(name) or name == CARD_FILE:
+                raise _bad("files", name, "must be a plain file name inside the model directory")
+            if not isinstance(digest, str) or not _SHA256_RE.match(digest):
+                raise _bad(f"files.{name}", digest, "must be a lower-case hex sha256 digest")
+        for name in REQUIRED_FILES:
+            if name not in self.files:
+                raise _bad("files", sorted(self.files), f"must list {name}")
+        if isinstance(self.opset, bool) or not isinstance(self.opset, int) or not 7 <= self.opset <= 99:
+            raise _bad("opset", self.opset, "must be an ONNX opset number")
+        if not isinstance(self.metrics, dict):
+            raise _bad("metrics", self.metrics, "must be an object")
+        if not isinstance(self.training_data_digest, str):
+            raise _bad("training_data_digest", self.training_data_digest, "must be a string")
+        if self.parent_version is not None and not (
+            isinstance(self.parent_version, str) and _VERSION_RE.match(self.parent_version)
+        ):
+            raise _bad("parent_version", self.parent_version, "must be null or a model version")
+        if not isinstance(self.notes, str):
+            raise _bad("notes", self.notes, "must be a string")
+
+    def to_json(self) -> str:
+        """The card as indented, key-sorted JSON. Raises :class:`ModelError` if the card is invalid."""
+        self.validate()
+        data = asdict(self)
+        return json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ModelCard:
+        """Parse and validate a card; raises :class:`ModelError` naming the bad key and value."""
+        try:
+            data = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ModelError(f"model card is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise _bad("<root>", type(data).__name__, "must be a JSON object")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelCard:
+        """Build and validate a card from parsed JSON; raises :class:`ModelError` on any bad key."""
+        known = {f for f in cls.__dataclass_fields__}
+        for key in data:
+            if key not in known:
+                raise _bad(key, data[key], "unknown key")
+        required = {"version", "classes", "architectures", "input_size", "preprocessing", "fusion_weight"}
+        required |= {"created_at", "files", "opset"}
+        for key in sorted(required):
+            if key not in data:
+                raise _bad(key, None, "is required")
+        card = cls(
+            version=data["version"],
+            classes=_as_tuple("classes", data["classes"]),
+            architectures=_as_pair("architectures", data["architectures"]),
+            input_size=data["input_size"],
+            preprocessing=_preprocess_from_dict(data["preprocessing"]),
+            fusion_weight=data["fusion_weight"],
+            created_at=data["created_at"],
+            files=_as_dict("files", data["files"]),
+            opset=data["opset"],
+            thresholds=_as_dict("thresholds", data.get("thresholds", {})),
+            metrics=_as_dict("metrics", data.get("metrics", {})),
+            training_data_digest=data.get("training_data_digest", ""),
+            parent_version=data.get("parent_version"),
+            notes=data.get("notes", ""),
+        )
+        card.validate()
+        return card
+
+
+def _as_tuple(key: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise _bad(key, value, "must be a list of strings")
+    return tuple(value)
+
+
+def _as_pair(key: str, value: object) -> tuple[str, str]:
+    items = _as_tuple(key, value)
+    if len(items) != 2:
+        raise _bad(key, value, "must name exactly two backbones")
+    return items[0], items[1]
+
+
+def _as_dict(key: str, value: object) -> dict[str, Any]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise _bad(key, value, "must be a JSON object")
+    return dict(value)
+
+
+def _preprocess_from_dict(value: object) -> PreprocessSpec:
+    data = _as_dict("preprocessing", value)
+    fields = PreprocessSpec.__dataclass_fields__
+    for key in data:
+        if key not in fields:
+            raise _bad(f"preprocessing.{key}", data[key], "unknown key")
+    converted: dict[str, Any] = {}
+    for key, item in data.items():
+        if isinstance(item, list):
+            if not all(isinstance(v, int | float | str) and not isinstance(v, bool) for v in item):
+                raise _bad(f"preprocessing.{key}", item, "must be a list of numbers")
+            converted[key] = tuple(float(v) if isinstance(v, int | float) else v for v in item)
+        elif isinstance(item, int | float | str | bool):
+            converted[key] = item
+        else:
+            raise _bad(f"preprocessing.{key}", item, "must be a number, string or list")
+    try:
+        return PreprocessSpec(**converted)
+    except TypeError as exc:
+        raise _bad("preprocessing", data, str(exc)) from None
+
+
+def sha256_file(path: Path) -> str:
+    """Lower-case hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model directory whose card parsed and whose every listed file matched its sha256."""
+
+    card: ModelCard
+    path: Path
+
+    @property
+    def onnx_path(self) -> Path:
+        """The single ONNX graph (both networks and the fusion)."""
+        return self.path / ONNX_FILE
+
+    @property
+    def weights_path(self) -> Path:
+        """The safetensors state dict of :class:`screener.fused.FusedResNet`."""
+        return self.path / WEIGHTS_FILE
+
+    def sha256(self, name: str) -> str:
+        """The verified digest of one file of the directory, as recorded on the card."""
+        return self.card.files[name]
+
+
+ModelDir = LoadedModel
+"""Alias: a verified model directory."""
+
+
+def read_card(model_dir: Path) -> ModelCard:
+    """Parse ``card.json`` of ``model_dir`` without checking file digests.
+
+    Raises :class:`ModelError` when the directory or its card is missing, unreadable or invalid.
+    """
+    if not model_dir.is_dir():
+        raise ModelError(f"model directory {model_dir} does not exist or is not a directory")
+    card_path = model_dir / CARD_FILE
+    if not card_path.is_file():
+        raise ModelError(
+            f"no {CARD_FILE} in {model_dir}: not a model directory; "
+            "create one with `trainer init-model` or `trainer export`"
+        )
+    try:
+        text = card_path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"cannot read {card_path}: {exc.strerror}") from None
+    return ModelCard.from_json(text)
+
+
+def load_model_dir(path: Path) -> LoadedModel:
+    """Read the card and verify the sha256 of EVERY file it lists before returning.
+
+    Raises :class:`ModelError` when the card or a listed file is missing or the card is invalid, and
+    :class:`ModelIntegrityError` (naming the file) when a file's bytes differ from its recorded digest.
+    """
+    model_dir = Path(path)
+    card = read_card(model_dir)
+    for name, expected in sorted(card.files.items()):
+        file_path = model_dir / name
+        if not file_path.is_file():
+            raise ModelError(
+                f"{name} listed in {model_dir / CARD_FILE} is missing: restore it or re-export the model"
+            )
+        try:
+            actual = sha256_file(file_path)
+        except OSError as exc:
+            raise ModelError(f"cannot read {file_path}: {exc.strerror}") from None
+        if actual != expected:
+            raise ModelIntegrityError(
+                f"{name} sha256 {actual} != card {expected}: the file was changed or corrupted; "
+                "restore it or re-export"
+            )
+    return LoadedModel(card=card, path=model_dir)
