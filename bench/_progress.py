@@ -8,7 +8,7 @@ from types import TracebackType
 
 
 class Progress:
-    """Draws ``[#####.....] 5/10 label 12.3s`` on stderr, redrawn in place on a TTY, one line per step otherwise."""
+    """Draws ``[#####.....] 5/10 label 12.3s`` on stderr: in place on a TTY, else one line per step."""
 
     def __init__(self, total: int, width: int = 30) -> None:
         self.total = max(total, 1)

@@ -98,9 +98,8 @@ class Worker:
     def _make_pool(self) -> ProcessPoolExecutor:
         workers = self.config.inference.preprocess_workers or (os.cpu_count() or 1)
         # spawn, not fork: the parent holds threads (listener, engine) that fork would copy mid-state.
-        return ProcessPoolExecutor(
-            max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_pool_process
-        )
+        spawn = multiprocessing.get_context("spawn")
+        return ProcessPoolExecutor(max_workers=workers, mp_context=spawn, initializer=init_pool_process)
 
     def _run(self) -> None:
         self.alive.set()
@@ -279,7 +278,7 @@ class Worker:
     def _finish(self, claimed: _Claimed) -> None:
         assert self.model is not None
         prepared: list[Prepared] = []
-        for (iid, _, _), fut in zip(claimed.rows, claimed.futures, strict=True):
+        for fut in claimed.futures:
             try:
                 prepared.append(fut.result())
             except BrokenProcessPool:

@@ -50,7 +50,7 @@ def _preprocess(path: Path, spec: PreprocessSpec) -> np.ndarray:
         return np.asarray(preprocess_file(path, spec, 50_000_000), dtype=np.float32)
     from PIL import Image  # fallback while imaging.preprocess_file is not there yet
 
-    grey = Image.open(path).convert("L").resize((spec.input_size, spec.input_size), Image.BILINEAR)
+    grey = Image.open(path).convert("L").resize((spec.input_size, spec.input_size), Image.Resampling.BILINEAR)
     unit = np.asarray(grey, dtype=np.float32) / 255.0
     mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
     std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
@@ -113,7 +113,7 @@ def test_torch_and_onnxruntime_backends_agree(model_dir: Path, cxr_batch: np.nda
         with pytest.raises(ValueError, match=r"batch shape \(1, 3, 64, 64\)"):
             ort_engine.infer(np.zeros((1, 3, 64, 64), np.float32))
         with pytest.raises(ValueError, match="float64"):
-            torch_engine.infer(cxr_batch.astype(np.float64))  # type: ignore[arg-type]
+            torch_engine.infer(cxr_batch.astype(np.float64))
     finally:
         ort_engine.close()
         torch_engine.close()
@@ -218,7 +218,9 @@ def test_architecture_names_are_explicit_factories() -> None:
         FusedResNet("resnet18", "resnet18", fusion_weight=-0.1)
 
 
-def test_trainer_init_model_writes_a_loadable_small_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_trainer_init_model_writes_a_loadable_small_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "small"
     argv = ["init-model", "--out", str(out), "--arch-a", "resnet18", "--arch-b", "resnet34"]
     argv += ["--input-size", "64", "--fusion-weight", "0.8", "--seed", "3", "--version", "small-1"]

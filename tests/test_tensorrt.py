@@ -9,14 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from screener.engine import load_engine
+from screener.engine.tensorrt_backend import TensorRTEngine
 from trainer.export import create_random_model_dir
 
-trt = pytest.importorskip("tensorrt", reason="TensorRT not installed (pip install .[tensorrt])")
-torch = pytest.importorskip("torch")
-if not torch.cuda.is_available():
-    pytest.skip("TensorRT needs a CUDA GPU", allow_module_level=True)
+pytest.importorskip("tensorrt", reason="TensorRT not installed (pip install .[tensorrt])")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT needs a CUDA GPU")
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,8 @@ def test_fp16_engine_matches_onnxruntime_and_reuses_cache(model_dir: Path, tmp_p
     batch = np.random.default_rng(0).standard_normal((5, 3, 224, 224), dtype=np.float32)
 
     engine, loaded = load_engine(model_dir, "tensorrt", trt_cache_dir=cache, max_batch=8)
-    assert engine.name == "tensorrt"
-    assert engine.cache_hit is False  # type: ignore[attr-defined]
+    assert isinstance(engine, TensorRTEngine)
+    assert engine.cache_hit is False
     plans = sorted(cache.glob("*.plan"))
     assert len(plans) == 1 and plans[0].stat().st_size > 0
     got = engine.infer(batch)
@@ -53,7 +53,7 @@ def test_fp16_engine_matches_onnxruntime_and_reuses_cache(model_dir: Path, tmp_p
 
     mtime = plans[0].stat().st_mtime_ns
     again, _ = load_engine(model_dir, "tensorrt", trt_cache_dir=cache, max_batch=8)
-    assert again.cache_hit is True  # type: ignore[attr-defined]
+    assert isinstance(again, TensorRTEngine) and again.cache_hit is True
     assert plans[0].stat().st_mtime_ns == mtime
     np.testing.assert_allclose(again.infer(batch).probs, got.probs, atol=1e-3)
     again.close()
@@ -66,5 +66,5 @@ def test_corrupt_cached_plan_is_rebuilt(model_dir: Path, tmp_path: Path) -> None
     plan = next(cache.glob("*.plan"))
     plan.write_bytes(b"not a plan")
     rebuilt, _ = load_engine(model_dir, "tensorrt", trt_cache_dir=cache, max_batch=2)
-    assert rebuilt.cache_hit is False  # type: ignore[attr-defined]
+    assert isinstance(rebuilt, TensorRTEngine) and rebuilt.cache_hit is False
     rebuilt.close()

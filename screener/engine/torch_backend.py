@@ -19,7 +19,8 @@ class TorchEngine:
     ``device`` defaults to CUDA when available, else CPU; on CUDA the forward pass runs under FP16
     autocast (softmax stays FP32). ``channels_last`` defaults to on for CUDA (tensor cores) and off for
     CPU: there it is only ~10% faster and its different convolution kernels move the deep random-weight
-    outputs by ~1e-4, past the agreement the tests demand with onnxruntime. ``threads`` > 0 sets torch's process-wide intra-op thread count.
+    outputs by ~1e-4, past the agreement the tests demand with onnxruntime.
+    ``threads`` > 0 sets torch's process-wide intra-op thread count.
     ``torch_compile`` wraps the model in ``torch.compile`` (first batches of each shape are slow).
     Raises :class:`~screener.errors.ModelError` when the weights do not fit the card.
     """
