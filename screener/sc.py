@@ -20,6 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from screener.sr import (
     CLASSES,
     NOT_ANALYSED,
+    PATIENT_STUDY_TYPE2,
     AlgorithmInfo,
     StudyVerdictInput,
     check_probabilities,
@@ -38,18 +39,6 @@ _DISPLAY = {
     NOT_ANALYSED: "Not analysed",
 }
 
-# Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1): the only place patient data goes.
-_PATIENT_STUDY_TYPE2 = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
-)
 _PATIENT_STUDY_TYPE3 = ("IssuerOfPatientID", "StudyDescription")
 
 
@@ -110,10 +99,10 @@ def build_secondary_capture(
 
     ds = Dataset()
     ds.StudyInstanceUID = study_uid
-    for keyword in _PATIENT_STUDY_TYPE2 + _PATIENT_STUDY_TYPE3:
+    for keyword in PATIENT_STUDY_TYPE2 + _PATIENT_STUDY_TYPE3:
         if keyword in source:
             ds[keyword] = source[keyword]
-        elif keyword in _PATIENT_STUDY_TYPE2:
+        elif keyword in PATIENT_STUDY_TYPE2:
             setattr(ds, keyword, "")  # type 2: present, maybe empty
     if "SpecificCharacterSet" in source:
         ds.SpecificCharacterSet = source.SpecificCharacterSet

@@ -18,6 +18,7 @@ re-send to the PACS is idempotent.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import re
@@ -311,9 +312,32 @@ def _image_library(images: Sequence[AnalysedImage]) -> hd.sr.ContainerContentIte
     return library
 
 
+# Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1): Type 2, so present even when empty.
+PATIENT_STUDY_TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+
+def with_type2_defaults(source: Dataset) -> Dataset:
+    """A copy of ``source`` with every Type 2 patient/study attribute present (empty where it was absent)."""
+    header = copy.deepcopy(source)
+    for keyword in PATIENT_STUDY_TYPE2:
+        if keyword not in header:
+            setattr(header, keyword, "")
+    return header
+
+
 def _evidence(source: Dataset, images: Sequence[AnalysedImage]) -> list[Dataset]:
     """The source header first (highdicom copies patient and study from it), then every image's UIDs."""
-    evidence = [source]
+    evidence = [with_type2_defaults(source)]
     for image in images:
         if image.series_instance_uid is None or image.sop_instance_uid == source.SOPInstanceUID:
             continue

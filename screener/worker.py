@@ -466,9 +466,9 @@ class Worker:
             return 0
         try:
             objects = build_objects(session, self.spool, pacs, result)
-        except (ValueError, OSError, ScreenerError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a bad header must not block the verdict or the worker
             # The verdict stays recorded; the error names why no SR could be made for it.
-            log.error("sr.build_failed", study_result=result.id, error=f"{type(exc).__name__}: {exc}")
+            log.exception("sr.build_failed", study_result=result.id, error=f"{type(exc).__name__}: {exc}")
             return 0
         return enqueue(session, pacs, result, objects)
 

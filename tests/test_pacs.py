@@ -39,7 +39,7 @@ PIPELINE = {
 
 
 def _server(make_server, model_dir: Path, destinations: str, **extra: str) -> Server:
-    server = make_server(SCREENER__PACS__DESTINATIONS=destinations, **PIPELINE, **FAST_RETRY, **extra)
+    server = make_server(**{"SCREENER__PACS__DESTINATIONS": destinations, **PIPELINE, **FAST_RETRY, **extra})
     cli(server, "db", "upgrade")
     cli(server, "models", "register", str(model_dir), "--activate")
     return server
