@@ -81,6 +81,13 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("ids", metavar="ID", nargs="*", type=int)
     d.add_argument("--dead", action="store_true", help="re-drive every dead delivery")
 
+    p = sub.add_parser(
+        "bench",
+        help="images/s per inference backend and batch size, ratio to torch eager (see `screener bench -h`)",
+        add_help=False,
+    )
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+
     p = sub.add_parser("classify", help="classify DICOM/PNG/JPEG files without the daemon")
     add_config_option(p, top=False)
     p.add_argument("--model", metavar="DIR", type=Path, help="model directory (default: the active model)")
@@ -90,7 +97,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if raw[:1] == ["bench"]:  # its own options, parsed by the benchmark (no settings needed)
+        from screener.benchmark import main as bench_main
+
+        return bench_main(raw[1:], prog="screener bench")
+    args = _parser().parse_args(raw)
     try:
         config = load_from_args(args)
     except ConfigError as exc:
@@ -109,6 +121,7 @@ def _run(args: argparse.Namespace, config: Config) -> int:
     if args.command == "config":
         print(json.dumps(as_dict(config), indent=2))
         return 0
+
     configure_logging(config.logging)
     if args.command == "serve":
         from screener.app import serve

@@ -466,7 +466,7 @@ class Worker:
             return 0
         try:
             objects = build_objects(session, self.spool, pacs, result)
-        except Exception as exc:  # noqa: BLE001 - a bad header must not block the verdict or the worker
+        except Exception as exc:
             # The verdict stays recorded; the error names why no SR could be made for it.
             log.exception("sr.build_failed", study_result=result.id, error=f"{type(exc).__name__}: {exc}")
             return 0

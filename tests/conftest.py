@@ -65,7 +65,7 @@ def pg_cluster() -> Iterator[ThrowawayCluster]:
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real fused resnet101 + resnet152 (random weights, seeded), exported once per test session."""
-    from trainer.export import create_random_model_dir
+    from screener.export import create_random_model_dir
 
     out = tmp_path_factory.mktemp("models") / "fused-random"
     create_random_model_dir(

@@ -19,6 +19,7 @@ from screener.engine import available_backends, load_engine
 from screener.engine.base import EngineOutput
 from screener.engine.onnx_backend import OnnxRuntimeEngine
 from screener.errors import EngineUnavailableError, ModelError, ModelIntegrityError
+from screener.export import RANDOM_NOTES, create_random_model_dir
 from screener.fused import ARCHITECTURES, FusedResNet, load_fused_from_safetensors
 from screener.imaging import PreprocessSpec
 from screener.modelcard import (
@@ -31,7 +32,6 @@ from screener.modelcard import (
     load_model_dir,
 )
 from trainer import cli as trainer_cli
-from trainer.export import RANDOM_NOTES, create_random_model_dir
 
 FUSION_WEIGHT = 0.3  # not 0.5, so swapping the two networks would be noticed
 TOL = 1e-4

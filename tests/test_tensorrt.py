@@ -13,7 +13,7 @@ import torch
 
 from screener.engine import load_engine
 from screener.engine.tensorrt_backend import TensorRTEngine
-from trainer.export import create_random_model_dir
+from screener.export import create_random_model_dir
 
 pytest.importorskip("tensorrt", reason="TensorRT not installed (pip install .[tensorrt])")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT needs a CUDA GPU")

@@ -22,15 +22,52 @@ def pki(tmp_path: Path) -> dict[str, Path]:
     """A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl."""
     d = tmp_path / "pki"
     d.mkdir()
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=Test CA",
-             "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"))
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=Test CA",
+        "-keyout",
+        str(d / "ca.key"),
+        "-out",
+        str(d / "ca.pem"),
+    )
     for name, ext in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-                 "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"))
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            f"/CN={name}",
+            "-keyout",
+            str(d / f"{name}.key"),
+            "-out",
+            str(d / f"{name}.csr"),
+        )
         (d / f"{name}.ext").write_text(ext + "\n")
-        _openssl("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / "ca.pem"), "-CAkey",
-                 str(d / "ca.key"), "-CAcreateserial", "-days", "2", "-extfile", str(d / f"{name}.ext"),
-                 "-out", str(d / f"{name}.pem"))
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            str(d / f"{name}.csr"),
+            "-CA",
+            str(d / "ca.pem"),
+            "-CAkey",
+            str(d / "ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            str(d / f"{name}.ext"),
+            "-out",
+            str(d / f"{name}.pem"),
+        )
     return {p.stem + p.suffix.replace(".", "_"): p for p in d.iterdir()}
 
 
@@ -66,7 +103,10 @@ def test_tls_store_with_required_client_certificate(make_server, pki):
     assert _store_tls(server.port, _client_ctx(pki, with_cert=True)) == 0x0000
     assert _store_tls(server.port, _client_ctx(pki, with_cert=False)) is None
     assert server.rows("SELECT count(*) FROM instances")[0][0] == 1
-    plain = subprocess.run(["echoscu", "-to", "5", "-aec", "CXRSCREENER", "127.0.0.1", str(server.port)],
-                           capture_output=True, timeout=60)
+    plain = subprocess.run(
+        ["echoscu", "-to", "5", "-aec", "CXRSCREENER", "127.0.0.1", str(server.port)],
+        capture_output=True,
+        timeout=60,
+    )
     assert plain.returncode != 0, "a plain-TCP association must not be accepted on a TLS port"
     assert _store_tls(server.port, _client_ctx(pki, with_cert=True)) == 0x0000

@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _init_model(args: argparse.Namespace) -> int:
-    from trainer.export import create_random_model_dir
+    from screener.export import create_random_model_dir
 
     try:
         card = create_random_model_dir(

@@ -17,7 +17,8 @@ class TorchEngine:
     """Runs :class:`~screener.fused.FusedResNet` in ``inference_mode``.
 
     ``device`` defaults to CUDA when available, else CPU; on CUDA the forward pass runs under FP16
-    autocast (softmax stays FP32). ``channels_last`` defaults to on for CUDA (tensor cores) and off for
+    autocast (softmax stays FP32) unless ``fp16=False`` (the FP32 baseline of the benchmarks).
+    ``channels_last`` defaults to on for CUDA (tensor cores) and off for
     CPU: there it is only ~10% faster and its different convolution kernels move the deep random-weight
     outputs by ~1e-4, past the agreement the tests demand with onnxruntime.
     ``threads`` > 0 sets torch's process-wide intra-op thread count.
@@ -33,6 +34,7 @@ class TorchEngine:
         threads: int = 0,
         torch_compile: bool = False,
         channels_last: bool | None = None,
+        fp16: bool | None = None,
     ) -> None:
         if threads > 0:
             torch.set_num_threads(threads)
@@ -48,7 +50,9 @@ class TorchEngine:
         self._net: torch.nn.Module | None = net
         self._forward: _Forward = torch.compile(net) if torch_compile else net
         self._input_size = model.card.input_size
-        self._autocast = self.device.type == "cuda"
+        self._autocast = (
+            fp16 if fp16 is not None else self.device.type == "cuda"
+        ) and self.device.type == "cuda"
 
     def infer(self, batch: FloatArray) -> EngineOutput:
         """Classify a float32 ``[N, 3, S, S]`` batch; raises ``ValueError`` for a malformed batch."""
