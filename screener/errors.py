@@ -58,6 +58,14 @@ class EngineUnavailableError(ScreenerError):
     """The requested inference backend cannot run on this host (no GPU, package missing)."""
 
 
+class DataError(ScreenerError):
+    """A training or evaluation dataset is missing, malformed, or has a bad label; the message says where."""
+
+
+class TrainingError(ScreenerError):
+    """Training, fusion, evaluation or promotion could not complete."""
+
+
 class DatabaseNotMigratedError(ScreenerError):
     """The database schema is not at the revision this code expects."""
 
