@@ -263,6 +263,29 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class TrainerConfig:
+    """Settings of `trainer retrain` (the nightly job) and of the promotion gate."""
+
+    base_data: str = ""
+    eval_data: str = ""
+    preset: Literal["quick", "paper"] = "quick"
+    workdir: Path = Path("var/training")
+    lock_file: Path = Path("var/training/retrain.lock")
+    min_new_labels: int = 1
+    pretrained_dir: Path | None = None
+    gate_tolerance: float = 0.0
+
+    def validate(self) -> None:
+        _require(self.min_new_labels >= 0, "min_new_labels", "must be zero or more")
+        _require(0.0 <= self.gate_tolerance <= 0.2, "gate_tolerance", "must be between 0 and 0.2")
+        _require(
+            self.pretrained_dir is None or self.pretrained_dir.is_dir(),
+            "pretrained_dir",
+            "folder does not exist (it should hold torchvision ImageNet weight files)",
+        )
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["auto", "json", "console"] = "auto"
@@ -288,6 +311,7 @@ class Config:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     pacs: PacsConfig = field(default_factory=PacsConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str = field(default="built-in defaults", compare=False)

@@ -53,13 +53,6 @@ MODEL_RETRY_SECONDS = 60.0
 
 
 @dataclass
-class _Claimed:
-    rows: list[tuple[int, str, int]]  # (instance id, spool name, attempts)
-    futures: list[Future[Prepared]]
-    claimed_at: float
-
-
-@dataclass
 class _Model:
     row_id: int
     version: str
@@ -67,6 +60,14 @@ class _Model:
     spec: PreprocessSpec
     classes: tuple[str, ...]
     thresholds: dict[str, float]
+
+
+@dataclass
+class _Claimed:
+    rows: list[tuple[int, str, int]]  # (instance id, spool name, attempts)
+    futures: list[Future[Prepared]]
+    claimed_at: float
+    model: _Model  # the model whose preprocessing contract the batch was prepared for
 
 
 class Worker:
@@ -82,6 +83,7 @@ class Worker:
         self.model: _Model | None = None
         self._failed_model: tuple[int, float] | None = None
         self._pool: ProcessPoolExecutor | None = None
+        self._to_close: list[InferenceEngine] = []  # replaced engines, closed once their last batch is done
         self._waiting_logged = False
         self._last_settle = 0.0
         self.thread = threading.Thread(target=self._run, name="worker", daemon=True)
@@ -126,8 +128,8 @@ class Worker:
                 self._finish(pending)
         finally:
             self._pool.shutdown(wait=True, cancel_futures=True)
-            if self.model is not None:
-                self.model.engine.close()
+            for engine in [*self._to_close, *([self.model.engine] if self.model else [])]:
+                engine.close()
             self.alive.clear()
             log.info("worker.stopped")
 
@@ -142,6 +144,8 @@ class Worker:
         nxt = self._claim_when_ready(block=pending is None)
         if pending is not None:
             self._finish(pending)
+        while self._to_close:
+            self._to_close.pop().close()
         return nxt
 
     # --- model ---
@@ -191,7 +195,7 @@ class Worker:
             row.id, row.version, engine, card.preprocessing, tuple(card.classes), dict(card.thresholds)
         )
         if previous is not None:
-            previous.engine.close()
+            self._to_close.append(previous.engine)  # a batch prepared for it may still be pending
         log.info(
             "model.loaded",
             version=row.version,
@@ -261,7 +265,7 @@ class Worker:
             self._pool.submit(prepare_instance, iid, str(self.spool.path(name)), self.model.spec, rules)
             for iid, name, _ in rows
         ]
-        return _Claimed(rows, futures, time.perf_counter())
+        return _Claimed(rows, futures, time.perf_counter(), self.model)
 
     def _release(self, claimed: _Claimed) -> None:
         """Give claimed rows back to the queue (no model to run them)."""
@@ -276,7 +280,6 @@ class Worker:
     # --- inference and persistence ---
 
     def _finish(self, claimed: _Claimed) -> None:
-        assert self.model is not None
         prepared: list[Prepared] = []
         for fut in claimed.futures:
             try:
@@ -290,7 +293,7 @@ class Worker:
                 return
         ok = [p for p in prepared if p.kind == "ok"]
         started = time.perf_counter()
-        model = self.model
+        model = claimed.model
         output = None
         if ok:
             batch = np.stack([p.array for p in ok if p.array is not None]).astype(np.float32, copy=False)

@@ -1,0 +1,147 @@
+"""Promotion with a gate, and rollback, over the ``model_versions`` table (audited in ``model_events``).
+
+A candidate becomes active only if, on the same evaluation set, its macro-F1 and COVID-19 sensitivity
+are not worse than the active model's (``trainer.gate_tolerance`` allows a small slack). ``--force``
+overrides the gate and is recorded. Running screeners pick up the new active model by themselves.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from screener.db.models import ModelEvent, ModelStatus, ModelVersion, utcnow
+from screener.errors import ModelError
+from screener.registry import activate_version, active_version
+
+
+@dataclass(frozen=True)
+class Decision:
+    promoted: bool
+    version: str
+    previous: str | None
+    reason: str
+    forced: bool = False
+
+
+def gate(candidate: Mapping[str, Any], active: Mapping[str, Any], tolerance: float = 0.0) -> tuple[bool, str]:
+    """Does ``candidate`` beat or match ``active`` on macro-F1 and COVID-19 sensitivity (same data)?"""
+
+    def covid_sensitivity(report: Mapping[str, Any]) -> float:
+        value = report["per_class"]["covid19"]["sensitivity"]
+        return float(value) if value is not None else 0.0
+
+    checks = [
+        ("macro-F1", float(candidate["macro_f1"]), float(active["macro_f1"])),
+        ("COVID-19 sensitivity", covid_sensitivity(candidate), covid_sensitivity(active)),
+    ]
+    worse = [f"{name} {c:.4f} < {a:.4f}" for name, c, a in checks if c + tolerance < a]
+    detail = ", ".join(f"{name} {c:.4f} vs {a:.4f}" for name, c, a in checks)
+    if worse:
+        return False, f"candidate is worse than the active model: {'; '.join(worse)} (tolerance {tolerance})"
+    return True, f"candidate is not worse than the active model: {detail}"
+
+
+def _event(
+    session: Session,
+    version: str,
+    action: str,
+    reason: str,
+    *,
+    forced: bool = False,
+    report: Mapping[str, Any] | None = None,
+) -> None:
+    session.add(
+        ModelEvent(
+            version=version,
+            action=action,
+            forced=forced,
+            reason=reason,
+            report_json=json.dumps(report, sort_keys=True, default=str) if report is not None else None,
+        )
+    )
+
+
+def promote(
+    session: Session,
+    version: str,
+    *,
+    candidate_report: Mapping[str, Any] | None,
+    active_report: Mapping[str, Any] | None,
+    force: bool = False,
+    tolerance: float = 0.0,
+) -> Decision:
+    """Make ``version`` active if the gate passes (or ``force``); record the decision either way.
+
+    Raises ModelError when the version is unknown, or when the gate needs reports that were not given.
+    """
+    row = session.scalar(select(ModelVersion).where(ModelVersion.version == version))
+    if row is None:
+        raise ModelError(f"no model version {version!r} is registered; register it first")
+    current = active_version(session)
+    if current is not None and current.version == version:
+        return Decision(False, version, version, f"{version} is already the active model")
+    if current is None:
+        ok, reason = True, "no model was active"
+    elif force:
+        ok, reason = True, "gate overridden with --force"
+    else:
+        if candidate_report is None or active_report is None:
+            raise ModelError(
+                "the promotion gate needs both models evaluated on the same data: pass --data DIR"
+            )
+        ok, reason = gate(candidate_report, active_report, tolerance)
+    previous = current.version if current is not None else None
+    if ok:
+        activate_version(session, version)
+        _event(
+            session,
+            version,
+            "promoted",
+            reason,
+            forced=force and current is not None,
+            report=candidate_report,
+        )
+        if previous is not None:
+            _event(session, previous, "retired", f"replaced by {version}")
+    else:
+        _event(session, version, "refused", reason, report=candidate_report)
+    return Decision(ok, version, previous, reason, forced=force and current is not None)
+
+
+def rollback(session: Session) -> Decision:
+    """Re-activate the model that was active before the current one; the current one is retired.
+
+    Raises ModelError when there is no active model or no earlier active one to return to.
+    """
+    current = active_version(session)
+    if current is None:
+        raise ModelError("no active model to roll back from")
+    earlier = session.scalar(
+        select(ModelVersion)
+        .where(
+            ModelVersion.id != current.id,
+            ModelVersion.activated_at.is_not(None),
+            ModelVersion.status == ModelStatus.RETIRED,
+        )
+        .order_by(ModelVersion.activated_at.desc())
+        .limit(1)
+    )
+    if earlier is None:
+        raise ModelError(f"{current.version} is the only model ever active: nothing to roll back to")
+    activate_version(session, earlier.version)
+    current.retired_at = utcnow()
+    reason = f"rolled back from {current.version}"
+    _event(session, earlier.version, "rolled_back", reason)
+    return Decision(True, earlier.version, current.version, reason)
+
+
+def record_registration(
+    session: Session, version: str, reason: str, report: Mapping[str, Any] | None
+) -> None:
+    _event(session, version, "registered", reason, report=report)
