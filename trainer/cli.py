@@ -1,4 +1,4 @@
-"""``trainer``: offline training and model management. Subcommands arrive with the trainer issue."""
+"""``trainer``: train, evaluate, retrain (nightly), labels import, models list/promote/rollback."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from screener import __version__
 from screener.cli import add_config_option, load_from_args
-from screener.config import as_dict
-from screener.errors import ConfigError, ModelError
+from screener.config import Config, as_dict
+from screener.errors import ConfigError, ScreenerError
 from screener.modelcard import CARD_FILE
 
 
@@ -20,14 +21,63 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     add_config_option(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("config", help="print the effective settings the trainer would use, as JSON")
-    add_config_option(p, top=False)
 
-    p = sub.add_parser(
-        "init-model",
-        help="write a randomly initialised (untrained) fused model directory, for plumbing and benchmarks",
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        add_config_option(p, top=False)
+        return p
+
+    command("config", "print the effective settings the trainer would use, as JSON")
+
+    p = command("train", "transfer learning of the candidate backbones, model integration, export")
+    p.add_argument("--data", required=True, help="image folder per class, CSV (path,label) or COVIDx list")
+    p.add_argument("--preset", choices=["quick", "paper"], default="quick")
+    p.add_argument("--out", type=Path, required=True, help="new model directory")
+    p.add_argument("--epochs", type=int, help="epochs per backbone (default: the preset's)")
+    p.add_argument("--limit", type=int, help="at most N images per class")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--pretrained-dir", type=Path, help="local torchvision ImageNet weights (never downloaded)"
     )
-    add_config_option(p, top=False)
+    p.add_argument(
+        "--fusion", choices=["accuracy", "logloss"], default="accuracy", help="how to set the weight"
+    )
+    p.add_argument("--model-version", help="version for the card (default: preset + timestamp)")
+    p.add_argument(
+        "--register", action="store_true", help="record the model as a candidate in model_versions"
+    )
+    p.add_argument("--activate", action="store_true", help="register, then promote through the gate")
+
+    p = command("evaluate", "accuracy, per-class sensitivity/specificity/PPV/F1 with CIs, AUC, ECE, plots")
+    p.add_argument("--model", type=Path, required=True, help="model directory")
+    p.add_argument("--data", required=True, help="image folder per class, CSV (path,label) or COVIDx list")
+    p.add_argument("--out", type=Path, help="folder for report.json and the PNG plots")
+    p.add_argument("--backend", default="onnxruntime")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+
+    command(
+        "retrain", "the nightly job: fine-tune on new confirmed labels, evaluate, promote through the gate"
+    )
+
+    p = command("labels", "radiologist-confirmed labels")
+    lsub = p.add_subparsers(dest="labels_command", required=True, metavar="ACTION")
+    lp = lsub.add_parser(
+        "import", help="load a CSV keyed by sop_instance_uid, study_instance_uid or accession_number"
+    )
+    add_config_option(lp, top=False)
+    lp.add_argument("file", type=Path, metavar="FILE.csv")
+
+    p = command("models", "model registry")
+    msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    add_config_option(msub.add_parser("list", help="registered models, their status and metrics"), top=False)
+    mp = msub.add_parser("promote", help="make VERSION active if it is not worse than the active model")
+    add_config_option(mp, top=False)
+    mp.add_argument("model_version", metavar="VERSION")
+    mp.add_argument("--data", help="evaluation set both models are compared on (default: trainer.eval_data)")
+    mp.add_argument("--force", action="store_true", help="skip the gate (recorded in model_events)")
+    add_config_option(msub.add_parser("rollback", help="re-activate the previously active model"), top=False)
+
+    p = command("init-model", "write a randomly initialised (untrained) fused model directory, for plumbing")
     p.add_argument("--out", type=Path, required=True, help="new model directory (must not exist)")
     p.add_argument("--arch-a", default="resnet101", help="first backbone (default resnet101)")
     p.add_argument("--arch-b", default="resnet152", help="second backbone (default resnet152)")
@@ -47,29 +97,156 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "config":
         print(json.dumps(as_dict(config), indent=2))
-    elif args.command == "init-model":
-        return _init_model(args)
-    return 0
+        return 0
+    from screener.logs import configure_logging
+
+    configure_logging(config.logging, stream=sys.stderr)
+    try:
+        handler = _COMMANDS[args.command]
+        return handler(config, args)
+    except ScreenerError as exc:
+        print(f"trainer: {exc}", file=sys.stderr)
+        return 1
 
 
-def _init_model(args: argparse.Namespace) -> int:
+def _engine(config: Config) -> Any:
+    from screener.db.migrate import ensure_at_head
+    from screener.db.session import make_engine
+
+    engine = make_engine(config.database)
+    ensure_at_head(engine, config.database.auto_migrate)
+    return engine
+
+
+def _init_model(config: Config, args: argparse.Namespace) -> int:
     from screener.export import create_random_model_dir
 
-    try:
-        card = create_random_model_dir(
-            args.out,
-            arch_a=args.arch_a,
-            arch_b=args.arch_b,
-            input_size=args.input_size,
-            fusion_weight=args.fusion_weight,
-            seed=args.seed,
-            version=args.model_version,
-        )
-    except ModelError as exc:
-        print(f"trainer: {exc}", file=sys.stderr)
-        return 2
+    card = create_random_model_dir(
+        args.out,
+        arch_a=args.arch_a,
+        arch_b=args.arch_b,
+        input_size=args.input_size,
+        fusion_weight=args.fusion_weight,
+        seed=args.seed,
+        version=args.model_version,
+    )
     print(f"{args.out / CARD_FILE} version {card.version}")
     return 0
+
+
+def _labels(config: Config, args: argparse.Namespace) -> int:
+    from sqlalchemy.orm import Session
+
+    from trainer.labels import import_labels
+
+    engine = _engine(config)
+    try:
+        with Session(engine) as session, session.begin():
+            report = import_labels(session, args.file)
+    finally:
+        engine.dispose()
+    for line, message in report.errors:
+        print(f"{args.file}:{line}: {message}", file=sys.stderr)
+    print(f"imported {report.imported} labels; {len(report.errors)} rows rejected")
+    return 0 if report.imported or not report.errors else 1
+
+
+def _evaluate(config: Config, args: argparse.Namespace) -> int:
+    from trainer.data import load_samples
+    from trainer.evaluate import evaluate_model, format_summary
+
+    report = evaluate_model(
+        args.model, load_samples(args.data), args.out, backend=args.backend, bootstrap=args.bootstrap
+    )
+    print(format_summary(report))
+    if args.out:
+        print(f"report: {args.out / 'report.json'}")
+    return 0
+
+
+def _models(config: Config, args: argparse.Namespace) -> int:
+    from sqlalchemy.orm import Session
+
+    from screener.registry import list_versions
+    from trainer.registry import promote, rollback
+
+    engine = _engine(config)
+    try:
+        with Session(engine) as session, session.begin():
+            if args.models_command == "list":
+                rows = list_versions(session)
+                if not rows:
+                    print("no models registered")
+                for r in rows:
+                    metrics = json.loads(r.card_json).get("metrics", {})
+                    acc = metrics.get("test_accuracy", metrics.get("accuracy"))
+                    shown = f"acc={acc:.3f}" if isinstance(acc, int | float) else ""
+                    print(f"{r.version:<36} {r.status.value:<9} {r.architectures:<20} {shown} {r.path}")
+                return 0
+            if args.models_command == "rollback":
+                decision = rollback(session)
+                print(f"active model: {decision.version} ({decision.reason})")
+                return 0
+            candidate_report, active_report = _gate_reports(config, session, args)
+            decision = promote(
+                session,
+                args.model_version,
+                candidate_report=candidate_report,
+                active_report=active_report,
+                force=args.force,
+                tolerance=config.trainer.gate_tolerance,
+            )
+    finally:
+        engine.dispose()
+    verb = "promoted" if decision.promoted else "not promoted"
+    print(f"{decision.version} {verb}: {decision.reason}")
+    return 0 if decision.promoted else 3
+
+
+def _gate_reports(config: Config, session: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+    """Evaluate candidate and active model on the same data (only when the gate needs it)."""
+    from sqlalchemy import select
+
+    from screener.db.models import ModelVersion
+    from screener.registry import active_version
+
+    active = active_version(session)
+    data = args.data or config.trainer.eval_data
+    if args.force or active is None or not data:
+        return None, None
+    candidate = session.scalar(select(ModelVersion).where(ModelVersion.version == args.model_version))
+    if candidate is None:
+        return None, None
+    from trainer.data import load_samples
+    from trainer.evaluate import evaluate_model
+
+    samples = load_samples(data)
+    return (
+        evaluate_model(Path(candidate.path), samples, None, bootstrap=0, progress=False),
+        evaluate_model(Path(active.path), samples, None, bootstrap=0, progress=False),
+    )
+
+
+def _train(config: Config, args: argparse.Namespace) -> int:
+    from trainer.jobs import run_train
+
+    return run_train(config, args)
+
+
+def _retrain(config: Config, args: argparse.Namespace) -> int:
+    from trainer.jobs import run_retrain
+
+    return run_retrain(config)
+
+
+_COMMANDS = {
+    "init-model": _init_model,
+    "labels": _labels,
+    "evaluate": _evaluate,
+    "models": _models,
+    "train": _train,
+    "retrain": _retrain,
+}
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ RELIABILITY_PNG = "reliability.png"
 
 _CI_METRICS = ("sensitivity", "specificity", "ppv", "f1")
 _DPI = 120
-_BOOTSTRAP_CELLS = 4_000_000  # resampled indices held at once; bounds memory for large sets
+_BOOTSTRAP_CELLS = 2_000_000  # resampled indices held at once; bounds memory for large sets
 
 
 # --- numbers ------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from screener.db.models import ModelEvent, ModelStatus, ModelVersion, utcnow
 from screener.errors import ModelError
 from screener.registry import activate_version, active_version
+from trainer.evaluate import gate_passes
 
 
 @dataclass(frozen=True)
@@ -27,24 +28,6 @@ class Decision:
     previous: str | None
     reason: str
     forced: bool = False
-
-
-def gate(candidate: Mapping[str, Any], active: Mapping[str, Any], tolerance: float = 0.0) -> tuple[bool, str]:
-    """Does ``candidate`` beat or match ``active`` on macro-F1 and COVID-19 sensitivity (same data)?"""
-
-    def covid_sensitivity(report: Mapping[str, Any]) -> float:
-        value = report["per_class"]["covid19"]["sensitivity"]
-        return float(value) if value is not None else 0.0
-
-    checks = [
-        ("macro-F1", float(candidate["macro_f1"]), float(active["macro_f1"])),
-        ("COVID-19 sensitivity", covid_sensitivity(candidate), covid_sensitivity(active)),
-    ]
-    worse = [f"{name} {c:.4f} < {a:.4f}" for name, c, a in checks if c + tolerance < a]
-    detail = ", ".join(f"{name} {c:.4f} vs {a:.4f}" for name, c, a in checks)
-    if worse:
-        return False, f"candidate is worse than the active model: {'; '.join(worse)} (tolerance {tolerance})"
-    return True, f"candidate is not worse than the active model: {detail}"
 
 
 def _event(
@@ -95,7 +78,7 @@ def promote(
             raise ModelError(
                 "the promotion gate needs both models evaluated on the same data: pass --data DIR"
             )
-        ok, reason = gate(candidate_report, active_report, tolerance)
+        ok, reason = gate_passes(candidate_report, active_report, tolerance)
     previous = current.version if current is not None else None
     if ok:
         activate_version(session, version)

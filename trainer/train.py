@@ -565,8 +565,8 @@ def _val_sampler(n: int, rank: int, world: int) -> Sampler[int]:
 
 def train_backbone(
     cfg: TrainConfig,
-    train_ds: Dataset[Batch],
-    val_ds: Dataset[Batch],
+    train_ds: Dataset[Any],
+    val_ds: Dataset[Any],
     out_dir: Path,
     *,
     sampler: Sampler[int] | None = None,

@@ -1,0 +1,265 @@
+"""`trainer train` and `trainer retrain` (the nightly job): orchestration around pipeline, evaluate, registry.
+
+`trainer retrain` exit codes: 0 promoted (also: another run holds the lock, nothing done), 3 kept the
+active model (gate refused, or no new confirmed labels), 1 failed. It prints one summary line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
+
+from screener.config import Config
+from screener.db.migrate import ensure_at_head
+from screener.db.models import Label, TrainingRun, utcnow
+from screener.db.session import make_engine
+from screener.errors import DataError, ScreenerError
+from screener.logs import get_logger
+from screener.modelcard import load_model_dir
+from screener.registry import active_version, register
+from trainer.data import Sample, confirmed_label_samples, limit_per_class, load_samples
+from trainer.evaluate import evaluate_model
+from trainer.registry import promote, record_registration
+
+log = get_logger("trainer.jobs")
+
+EXIT_PROMOTED = 0
+EXIT_FAILED = 1
+EXIT_KEPT = 3
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[bool]:
+    """Hold an exclusive, non-blocking lock on ``path``; yields False when another process holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _version(preset: str) -> str:
+    return f"{preset}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}"
+
+
+def run_train(config: Config, args: argparse.Namespace) -> int:
+    """`trainer train`: train, fuse, export to ``--out``; register and activate on request (gated)."""
+    from trainer.pipeline import train_and_export
+
+    samples = load_samples(args.data)
+    if args.limit:
+        samples = limit_per_class(samples, args.limit, seed=args.seed)
+    outcome = train_and_export(
+        preset=args.preset,
+        data=samples,
+        out=args.out,
+        epochs=args.epochs,
+        seed=args.seed,
+        pretrained_dir=args.pretrained_dir or config.trainer.pretrained_dir,
+        fusion_method=args.fusion,
+        version=args.model_version or _version(args.preset),
+        workdir=config.trainer.workdir / "runs",
+    )
+    card = outcome.card
+    print(f"model {card.version} written to {outcome.model_dir}")
+    print(json.dumps({k: v for k, v in card.metrics.items() if not isinstance(v, list | dict)}, indent=2))
+    if not (args.register or args.activate):
+        return 0
+    engine = _open_db(config)
+    try:
+        report = (
+            evaluate_model(
+                outcome.model_dir,
+                outcome.test_samples,
+                outcome.model_dir.parent / f"{card.version}-eval",
+                progress=False,
+            )
+            if outcome.test_samples
+            else None
+        )
+        with Session(engine) as session, session.begin():
+            register(session, outcome.model_dir)
+            record_registration(session, card.version, "trainer train", report)
+            if args.activate:
+                active = active_version(session)
+                active_report = (
+                    evaluate_model(Path(active.path), outcome.test_samples, None, bootstrap=0, progress=False)
+                    if active is not None and outcome.test_samples
+                    else None
+                )
+                decision = promote(
+                    session,
+                    card.version,
+                    candidate_report=report,
+                    active_report=active_report,
+                    tolerance=config.trainer.gate_tolerance,
+                )
+                print(
+                    f"{card.version} {'promoted' if decision.promoted else 'not promoted'}: {decision.reason}"
+                )
+                return EXIT_PROMOTED if decision.promoted else EXIT_KEPT
+        print(f"registered {card.version} as a candidate")
+    finally:
+        engine.dispose()
+    return 0
+
+
+def _open_db(config: Config) -> Engine:
+    engine = make_engine(config.database)
+    ensure_at_head(engine, config.database.auto_migrate)
+    return engine
+
+
+def run_retrain(config: Config) -> int:
+    """The nightly job. Prints one summary line; returns the exit code (see module docstring)."""
+    with exclusive_lock(config.trainer.lock_file) as held:
+        if not held:
+            print(f"retrain: another run holds {config.trainer.lock_file}; nothing to do")
+            return EXIT_PROMOTED
+        engine = _open_db(config)
+        try:
+            return _retrain_locked(config, engine)
+        finally:
+            engine.dispose()
+
+
+def _retrain_locked(config: Config, engine: Engine) -> int:
+    started = time.monotonic()
+    with Session(engine) as session, session.begin():
+        last = session.scalar(
+            select(TrainingRun)
+            .where(TrainingRun.kind == "retrain", TrainingRun.status.in_(["promoted", "kept"]))
+            .order_by(TrainingRun.id.desc())
+            .limit(1)
+        )
+        since = last.labels_until if last is not None else None
+        newest = session.scalar(select(func.max(Label.imported_at)))
+        new_labels = (
+            session.scalar(
+                select(func.count()).select_from(Label).where(Label.imported_at > since)
+                if since
+                else select(func.count()).select_from(Label)
+            )
+            or 0
+        )
+        run = TrainingRun(kind="retrain", status="running", labels_until=newest or since)
+        session.add(run)
+        session.flush()
+        run_id = run.id
+    if last is not None and new_labels < config.trainer.min_new_labels:
+        reason = (
+            f"{new_labels} new confirmed labels since the last run "
+            f"(trainer.min_new_labels = {config.trainer.min_new_labels})"
+        )
+        _finish_run(engine, run_id, "kept", None, {"outcome": "kept", "reason": reason})
+        print(f"retrain: kept the active model: {reason}")
+        return EXIT_KEPT
+    try:
+        outcome, decision = _train_evaluate_promote(config, engine, run_id)
+    except (ScreenerError, OSError, RuntimeError, ValueError) as exc:
+        log.exception("retrain.failed", error=type(exc).__name__)
+        _finish_run(
+            engine, run_id, "failed", None, {"outcome": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        )
+        print(f"retrain: failed: {type(exc).__name__}: {exc}")
+        return EXIT_FAILED
+    status = "promoted" if decision.promoted else "kept"
+    minutes = (time.monotonic() - started) / 60
+    summary: dict[str, Any] = {
+        "outcome": status,
+        "version": outcome.card.version,
+        "reason": decision.reason,
+        "new_labels": new_labels,
+        "minutes": round(minutes, 1),
+    }
+    _finish_run(engine, run_id, status, outcome.card.version, summary)
+    verb = "promoted" if decision.promoted else "kept the active model; candidate"
+    took = f"{new_labels} new labels; {minutes:.1f} min"
+    print(f"retrain: {verb} {outcome.card.version} ({decision.reason}; {took})")
+    return EXIT_PROMOTED if decision.promoted else EXIT_KEPT
+
+
+def _gather(config: Config, engine: Engine) -> list[Sample]:
+    samples: list[Sample] = []
+    if config.trainer.base_data:
+        samples.extend(load_samples(config.trainer.base_data))
+    samples.extend(confirmed_label_samples(engine, config.storage.spool_dir))
+    if not samples:
+        raise DataError(
+            "no training data: set trainer.base_data and/or import confirmed labels (trainer labels import)"
+        )
+    return samples
+
+
+def _train_evaluate_promote(config: Config, engine: Engine, run_id: int) -> tuple[Any, Any]:
+    from trainer.pipeline import train_and_export
+
+    samples = _gather(config, engine)
+    with Session(engine) as session:
+        active = active_version(session)
+    parent = load_model_dir(Path(active.path)) if active is not None else None
+    version = _version(config.trainer.preset)
+    out = config.trainer.workdir / "models" / version
+    outcome = train_and_export(
+        preset=config.trainer.preset,
+        data=samples,
+        out=out,
+        pretrained_dir=config.trainer.pretrained_dir,
+        version=version,
+        parent=parent,
+        workdir=config.trainer.workdir / "runs" / version,
+    )
+    eval_samples = (
+        load_samples(config.trainer.eval_data) if config.trainer.eval_data else outcome.test_samples
+    )
+    candidate_report = evaluate_model(
+        outcome.model_dir, eval_samples, out.parent / f"{version}-eval", progress=False
+    )
+    active_report = (
+        evaluate_model(Path(active.path), eval_samples, None, bootstrap=0, progress=False) if active else None
+    )
+    with Session(engine) as session, session.begin():
+        register(session, outcome.model_dir)
+        record_registration(session, version, f"trainer retrain (run {run_id})", candidate_report)
+        decision = promote(
+            session,
+            version,
+            candidate_report=candidate_report,
+            active_report=active_report,
+            tolerance=config.trainer.gate_tolerance,
+        )
+    return outcome, decision
+
+
+def _finish_run(
+    engine: Engine, run_id: int, status: str, version: str | None, summary: dict[str, Any]
+) -> None:
+    with Session(engine) as session, session.begin():
+        run = session.get(TrainingRun, run_id)
+        assert run is not None
+        run.status = status
+        run.model_version = version
+        run.finished_at = utcnow()
+        run.summary = json.dumps(summary, sort_keys=True)

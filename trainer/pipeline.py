@@ -1,0 +1,363 @@
+"""The body of ``trainer train``: split, train the candidate backbones, keep the best two, fuse, export.
+
+Paper recipe (Wang, Liu & Xu 2020): transfer-learn several ResNets, choose the two best by validation
+accuracy (ties: lower validation loss), freeze them, learn the output weight of each from validation
+accuracy, and ship one fused model. The test split is never used for a choice; it is evaluated once at
+the end and returned so ``trainer evaluate`` can be run on the same images.
+
+DDP-safe: under ``torchrun`` every rank runs :func:`train_and_export` with the same arguments; the split is
+deterministic, each backbone trains with DistributedDataParallel, every rank computes the (cheap, identical)
+fusion and test metrics, and only rank 0 writes the model directory. Other ranks then read its card.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from screener.errors import TrainingError
+from screener.export import export_model_dir
+from screener.fused import ARCHITECTURES, FusedResNet
+from screener.imaging import PreprocessSpec
+from screener.logs import get_logger
+from screener.modelcard import CLASSES, LoadedModel, ModelCard, read_card
+from trainer.augment import Augmenter
+from trainer.data import (
+    ImageDataset,
+    Sample,
+    Splits,
+    balanced_sampler,
+    limit_per_class,
+    load_samples,
+    split_samples,
+)
+from trainer.fuse import FusionResult, accuracy, freeze, fuse_probs, fused_probs, log_loss, predict_probs
+from trainer.train import (
+    BackboneResult,
+    TrainConfig,
+    barrier,
+    distributed_rank_world,
+    load_backbone_weights,
+    resolve_device,
+    train_backbone,
+)
+
+log = get_logger("trainer.pipeline")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A training recipe. ``samples_per_epoch`` bounds the balanced sampler's draws per epoch (None: one
+    draw per training image); ``limit_per_class`` caps the dataset before splitting (None: all)."""
+
+    archs: tuple[str, ...]
+    input_size: int
+    epochs: int
+    batch_size: int
+    limit_per_class: int | None = None
+    samples_per_epoch: int | None = None
+    fusion_rounds: int = 10
+
+
+PRESETS: dict[str, Preset] = {
+    # Measured on the 2-core CPU of the dev box on full cxr3 (3,612 images): see the module's report in
+    # trainer/pipeline.py's tests and the issue; the per-epoch budget keeps it under 15 minutes.
+    "quick": Preset(
+        archs=("resnet18", "resnet34"),
+        input_size=128,
+        epochs=3,
+        batch_size=32,
+        limit_per_class=None,
+        samples_per_epoch=1024,
+    ),
+    # The paper: ResNet-50/101/152 candidates at 224 px, batch 64; the best two are fused.
+    "paper": Preset(
+        archs=("resnet50", "resnet101", "resnet152"),
+        input_size=224,
+        epochs=30,
+        batch_size=64,
+        limit_per_class=None,
+        samples_per_epoch=None,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What ``trainer train`` produced: the exported model directory and its card, the split (its digest
+    and the untouched test samples), every candidate's result, the fusion, and the test-split metrics."""
+
+    card: ModelCard
+    model_dir: Path
+    splits_digest: str
+    splits: Splits
+    backbones: list[BackboneResult]
+    chosen: tuple[str, str]
+    fusion: FusionResult
+    test_metrics: dict[str, Any]
+
+    @property
+    def test_samples(self) -> list[Sample]:
+        """The held-out test split, for ``trainer evaluate``."""
+        return self.splits.test
+
+
+def choose_two(results: list[BackboneResult]) -> tuple[BackboneResult, BackboneResult]:
+    """The two best candidates by validation accuracy, ties broken by lower validation loss (then order).
+
+    Raises :class:`TrainingError` with fewer than two candidates.
+    """
+    if len(results) < 2:
+        raise TrainingError(f"fusion needs at least two trained backbones, got {len(results)}")
+    ranked = sorted(enumerate(results), key=lambda ir: (-ir[1].val_accuracy, ir[1].val_loss, ir[0]))
+    return ranked[0][1], ranked[1][1]
+
+
+def parent_backbone_states(parent: LoadedModel) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    """``[(arch_a, net_a state), (arch_b, net_b state)]`` from a verified model directory's safetensors.
+
+    Raises :class:`TrainingError` when the weights cannot be read.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(parent.weights_path), device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise TrainingError(f"cannot read parent weights {parent.weights_path}: {exc}") from None
+    out = []
+    for prefix, arch in zip(("net_a.", "net_b."), parent.card.architectures, strict=True):
+        out.append((arch, {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}))
+    return out
+
+
+def _loader(ds: ImageDataset, batch_size: int, workers: int) -> DataLoader[tuple[torch.Tensor, torch.Tensor]]:
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)  # type: ignore[arg-type]
+
+
+def _test_metrics(
+    net_a: torch.nn.Module,
+    net_b: torch.nn.Module,
+    weight: float,
+    loader: DataLoader[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+) -> dict[str, Any]:
+    probs_a, probs_b, labels = predict_probs(net_a, net_b, loader, device)
+    fused = fused_probs(weight, probs_a, probs_b)
+    predicted = fused.argmax(axis=1)
+    per_class = {}
+    for index, name in enumerate(CLASSES):
+        positives = labels == index
+        per_class[name] = {
+            "n": int(positives.sum()),
+            "sensitivity": float(np.mean(predicted[positives] == index)) if positives.any() else None,
+        }
+    return {
+        "n": int(labels.shape[0]),
+        "accuracy": accuracy(fused, labels),
+        "logloss": log_loss(fused, labels),
+        "accuracy_a": accuracy(probs_a, labels),
+        "accuracy_b": accuracy(probs_b, labels),
+        "per_class": per_class,
+    }
+
+
+def train_and_export(
+    *,
+    preset: str,
+    data: list[Sample] | Path,
+    out: Path,
+    epochs: int | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    pretrained_dir: Path | None = None,
+    fusion_method: str = "accuracy",
+    version: str | None = None,
+    parent: LoadedModel | None = None,
+    workdir: Path | None = None,
+    archs: tuple[str, ...] | None = None,
+    input_size: int | None = None,
+    batch_size: int | None = None,
+    samples_per_epoch: int | None = None,
+    limit_batches: int | None = None,
+    device: str | None = None,
+    workers: int = 0,
+    progress: bool = True,
+) -> TrainOutcome:
+    """Train the preset's candidate backbones on ``data``, fuse the best two, export to ``out``.
+
+    ``data`` is a list of samples or a source for :func:`trainer.data.load_samples`. ``epochs``,
+    ``limit`` (images per class), ``archs``, ``input_size``, ``batch_size`` and ``samples_per_epoch``
+    override the preset. With ``parent`` (a verified model directory: the active model) this is
+    fine-tuning: the candidates default to the parent's two architectures, each initialised from the
+    parent's weights, the parent's preprocessing is kept, and the card records ``parent_version``.
+    Backbones train in ``workdir/<index>-<arch>/`` (default ``out``'s sibling ``.<out name>.work``) and
+    resume from their checkpoints when re-run. The card's metrics hold each candidate's validation
+    accuracy/loss, the chosen pair, the fusion summary and trajectory, the pretrained flags, the test
+    metrics and the training time.
+
+    Raises :class:`TrainingError` for an unknown preset or architecture, fewer than two candidates, or a
+    failed training; :class:`screener.errors.DataError` for unusable data; :class:`ModelError` when ``out``
+    exists or the export fails.
+    """
+    started = time.perf_counter()
+    try:
+        recipe = PRESETS[preset]
+    except KeyError:
+        raise TrainingError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}") from None
+    if out.exists():
+        raise TrainingError(f"{out} already exists: model directories are immutable; choose a new one")
+    parent_states = parent_backbone_states(parent) if parent is not None else []
+    candidates = archs or (tuple(a for a, _ in parent_states) if parent_states else recipe.archs)
+    unknown = [a for a in candidates if a not in ARCHITECTURES]
+    if unknown:
+        raise TrainingError(f"unknown backbone {unknown[0]!r}: choose from {', '.join(ARCHITECTURES)}")
+    if len(candidates) < 2:
+        raise TrainingError(f"need at least two candidate backbones to fuse, got {list(candidates)}")
+    if parent is not None and input_size is None:
+        spec = parent.card.preprocessing
+    else:
+        spec = PreprocessSpec(input_size=input_size or recipe.input_size)
+    n_epochs = epochs or recipe.epochs
+    batch = batch_size or recipe.batch_size
+    budget = samples_per_epoch if samples_per_epoch is not None else recipe.samples_per_epoch
+    rank, world = distributed_rank_world()
+
+    samples = load_samples(data) if isinstance(data, (str, Path)) else list(data)
+    per_class = limit if limit is not None else recipe.limit_per_class
+    if per_class is not None:
+        samples = limit_per_class(samples, per_class, seed=seed)
+    splits = split_samples(samples, spec=spec, seed=seed)
+    digest = splits.digest()
+    log.info("split_done", counts=splits.counts(), digest=digest[:12], preset=preset, world_size=world)
+
+    work = workdir if workdir is not None else out.parent / f".{out.name}.work"
+    train_ds = ImageDataset(splits.train, spec, augment=Augmenter(), seed=seed, cache=True)
+    val_ds = ImageDataset(splits.val, spec, seed=seed, cache=True)
+    results: list[BackboneResult] = []
+    unused_parent = list(parent_states)
+    for index, arch in enumerate(candidates):
+        init = next((state for a, state in unused_parent if a == arch), None)
+        unused_parent = [(a, s) for a, s in unused_parent if s is not init]
+        cfg = TrainConfig(
+            arch=arch,
+            input_size=spec.input_size,
+            epochs=n_epochs,
+            batch_size=batch,
+            seed=seed + index,
+            workers=workers,
+            pretrained_dir=pretrained_dir,
+            device=device,
+            limit_batches=limit_batches,
+        )
+        sampler = balanced_sampler(splits.train, seed=seed + index, num_samples=budget)
+        results.append(
+            train_backbone(
+                cfg,
+                train_ds,
+                val_ds,
+                work / f"{index}-{arch}",
+                sampler=sampler,
+                progress=progress,
+                init_state=init,
+            )
+        )
+    first, second = choose_two(results)
+    log.info("backbones_chosen", arch_a=first.arch, arch_b=second.arch)
+
+    target = resolve_device(device)
+    net_a = freeze(load_backbone_weights(first.arch, first.weights_path).to(target))
+    net_b = freeze(load_backbone_weights(second.arch, second.weights_path).to(target))
+    val_loader = _loader(val_ds, batch, workers)
+    probs_a, probs_b, labels = predict_probs(net_a, net_b, val_loader, target)
+    fusion = fuse_probs(
+        probs_a, probs_b, labels, method=fusion_method, rounds=recipe.fusion_rounds, seed=seed
+    )
+    test_loader = _loader(ImageDataset(splits.test, spec, seed=seed), batch, workers)
+    test = _test_metrics(net_a, net_b, fusion.weight, test_loader, target) if splits.test else {}
+
+    model = FusedResNet(first.arch, second.arch, fusion_weight=fusion.weight)
+    model.net_a.load_state_dict(net_a.state_dict())
+    model.net_b.load_state_dict(net_b.state_dict())
+    model.eval()
+    metrics = _card_metrics(
+        preset, results, (first, second), fusion, test, splits, time.perf_counter() - started
+    )
+    if version is None:
+        version = f"{preset}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-seed{seed}"
+    if rank == 0:
+        card = export_model_dir(
+            model,
+            out,
+            version=version,
+            preprocessing=spec,
+            metrics=metrics,
+            training_data_digest=digest,
+            parent_version=parent.card.version if parent is not None else None,
+            notes=f"trainer preset {preset}: {first.arch}+{second.arch}, fusion {fusion_method}",
+        )
+        log.info(
+            "model_exported",
+            out=str(out),
+            version=version,
+            val_acc_fused=fusion.acc_fused,
+            test_acc=test.get("accuracy"),
+            seconds=round(time.perf_counter() - started, 1),
+        )
+    barrier()
+    if rank != 0:
+        card = read_card(out)
+    return TrainOutcome(
+        card=card,
+        model_dir=out,
+        splits_digest=digest,
+        splits=splits,
+        backbones=results,
+        chosen=(first.arch, second.arch),
+        fusion=fusion,
+        test_metrics=test,
+    )
+
+
+def _card_metrics(
+    preset: str,
+    results: list[BackboneResult],
+    chosen: tuple[BackboneResult, BackboneResult],
+    fusion: FusionResult,
+    test: Mapping[str, Any],
+    splits: Splits,
+    seconds: float,
+) -> dict[str, Any]:
+    return {
+        "preset": preset,
+        "candidates": [
+            {
+                "arch": r.arch,
+                "val_accuracy": r.val_accuracy,
+                "val_loss": r.val_loss,
+                "pretrained": r.pretrained,
+                "epochs": len(r.history),
+                "train_images_per_s": round(r.images_per_s, 2),
+            }
+            for r in results
+        ],
+        "chosen": [chosen[0].arch, chosen[1].arch],
+        "pretrained": all(r.pretrained for r in chosen),
+        "val_accuracy_a": fusion.acc_a,
+        "val_accuracy_b": fusion.acc_b,
+        "val_accuracy": fusion.acc_fused,
+        "val_logloss": fusion.logloss_fused,
+        "fusion": fusion.summary(),
+        "fusion_trajectory": fusion.trajectory,
+        "test": dict(test),
+        "split_counts": splits.counts(),
+        "training_seconds": round(seconds, 1),
+    }
