@@ -62,6 +62,9 @@ def pg_cluster() -> Iterator[ThrowawayCluster]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+MODEL_FUSION_WEIGHT = 0.3  # not 0.5, so swapping the two networks would be noticed
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real fused resnet101 + resnet152 (random weights, seeded), exported once per test session."""
@@ -69,6 +72,12 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("models") / "fused-random"
     create_random_model_dir(
-        out, arch_a="resnet101", arch_b="resnet152", input_size=224, seed=0, version="test-random-0"
+        out,
+        arch_a="resnet101",
+        arch_b="resnet152",
+        input_size=224,
+        fusion_weight=MODEL_FUSION_WEIGHT,
+        seed=7,
+        version="test-random-0",
     )
     return out

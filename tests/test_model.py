@@ -14,14 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from screener import imaging
 from screener.engine import available_backends, load_engine
 from screener.engine.base import EngineOutput
 from screener.engine.onnx_backend import OnnxRuntimeEngine
 from screener.errors import EngineUnavailableError, ModelError, ModelIntegrityError
-from screener.export import RANDOM_NOTES, create_random_model_dir
+from screener.export import RANDOM_NOTES
 from screener.fused import ARCHITECTURES, FusedResNet, load_fused_from_safetensors
-from screener.imaging import PreprocessSpec
+from screener.imaging import PreprocessSpec, preprocess_file
 from screener.modelcard import (
     ARCHITECTURE_NAMES,
     CARD_FILE,
@@ -31,30 +30,10 @@ from screener.modelcard import (
     ModelCard,
     load_model_dir,
 )
+from tests.conftest import MODEL_FUSION_WEIGHT as FUSION_WEIGHT
 from trainer import cli as trainer_cli
 
-FUSION_WEIGHT = 0.3  # not 0.5, so swapping the two networks would be noticed
 TOL = 1e-4
-
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("models") / "fused-101-152"
-    create_random_model_dir(out, fusion_weight=FUSION_WEIGHT, seed=7, version="test-1")
-    return out
-
-
-def _preprocess(path: Path, spec: PreprocessSpec) -> np.ndarray:
-    preprocess_file = getattr(imaging, "preprocess_file", None)
-    if preprocess_file is not None:
-        return np.asarray(preprocess_file(path, spec, 50_000_000), dtype=np.float32)
-    from PIL import Image  # fallback while imaging.preprocess_file is not there yet
-
-    grey = Image.open(path).convert("L").resize((spec.input_size, spec.input_size), Image.Resampling.BILINEAR)
-    unit = np.asarray(grey, dtype=np.float32) / 255.0
-    mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
-    std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
-    return (np.repeat(unit[None], 3, axis=0) - mean) / std
 
 
 @pytest.fixture
@@ -63,7 +42,7 @@ def cxr_batch(cxr3_dir: Path) -> np.ndarray:
     paths = [sorted((cxr3_dir / cls).glob("*.png"))[0] for cls in CLASSES]
     paths.append(sorted((cxr3_dir / "covid19").glob("*.png"))[1])
     spec = PreprocessSpec(input_size=224)
-    batch = np.stack([_preprocess(path, spec) for path in paths]).astype(np.float32)
+    batch = np.stack([preprocess_file(path, spec, 50_000_000) for path in paths]).astype(np.float32)
     assert batch.shape == (4, 3, 224, 224)
     return batch
 
@@ -178,7 +157,7 @@ def test_card_round_trips_and_records_every_file(model_dir: Path) -> None:
     assert card.input_size == card.preprocessing.input_size == 224
     assert set(card.files) == {ONNX_FILE, WEIGHTS_FILE}
     assert card.notes == RANDOM_NOTES
-    assert card.version == "test-1" and card.parent_version is None
+    assert card.version == "test-random-0" and card.parent_version is None
     assert card.opset >= 13
 
 
@@ -233,5 +212,5 @@ def test_trainer_init_model_writes_a_loadable_small_model(
     _assert_fused(out8, 0.8)
     engine.close()
     # Model directories are immutable: a second export to the same place is refused.
-    assert trainer_cli.main(argv) == 2
+    assert trainer_cli.main(argv) == 1  # a ScreenerError: message on stderr, exit 1
     assert "already exists" in capsys.readouterr().err

@@ -204,7 +204,10 @@ def _retrain_locked(config: Config, engine: Engine) -> int:
 def _gather(config: Config, engine: Engine) -> list[Sample]:
     samples: list[Sample] = []
     if config.trainer.base_data:
-        samples.extend(load_samples(config.trainer.base_data))
+        base = load_samples(config.trainer.base_data)
+        if config.trainer.limit_per_class:
+            base = limit_per_class(base, config.trainer.limit_per_class)
+        samples.extend(base)
     samples.extend(confirmed_label_samples(engine, config.storage.spool_dir))
     if not samples:
         raise DataError(
@@ -226,6 +229,7 @@ def _train_evaluate_promote(config: Config, engine: Engine, run_id: int) -> tupl
         preset=config.trainer.preset,
         data=samples,
         out=out,
+        epochs=config.trainer.epochs or None,
         pretrained_dir=config.trainer.pretrained_dir,
         version=version,
         parent=parent,

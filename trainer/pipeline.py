@@ -196,8 +196,8 @@ def train_and_export(
 
     ``data`` is a list of samples or a source for :func:`trainer.data.load_samples`. ``epochs``,
     ``limit`` (images per class), ``archs``, ``input_size``, ``batch_size`` and ``samples_per_epoch``
-    override the preset. With ``parent`` (a verified model directory: the active model) this is
-    fine-tuning: the candidates default to the parent's two architectures, each initialised from the
+    override the preset (``samples_per_epoch=0``: one draw per training image). With ``parent`` (a
+    verified model directory: the active model) this is fine-tuning: the candidates default to the parent's two architectures, each initialised from the
     parent's weights, the parent's preprocessing is kept, and the card records ``parent_version``.
     Backbones train in ``workdir/<index>-<arch>/`` (default ``out``'s sibling ``.<out name>.work``) and
     resume from their checkpoints when re-run. The card's metrics hold each candidate's validation
@@ -229,6 +229,7 @@ def train_and_export(
     n_epochs = epochs or recipe.epochs
     batch = batch_size or recipe.batch_size
     budget = samples_per_epoch if samples_per_epoch is not None else recipe.samples_per_epoch
+    budget = budget or None  # 0: one draw per training image
     rank, world = distributed_rank_world()
 
     samples = load_samples(data) if isinstance(data, (str, Path)) else list(data)

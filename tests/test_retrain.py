@@ -1,0 +1,99 @@
+"""`trainer labels import`, `trainer retrain` (nightly job) and its lock, through the real CLI."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.helpers import SCREENER
+
+TRAINER = SCREENER.with_name("trainer")
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCREENER")}
+    env.update(
+        {
+            "SCREENER__DATABASE__URL": f"sqlite:///{tmp_path / 'db.sqlite'}",
+            "SCREENER__STORAGE__SPOOL_DIR": str(tmp_path / "spool"),
+            "SCREENER__TRAINER__WORKDIR": str(tmp_path / "training"),
+            "SCREENER__TRAINER__LOCK_FILE": str(tmp_path / "training" / "retrain.lock"),
+            "SCREENER__LOGGING__LEVEL": "WARNING",
+            **extra,
+        }
+    )
+    return env
+
+
+def _trainer(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(TRAINER), *args], env=env, capture_output=True, text=True, timeout=1200)
+
+
+def test_labels_import_keeps_good_rows_and_reports_bad_ones_by_line(tmp_path: Path):
+    csv = tmp_path / "labels.csv"
+    csv.write_text(
+        "sop_instance_uid,study_instance_uid,accession_number,label,confirmed_by\n"
+        "1.2.3.4,,,covid19,dr-a\n"
+        "1.2.3.5,,,tuberculosis,dr-a\n"
+        ",1.2.3,,Normal,dr-b\n"
+        ",,,normal,dr-b\n"
+        "1.2.x,,,normal,dr-b\n"
+        ",,ACC-SECRET-77,viral_pneumonia,dr-c\n"
+    )
+    env = _env(tmp_path)
+    res = _trainer(env, "labels", "import", str(csv))
+    assert res.returncode == 0, res.stderr
+    assert "imported 3 labels; 3 rows rejected" in res.stdout
+    errors = res.stderr.splitlines()
+    assert [e.split(":")[1] for e in errors if e.startswith(str(csv))] == ["3", "5", "6"]
+    assert "tuberculosis" in res.stderr
+    assert "ACC-SECRET-77" not in res.stdout + res.stderr
+    engine = create_engine(env["SCREENER__DATABASE__URL"])
+    with engine.connect() as conn:
+        labels = sorted(r[0] for r in conn.execute(text("SELECT label FROM labels")))
+    engine.dispose()
+    assert labels == ["covid19", "normal", "viral_pneumonia"]
+
+
+@pytest.mark.slow
+def test_retrain_twice_then_nothing_to_do_and_a_held_lock_exits_0(tmp_path: Path, cxr3_dir: Path):
+    data = tmp_path / "base"
+    for cls in ("covid19", "normal", "viral_pneumonia"):
+        (data / cls).mkdir(parents=True)
+        for png in sorted((cxr3_dir / cls).glob("*.png"))[:12]:
+            (data / cls / png.name).symlink_to(png)
+    env = _env(
+        tmp_path,
+        SCREENER__TRAINER__BASE_DATA=str(data),
+        SCREENER__TRAINER__EPOCHS="1",
+    )
+    first = _trainer(env, "retrain")
+    assert first.returncode == 0, first.stdout + first.stderr  # nothing active before: promoted
+    assert first.stdout.startswith("retrain: promoted"), first.stdout
+    second = _trainer(env, "retrain")
+    assert second.returncode == 3, second.stdout + second.stderr
+    assert "kept the active model: 0 new confirmed labels" in second.stdout
+
+    lock = tmp_path / "training" / "retrain.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        third = _trainer(env, "retrain")
+    finally:
+        os.close(fd)
+    assert third.returncode == 0 and "another run holds" in third.stdout
+
+    engine = create_engine(env["SCREENER__DATABASE__URL"])
+    with engine.connect() as conn:
+        runs = [tuple(r) for r in conn.execute(text("SELECT status, model_version FROM training_runs ORDER BY id"))]
+        active = conn.execute(text("SELECT version FROM model_versions WHERE status = 'active'")).scalar()
+    engine.dispose()
+    assert [r[0] for r in runs] == ["promoted", "kept"]
+    assert active == runs[0][1]
+    listing = _trainer(env, "models", "list")
+    assert active in listing.stdout and "active" in listing.stdout
