@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,7 +76,7 @@ def freeze(net: nn.Module) -> nn.Module:
 def predict_probs(
     net_a: nn.Module,
     net_b: nn.Module,
-    loader: DataLoader[tuple[torch.Tensor, torch.Tensor]],
+    loader: DataLoader[Any],
     device: torch.device,
 ) -> tuple[Probs, Probs, Labels]:
     """Softmax outputs of both (frozen) nets over ``loader``, and the labels: ``[N, C], [N, C], [N]``.
@@ -230,7 +231,7 @@ def _golden_section(
 def fuse(
     net_a: nn.Module,
     net_b: nn.Module,
-    val_loader: DataLoader[tuple[torch.Tensor, torch.Tensor]],
+    val_loader: DataLoader[Any],
     *,
     method: str = "accuracy",
     rounds: int = 10,

@@ -65,6 +65,16 @@ def _version(preset: str) -> str:
 
 
 def run_train(config: Config, args: argparse.Namespace) -> int:
+    """`trainer train` (also under ``torchrun --nproc-per-node N -m trainer.cli train ...``)."""
+    from trainer.train import shutdown_distributed
+
+    try:
+        return _run_train(config, args)
+    finally:
+        shutdown_distributed()
+
+
+def _run_train(config: Config, args: argparse.Namespace) -> int:
     """`trainer train`: train, fuse, export to ``--out``; register and activate on request (gated)."""
     from trainer.pipeline import train_and_export
 
