@@ -90,7 +90,8 @@ def test_retrain_twice_then_nothing_to_do_and_a_held_lock_exits_0(tmp_path: Path
 
     engine = create_engine(env["SCREENER__DATABASE__URL"])
     with engine.connect() as conn:
-        runs = [tuple(r) for r in conn.execute(text("SELECT status, model_version FROM training_runs ORDER BY id"))]
+        query = text("SELECT status, model_version FROM training_runs ORDER BY id")
+        runs = [tuple(r) for r in conn.execute(query)]
         active = conn.execute(text("SELECT version FROM model_versions WHERE status = 'active'")).scalar()
     engine.dispose()
     assert [r[0] for r in runs] == ["promoted", "kept"]

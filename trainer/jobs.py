@@ -92,6 +92,10 @@ def _run_train(config: Config, args: argparse.Namespace) -> int:
         version=args.model_version or _version(args.preset),
         workdir=config.trainer.workdir / "runs",
     )
+    from trainer.train import is_main_process
+
+    if not is_main_process():  # under torchrun only rank 0 reports and registers
+        return 0
     card = outcome.card
     print(f"model {card.version} written to {outcome.model_dir}")
     print(json.dumps({k: v for k, v in card.metrics.items() if not isinstance(v, list | dict)}, indent=2))
