@@ -273,6 +273,7 @@ class TrainerConfig:
     lock_file: Path = Path("var/training/retrain.lock")
     min_new_labels: int = 1
     epochs: int = 0
+    samples_per_epoch: int = 0
     limit_per_class: int = 0
     pretrained_dir: Path | None = None
     gate_tolerance: float = 0.0
@@ -280,6 +281,7 @@ class TrainerConfig:
     def validate(self) -> None:
         _require(self.min_new_labels >= 0, "min_new_labels", "must be zero or more")
         _require(self.epochs >= 0, "epochs", "must be 0 (the preset's) or more")
+        _require(self.samples_per_epoch >= 0, "samples_per_epoch", "must be 0 (the preset's) or more")
         _require(self.limit_per_class >= 0, "limit_per_class", "must be 0 (all images) or more")
         _require(0.0 <= self.gate_tolerance <= 0.2, "gate_tolerance", "must be between 0 and 0.2")
         _require(

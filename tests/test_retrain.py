@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -60,17 +61,75 @@ def test_labels_import_keeps_good_rows_and_reports_bad_ones_by_line(tmp_path: Pa
     assert labels == ["covid19", "normal", "viral_pneumonia"]
 
 
+def _small_dataset(root: Path, cxr3_dir: Path, per_class: int) -> Path:
+    for cls in ("covid19", "normal", "viral_pneumonia"):
+        (root / cls).mkdir(parents=True)
+        for png in sorted((cxr3_dir / cls).glob("*.png"))[:per_class]:
+            (root / cls / png.name).symlink_to(png)
+    return root
+
+
+@pytest.mark.slow
+def test_train_register_activate_then_evaluate_with_report_and_plots(tmp_path: Path, cxr3_dir: Path):
+    data = _small_dataset(tmp_path / "data", cxr3_dir, 20)
+    env = _env(tmp_path)
+    out = tmp_path / "models" / "quick-cli"
+    res = _trainer(
+        env,
+        "train",
+        "--data",
+        str(data),
+        "--preset",
+        "quick",
+        "--epochs",
+        "1",
+        "--samples-per-epoch",
+        "64",
+        "--out",
+        str(out),
+        "--model-version",
+        "quick-cli",
+        "--register",
+        "--activate",
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "quick-cli promoted: no model was active" in res.stdout
+    split_csv = out.with_name("quick-cli-test-split.csv")
+    assert split_csv.is_file()
+    for name in ("metrics.csv", "curves.png"):
+        assert list((tmp_path / "training").rglob(name)) or list(tmp_path.rglob(name)), name
+    card = json.loads((out / "card.json").read_text())
+    assert 0.0 <= card["fusion_weight"] <= 1.0 and card["metrics"]
+    evaluated = _trainer(
+        env, "evaluate", "--model", str(out), "--data", str(split_csv), "--out", str(tmp_path / "eval")
+    )
+    assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    for key in (
+        "n",
+        "accuracy",
+        "macro_f1",
+        "macro_auc",
+        "ece",
+        "per_class",
+        "confusion",
+        "classes",
+        "per_network",
+    ):
+        assert key in report, key
+    assert sum(map(sum, report["confusion"])) == report["n"] > 0
+    for png in ("confusion.png", "roc.png", "reliability.png"):
+        assert (tmp_path / "eval" / png).stat().st_size > 10_000
+
+
 @pytest.mark.slow
 def test_retrain_twice_then_nothing_to_do_and_a_held_lock_exits_0(tmp_path: Path, cxr3_dir: Path):
-    data = tmp_path / "base"
-    for cls in ("covid19", "normal", "viral_pneumonia"):
-        (data / cls).mkdir(parents=True)
-        for png in sorted((cxr3_dir / cls).glob("*.png"))[:12]:
-            (data / cls / png.name).symlink_to(png)
+    data = _small_dataset(tmp_path / "base", cxr3_dir, 12)
     env = _env(
         tmp_path,
         SCREENER__TRAINER__BASE_DATA=str(data),
         SCREENER__TRAINER__EPOCHS="1",
+        SCREENER__TRAINER__SAMPLES_PER_EPOCH="64",
     )
     first = _trainer(env, "retrain")
     assert first.returncode == 0, first.stdout + first.stderr  # nothing active before: promoted

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import fcntl
 import json
 import os
@@ -86,6 +87,7 @@ def _run_train(config: Config, args: argparse.Namespace) -> int:
         data=samples,
         out=args.out,
         epochs=args.epochs,
+        samples_per_epoch=args.samples_per_epoch,
         seed=args.seed,
         pretrained_dir=args.pretrained_dir or config.trainer.pretrained_dir,
         fusion_method=args.fusion,
@@ -98,6 +100,10 @@ def _run_train(config: Config, args: argparse.Namespace) -> int:
         return 0
     card = outcome.card
     print(f"model {card.version} written to {outcome.model_dir}")
+    split_csv = write_split_csv(
+        outcome.test_samples, outcome.model_dir.with_name(f"{outcome.model_dir.name}-test-split.csv")
+    )
+    print(f"held-out test split ({len(outcome.test_samples)} images): {split_csv}")
     print(json.dumps({k: v for k, v in card.metrics.items() if not isinstance(v, list | dict)}, indent=2))
     if not (args.register or args.activate):
         return 0
@@ -138,6 +144,16 @@ def _run_train(config: Config, args: argparse.Namespace) -> int:
     finally:
         engine.dispose()
     return 0
+
+
+def write_split_csv(samples: list[Sample], path: Path) -> Path:
+    """The held-out test split as a `path,label` CSV that `trainer evaluate --data` reads."""
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label"])
+        for sample in samples:
+            writer.writerow([str(sample.path.resolve()), sample.label])
+    return path
 
 
 def _open_db(config: Config) -> Engine:
@@ -244,6 +260,7 @@ def _train_evaluate_promote(config: Config, engine: Engine, run_id: int) -> tupl
         data=samples,
         out=out,
         epochs=config.trainer.epochs or None,
+        samples_per_epoch=config.trainer.samples_per_epoch or None,
         pretrained_dir=config.trainer.pretrained_dir,
         version=version,
         parent=parent,
