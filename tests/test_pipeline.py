@@ -24,18 +24,10 @@ from tests.helpers import (
 FINAL = ("classified", "skipped", "failed")
 
 
-def _dcmsend(server: Server, files: list[Path]) -> None:
+def _dcmtk(tool: str, server: Server, files: list[Path]) -> None:
+    """Send with a DCMTK tool: storescu proposes uncompressed syntaxes, dcmsend each file's own."""
     out = subprocess.run(
-        ["dcmsend", "-aec", "CXRSCREENER", "127.0.0.1", str(server.port), *map(str, files)],
-        capture_output=True,
-        text=True,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-
-
-def _storescu(server: Server, files: list[Path]) -> None:
-    out = subprocess.run(
-        ["storescu", "-aec", "CXRSCREENER", "127.0.0.1", str(server.port), *map(str, files)],
+        [tool, "-aec", "CXRSCREENER", "127.0.0.1", str(server.port), *map(str, files)],
         capture_output=True,
         text=True,
     )
@@ -90,8 +82,8 @@ def test_real_radiographs_are_classified_exactly_once(served: Server, cxr3_dir: 
     lateral.save_as(tmp_path / "lateral.dcm", enforce_file_format=True)
     _corrupt_j2k(rg1_dir() / "RG1_J2KR.dcm", tmp_path / "broken.dcm", study_a)
 
-    _storescu(server, [tmp_path / "RG1_UNCR.dcm", *wrapped, tmp_path / "lateral.dcm"])
-    _dcmsend(server, [tmp_path / "RG1_J2KR.dcm", tmp_path / "broken.dcm"])
+    _dcmtk("storescu", server, [tmp_path / "RG1_UNCR.dcm", *wrapped, tmp_path / "lateral.dcm"])
+    _dcmtk("dcmsend", server, [tmp_path / "RG1_J2KR.dcm", tmp_path / "broken.dcm"])
     ct = dcmread(get_testdata_file("CT_small.dcm"))
     assert store(server.port, [ct]) == [0x0000]
 
@@ -174,7 +166,7 @@ def test_without_an_active_model_the_worker_waits_and_status_says_so(make_server
     server = make_server(SCREENER__INFERENCE__POLL_SECONDS="0.2").start()
     sent = tmp_path / "a.dcm"
     reuid(rg1_dir() / "RG1_UNCR.dcm", sent)
-    _storescu(server, [sent])
+    _dcmtk("storescu", server, [sent])
     wait_for(
         lambda: any(e["event"] == "worker.no_active_model" for e in server.log_events()), 30, "the warning"
     )
