@@ -144,7 +144,8 @@ def _run(args: argparse.Namespace, config: Config) -> int:
             return 0
         from screener.status import collect_status, render_status
 
-        ensure_at_head(engine, auto_migrate=False)
+        # `status` only reads: it never creates a schema. Commands that write follow database.auto_migrate.
+        ensure_at_head(engine, auto_migrate=config.database.auto_migrate and args.command != "status")
         if args.command == "models":
             return _models(engine, args)
         if args.command == "deliveries":

@@ -82,6 +82,7 @@ def _run_train(config: Config, args: argparse.Namespace) -> int:
     samples = load_samples(args.data)
     if args.limit:
         samples = limit_per_class(samples, args.limit, seed=args.seed)
+    version = args.model_version or _version(args.preset)
     outcome = train_and_export(
         preset=args.preset,
         data=samples,
@@ -91,8 +92,8 @@ def _run_train(config: Config, args: argparse.Namespace) -> int:
         seed=args.seed,
         pretrained_dir=args.pretrained_dir or config.trainer.pretrained_dir,
         fusion_method=args.fusion,
-        version=args.model_version or _version(args.preset),
-        workdir=config.trainer.workdir / "runs",
+        version=version,
+        workdir=config.trainer.workdir / "runs" / version,  # per run: a re-run of the same version resumes
     )
     from trainer.train import is_main_process
 
