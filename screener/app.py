@@ -1,4 +1,8 @@
-"""Wiring for ``screener serve``: database, spool, listener; runs until SIGTERM/SIGINT, then drains."""
+"""Wiring for ``screener serve``: database, spool and the roles (listener, worker, sender) with their jobs.
+
+``--role all`` (the default) runs everything in one process. Past one host, each role runs on its own
+against one PostgreSQL and a shared spool (docs/scaling.md). Runs until SIGTERM/SIGINT, then drains.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from screener.errors import DatabaseUnavailableError
 from screener.ingest import Ingest, reconcile_spool
 from screener.listener import CHEST_SOP_CLASSES, Listener
 from screener.logs import get_logger
+from screener.scheduler import build_scheduler
 from screener.sender import Sender
 from screener.spool import Spool
 from screener.worker import Worker
@@ -22,9 +27,13 @@ from screener.worker import Worker
 log = get_logger("screener.serve")
 
 
-def serve(config: Config, stop: threading.Event | None = None) -> int:
-    """Run the daemon until ``stop`` is set or a SIGTERM/SIGINT arrives. Returns the exit code."""
+ROLES = ("listener", "worker", "sender")
+
+
+def serve(config: Config, stop: threading.Event | None = None, role: str = "all") -> int:
+    """Run ``role`` until ``stop`` is set or a SIGTERM/SIGINT arrives. Returns the exit code."""
     stop = stop or threading.Event()
+    roles = frozenset(ROLES) if role == "all" else frozenset({role})
     engine = make_engine(config.database)
     try:
         revision = ensure_at_head(engine, config.database.auto_migrate)
@@ -37,24 +46,28 @@ def serve(config: Config, stop: threading.Event | None = None) -> int:
 
     spool = Spool(config.storage.spool_dir, config.storage.min_free_bytes)
     spool.ensure_layout()
-    temporaries, orphans = reconcile_spool(spool, engine, config.storage.orphan_grace_seconds)
-    log.info(
-        "spool.ready",
-        path=str(spool.root),
-        free_bytes=spool.free_bytes(),
-        removed_temporaries=temporaries,
-        removed_orphans=orphans,
-    )
+    if "listener" in roles:  # only receivers leave temporaries and orphans behind
+        temporaries, orphans = reconcile_spool(spool, engine, config.storage.orphan_grace_seconds)
+        log.info(
+            "spool.ready",
+            path=str(spool.root),
+            free_bytes=spool.free_bytes(),
+            removed_temporaries=temporaries,
+            removed_orphans=orphans,
+        )
 
-    ingest = Ingest(
-        spool,
-        make_session_factory(engine),
-        refuse_conflicts=config.listener.on_conflict == "refuse",
-        chest_sop_classes=CHEST_SOP_CLASSES,
-    )
-    listener = Listener(config.listener, ingest)
-    worker = Worker(config, engine, spool, stop)
-    sender = Sender(config.pacs, engine, spool, stop)
+    listener = None
+    if "listener" in roles:
+        ingest = Ingest(
+            spool,
+            make_session_factory(engine),
+            refuse_conflicts=config.listener.on_conflict == "refuse",
+            chest_sop_classes=CHEST_SOP_CLASSES,
+        )
+        listener = Listener(config.listener, ingest)
+    worker = Worker(config, engine, spool, stop) if "worker" in roles else None
+    sender = Sender(config.pacs, engine, spool, stop) if "sender" in roles else None
+    scheduler = build_scheduler(config, engine, spool, roles=roles)
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("serve.signal", signal=signal.Signals(signum).name)
@@ -66,14 +79,19 @@ def serve(config: Config, stop: threading.Event | None = None) -> int:
         else {}
     )
     try:
-        listener.start()
-        worker.start()
-        sender.start()
-        log.info("serve.ready", config=config.source)
+        for part in (listener, worker, sender, scheduler):
+            if part is not None:
+                part.start()
+        log.info("serve.ready", config=config.source, roles=sorted(roles))
         stop.wait()
-        listener.drain(config.listener.drain_seconds)
-        worker.join(timeout=config.listener.drain_seconds + 60)
-        sender.join(timeout=config.pacs.timeout_seconds * 2)
+        if scheduler is not None:
+            scheduler.shutdown(wait=False)
+        if listener is not None:
+            listener.drain(config.listener.drain_seconds)
+        if worker is not None:
+            worker.join(timeout=config.listener.drain_seconds + 60)
+        if sender is not None:
+            sender.join(timeout=config.pacs.timeout_seconds * 2)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -35,8 +35,14 @@ def _parser() -> argparse.ArgumentParser:
     add_config_option(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("serve", help="run the DICOM listener until SIGTERM/SIGINT")
+    p = sub.add_parser("serve", help="run the daemon (listener, worker, sender) until SIGTERM/SIGINT")
     add_config_option(p, top=False)
+    p.add_argument(
+        "--role",
+        choices=["all", "listener", "worker", "sender"],
+        default="all",
+        help="run only one part, for several processes or hosts sharing one PostgreSQL and spool",
+    )
 
     p = sub.add_parser("db", help="database schema")
     add_config_option(p, top=False)
@@ -126,7 +132,7 @@ def _run(args: argparse.Namespace, config: Config) -> int:
     if args.command == "serve":
         from screener.app import serve
 
-        return serve(config)
+        return serve(config, role=args.role)
 
     from screener.db.migrate import current_revision, ensure_at_head, head_revision, upgrade
     from screener.db.session import make_engine

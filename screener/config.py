@@ -122,10 +122,12 @@ class StorageConfig:
     spool_dir: Path = Path("var/spool")
     min_free_bytes: int = 1024**3
     orphan_grace_seconds: float = 300.0
+    retention_days: float = 0.0
 
     def validate(self) -> None:
         _require(self.min_free_bytes >= 0, "min_free_bytes", "must be zero or more bytes")
         _require(self.orphan_grace_seconds >= 0, "orphan_grace_seconds", "must be zero or more seconds")
+        _require(self.retention_days >= 0, "retention_days", "must be zero (keep forever) or more days")
 
 
 @dataclass(frozen=True)
@@ -260,6 +262,19 @@ class PacsConfig:
 class SchedulerConfig:
     enabled: bool = True
     retrain_cron: str = ""
+    lease_reclaim_seconds: float = 60.0
+    retention_interval_seconds: float = 3600.0
+    orphan_sweep_seconds: float = 3600.0
+
+    def validate(self) -> None:
+        for name in ("lease_reclaim_seconds", "retention_interval_seconds", "orphan_sweep_seconds"):
+            _require(1 <= getattr(self, name) <= 86400, name, "must be between 1 and 86400 seconds")
+        if self.retrain_cron:
+            _require(
+                len(self.retrain_cron.split()) == 5,
+                "retrain_cron",
+                "must be a 5-field cron expression such as '30 2 * * *' (or empty: off)",
+            )
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from screener import audit
 from screener.db.models import ClashAction, Delivery, Instance, InstanceClash, InstanceStatus, Study, utcnow
 from screener.errors import SpoolError, SpoolFullError
 from screener.spool import Spool
@@ -151,6 +152,13 @@ class Ingest:
                         status_reason=reason,
                         attempts=0,
                     )
+                )
+                audit.record(
+                    session,
+                    audit.INSTANCE_RECEIVED,
+                    actor=rx.calling_ae_title,
+                    subject=rx.sop_instance_uid,
+                    detail={"sha256": entry.sha256, "bytes": entry.size_bytes, "status": status.value},
                 )
         except IntegrityError:
             # Another association committed the same SOP Instance UID first.

@@ -26,6 +26,7 @@ from sqlalchemy import Engine, and_, exists, func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from screener import audit
 from screener.config import Config
 from screener.db.models import (
     Instance,
@@ -40,6 +41,7 @@ from screener.engine.base import Engine as InferenceEngine
 from screener.errors import ScreenerError
 from screener.imaging import PreprocessSpec
 from screener.logs import get_logger, uid_hash
+from screener.metrics import Metrics
 from screener.outbox import build_objects, enqueue
 from screener.prepare import Prepared, init_pool_process, prepare_instance
 from screener.registry import active_version
@@ -73,8 +75,11 @@ class _Claimed:
 class Worker:
     """Runs in a thread of ``screener serve`` (or alone with ``--role worker``)."""
 
-    def __init__(self, config: Config, db: Engine, spool: Spool, stop: threading.Event) -> None:
+    def __init__(
+        self, config: Config, db: Engine, spool: Spool, stop: threading.Event, metrics: Metrics | None = None
+    ) -> None:
         self.config = config
+        self.metrics = metrics or Metrics()
         self.db = db
         self.sessions: sessionmaker[Session] = sessionmaker(db, expire_on_commit=False)
         self.spool = spool
@@ -196,6 +201,7 @@ class Worker:
         )
         if previous is not None:
             self._to_close.append(previous.engine)  # a batch prepared for it may still be pending
+        self.metrics.model_loaded(row.version, engine.name)
         log.info(
             "model.loaded",
             version=row.version,
@@ -338,6 +344,14 @@ class Worker:
                         counts[p.kind] += 1
                     else:
                         counts["lost_lease"] += 1
+        wall_s = time.perf_counter() - claimed.claimed_at
+        self.metrics.batch_done(
+            size=len(prepared),
+            inferred=len(ok),
+            infer_seconds=infer_ms / 1000,
+            wall_seconds=wall_s,
+            counts=counts,
+        )
         log.info(
             "batch.done",
             model=model.version,
@@ -345,7 +359,7 @@ class Worker:
             size=len(prepared),
             infer_ms=round(infer_ms, 1),
             images_per_s=round(len(ok) / (infer_ms / 1000), 2) if ok and infer_ms > 0 else None,
-            wall_ms=round((time.perf_counter() - claimed.claimed_at) * 1000, 1),
+            wall_ms=round(wall_s * 1000, 1),
             **counts,
         )
 
@@ -451,6 +465,13 @@ class Worker:
             session.flush()
             deliveries = self._enqueue_results(session, result)
             study_uid = session.scalar(select(Study.study_instance_uid).where(Study.id == study_id))
+            audit.record(
+                session,
+                audit.RESULT_PRODUCED,
+                actor=self.owner,
+                subject=study_uid or str(study_id),
+                detail={"verdict": verdict.label, "revision": result.revision, "model_version_id": model_id},
+            )
         log.info(
             "study.verdict",
             study_uid=uid_hash(study_uid),

@@ -29,10 +29,10 @@ def make_server(tmp_path: Path) -> Iterator[object]:
     """Factory for `screener serve` subprocesses; all are stopped at teardown."""
     servers: list[Server] = []
 
-    def factory(**overrides: str) -> Server:
+    def factory(role: str = "all", **overrides: str) -> Server:
         workdir = tmp_path / f"server{len(servers)}"
         workdir.mkdir()
-        server = Server(workdir=workdir, port=free_port(), overrides=dict(overrides))
+        server = Server(workdir=workdir, port=free_port(), overrides=dict(overrides), role=role)
         servers.append(server)
         return server
 
@@ -79,5 +79,17 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         fusion_weight=MODEL_FUSION_WEIGHT,
         seed=7,
         version="test-random-0",
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small fused resnet18 + resnet34 at 64 px (random weights): for tests about plumbing, not accuracy."""
+    from screener.export import create_random_model_dir
+
+    out = tmp_path_factory.mktemp("models") / "fused-tiny"
+    create_random_model_dir(
+        out, arch_a="resnet18", arch_b="resnet34", input_size=64, seed=3, version="test-tiny-0"
     )
     return out

@@ -199,6 +199,7 @@ class Server:
     overrides: dict[str, str]
     proc: subprocess.Popen[bytes] | None = None
     runs: int = 0
+    role: str = "all"
 
     @property
     def log_path(self) -> Path:
@@ -233,7 +234,11 @@ class Server:
         self.overrides.setdefault("SCREENER__DATABASE__URL", f"sqlite:///{self.workdir / 'screener.db'}")
         log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [str(SCREENER), "serve"], cwd=self.workdir, env=self.env(), stdout=log, stderr=subprocess.STDOUT
+            [str(SCREENER), "serve", "--role", self.role],
+            cwd=self.workdir,
+            env=self.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         if wait:
             self.wait_ready()

@@ -177,6 +177,11 @@ def test_kill9_with_deliveries_pending_sends_each_once_after_restart(make_server
         )
         uids = [u for u, s in pacs.received if s == 0]
         assert len(uids) == 2 and len(set(uids)) == 2, "each SR sent exactly once"
+        audit = server.rows("SELECT action, subject FROM audit_events ORDER BY id")
+        actions = [a for a, _ in audit]
+        assert actions.count("instance.received") == 2
+        assert actions.count("result.produced") == 2
+        assert sorted(s for a, s in audit if a == "result.delivered") == sorted(uids)
     finally:
         pacs.stop()
 

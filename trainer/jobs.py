@@ -285,6 +285,7 @@ def _train_evaluate_promote(config: Config, engine: Engine, run_id: int) -> tupl
             candidate_report=candidate_report,
             active_report=active_report,
             tolerance=config.trainer.gate_tolerance,
+            actor="trainer retrain",
         )
     return outcome, decision
 

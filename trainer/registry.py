@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from screener import audit
 from screener.db.models import ModelEvent, ModelStatus, ModelVersion, utcnow
 from screener.errors import ModelError
 from screener.registry import activate_version, active_version
@@ -58,6 +59,7 @@ def promote(
     active_report: Mapping[str, Any] | None,
     force: bool = False,
     tolerance: float = 0.0,
+    actor: str = "operator",
 ) -> Decision:
     """Make ``version`` active if the gate passes (or ``force``); record the decision either way.
 
@@ -82,6 +84,13 @@ def promote(
     previous = current.version if current is not None else None
     if ok:
         activate_version(session, version)
+        audit.record(
+            session,
+            audit.MODEL_PROMOTED,
+            actor=actor,
+            subject=version,
+            detail={"previous": previous, "forced": force and current is not None, "reason": reason},
+        )
         _event(
             session,
             version,
@@ -97,7 +106,7 @@ def promote(
     return Decision(ok, version, previous, reason, forced=force and current is not None)
 
 
-def rollback(session: Session) -> Decision:
+def rollback(session: Session, actor: str = "operator") -> Decision:
     """Re-activate the model that was active before the current one; the current one is retired.
 
     Raises ModelError when there is no active model or no earlier active one to return to.
@@ -121,6 +130,13 @@ def rollback(session: Session) -> Decision:
     current.retired_at = utcnow()
     reason = f"rolled back from {current.version}"
     _event(session, earlier.version, "rolled_back", reason)
+    audit.record(
+        session,
+        audit.MODEL_ROLLED_BACK,
+        actor=actor,
+        subject=earlier.version,
+        detail={"from": current.version},
+    )
     return Decision(True, earlier.version, current.version, reason)
 
 

@@ -90,6 +90,7 @@ class Instance(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(128))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    spool_deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class InstanceClash(Base):
@@ -253,3 +254,21 @@ class ModelEvent(Base):
     reason: Mapped[str] = mapped_column(Text)
     report_json: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AuditEvent(Base):
+    """Who did what when: instances received, results produced, SRs delivered, model promotions and rollbacks.
+
+    No PHI beyond the UIDs the database already holds; ``actor`` is a calling AE title, a worker or
+    sender identity, or "operator".
+    """
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_at", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    action: Mapped[str] = mapped_column(String(32))
+    actor: Mapped[str] = mapped_column(String(128))
+    subject: Mapped[str] = mapped_column(String(128))
+    detail: Mapped[str | None] = mapped_column(Text)
