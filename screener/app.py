@@ -19,6 +19,7 @@ from screener.errors import DatabaseUnavailableError
 from screener.ingest import Ingest, reconcile_spool
 from screener.listener import CHEST_SOP_CLASSES, Listener
 from screener.logs import get_logger
+from screener.metrics import Health, Metrics, start_metrics
 from screener.scheduler import build_scheduler
 from screener.sender import Sender
 from screener.spool import Spool
@@ -56,6 +57,10 @@ def serve(config: Config, stop: threading.Event | None = None, role: str = "all"
             removed_orphans=orphans,
         )
 
+    metrics = Metrics(engine, spool.root)
+    health = Health()
+    health.register_database(engine)
+
     listener = None
     if "listener" in roles:
         ingest = Ingest(
@@ -64,10 +69,16 @@ def serve(config: Config, stop: threading.Event | None = None, role: str = "all"
             refuse_conflicts=config.listener.on_conflict == "refuse",
             chest_sop_classes=CHEST_SOP_CLASSES,
         )
-        listener = Listener(config.listener, ingest)
-    worker = Worker(config, engine, spool, stop) if "worker" in roles else None
-    sender = Sender(config.pacs, engine, spool, stop) if "sender" in roles else None
-    scheduler = build_scheduler(config, engine, spool, roles=roles)
+        listener = Listener(config.listener, ingest, metrics)
+        health.register("listener", listener.is_alive)
+    worker = Worker(config, engine, spool, stop, metrics) if "worker" in roles else None
+    sender = Sender(config.pacs, engine, spool, stop, metrics) if "sender" in roles else None
+    if worker is not None:
+        health.register("worker", worker.thread.is_alive)
+    if sender is not None:
+        health.register("sender", sender.thread.is_alive)
+    scheduler = build_scheduler(config, engine, spool, roles=roles, on_failure=metrics.job_failed)
+    http = start_metrics(config, health, metrics)  # a taken port stops start-up before anything runs
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("serve.signal", signal=signal.Signals(signum).name)
@@ -93,6 +104,7 @@ def serve(config: Config, stop: threading.Event | None = None, role: str = "all"
         if sender is not None:
             sender.join(timeout=config.pacs.timeout_seconds * 2)
     finally:
+        http.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         engine.dispose()

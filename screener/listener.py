@@ -22,6 +22,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from screener.config import ListenerConfig
 from screener.ingest import STATUS_OUT_OF_RESOURCES, Ingest, IngestResult, Outcome, Received
 from screener.logs import get_logger, uid_hash
+from screener.metrics import Metrics
 
 log = get_logger("screener.listener")
 
@@ -103,9 +104,11 @@ def build_ssl_context(config: ListenerConfig) -> ssl.SSLContext | None:
 class Listener:
     """Owns the AE and its server; :meth:`start` serves in the background, :meth:`drain` stops it."""
 
-    def __init__(self, config: ListenerConfig, ingest: Ingest) -> None:
+    def __init__(self, config: ListenerConfig, ingest: Ingest, metrics: Metrics | None = None) -> None:
         self.config = config
         self.ingest = ingest
+        self.metrics = metrics or Metrics()
+        self._accept: threading.Thread | None = None
         self._draining = threading.Event()
         self._server: _Server | None = None
         self._allowed = self._parse_allowed(config.allowed_calling_aets)
@@ -160,7 +163,8 @@ class Listener:
             server_class=_Server,
         )
         self.ae._servers.append(server)  # pynetdicom's shutdown() removes it from this list
-        threading.Thread(target=server.serve_forever, name="dicom-accept", daemon=True).start()
+        self._accept = threading.Thread(target=server.serve_forever, name="dicom-accept", daemon=True)
+        self._accept.start()
         self._server = typing.cast(_Server, server)
         if not self._allowed:
             log.warning(
@@ -175,6 +179,10 @@ class Listener:
             tls=self.config.tls.enabled,
             max_associations=self.config.max_associations,
         )
+
+    def is_alive(self) -> bool:
+        """True while the accept loop runs and the listener is not draining (the /healthz check)."""
+        return self._accept is not None and self._accept.is_alive() and not self._draining.is_set()
 
     def active_associations(self) -> int:
         if self._server is None:
@@ -249,6 +257,7 @@ class Listener:
         except Exception as exc:
             log.exception("instance.handler_error", error=type(exc).__name__)
             result = IngestResult(Outcome.SPOOL_ERROR, STATUS_OUT_OF_RESOURCES, detail=type(exc).__name__)
+        self.metrics.instance_received(result.outcome)
         fields: dict[str, Any] = {
             "calling_ae": calling,
             "sop_class": _sop_name(sop_class),

@@ -25,9 +25,11 @@ from sqlalchemy import Engine, and_, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from screener import audit
 from screener.config import PacsConfig, PacsDestination
 from screener.db.models import Delivery, DeliveryStatus, utcnow
 from screener.logs import get_logger, uid_hash
+from screener.metrics import Metrics
 from screener.spool import Spool
 
 log = get_logger("screener.sender")
@@ -76,8 +78,16 @@ def _ssl_context(dest: PacsDestination) -> ssl.SSLContext | None:
 
 
 class Sender:
-    def __init__(self, pacs: PacsConfig, db: Engine, spool: Spool, stop: threading.Event) -> None:
+    def __init__(
+        self,
+        pacs: PacsConfig,
+        db: Engine,
+        spool: Spool,
+        stop: threading.Event,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.pacs = pacs
+        self.metrics = metrics or Metrics()
         self.sessions: sessionmaker[Session] = sessionmaker(db, expire_on_commit=False)
         self.db = db
         self.spool = spool
@@ -225,6 +235,15 @@ class Sender:
                 .where(Delivery.id == delivery_id, Delivery.lease_owner == self.owner)
                 .values(**values)
             )
+            if final == "sent":
+                audit.record(
+                    session,
+                    audit.RESULT_DELIVERED,
+                    actor=self.owner,
+                    subject=sop_uid or str(delivery_id),
+                    detail={"destination": dest.name if dest else None, "delivery": delivery_id},
+                )
+        self.metrics.delivery_attempt(dest.name if dest else "unknown", final)
         event = log.info if final == "sent" else log.warning
         event(
             "delivery.attempt",

@@ -224,6 +224,7 @@ class Server:
                 "SCREENER__STORAGE__ORPHAN_GRACE_SECONDS": "0",
                 "SCREENER__DATABASE__URL": f"sqlite:///{self.workdir / 'screener.db'}",
                 "SCREENER__LISTENER__DRAIN_SECONDS": "20",
+                "SCREENER__METRICS__PORT": "0",  # parallel servers must not fight over 9110
             }
         )
         env.update(self.overrides)
