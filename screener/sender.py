@@ -34,8 +34,8 @@ from screener.spool import Spool
 
 log = get_logger("screener.sender")
 
-_SENT_WARNINGS = {0xB000, 0xB006, 0xB007, 0x0111}
-_TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
+DELIVERED_WARNINGS = {0xB000, 0xB006, 0xB007, 0x0111}
+SENT_TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def classify_status(status: int | None, error: str | None = None) -> Outcome:
     """What a C-STORE response (or its absence) means for a delivery."""
     if status is None:
         return Outcome(False, True, error or "no response (association refused, aborted or timed out)")
-    if status == 0x0000 or status in _SENT_WARNINGS:
+    if status == 0x0000 or status in DELIVERED_WARNINGS:
         return Outcome(True, False, None)
     hexed = f"0x{status:04X}"
     if 0xA700 <= status <= 0xA7FF:
@@ -172,7 +172,7 @@ class Sender:
         if not datasets:
             return
         for sop_class in sorted({str(ds.SOPClassUID) for _, ds, _, _ in datasets}):
-            ae.add_requested_context(sop_class, _TRANSFER_SYNTAXES)
+            ae.add_requested_context(sop_class, SENT_TRANSFER_SYNTAXES)
         ctx = _ssl_context(dest)
         tls_args = (ctx, dest.host) if ctx is not None else None
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)

@@ -35,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="new model directory")
     p.add_argument("--epochs", type=int, help="epochs per backbone (default: the preset's)")
     p.add_argument("--limit", type=int, help="at most N images per class")
-    p.add_argument("--samples-per-epoch", type=int, help="class-balanced draws per epoch (default: the preset's)")
+    p.add_argument(
+        "--samples-per-epoch", type=int, help="class-balanced draws per epoch (default: the preset's)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--pretrained-dir", type=Path, help="local torchvision ImageNet weights (never downloaded)"
