@@ -26,6 +26,10 @@ def run_migrations() -> None:
 
 
 def _run(connection: object) -> None:
+    if connection.dialect.name == "sqlite":  # type: ignore[attr-defined]
+        # Batch migrations rebuild a table and rename it back; with the reporting views on that table,
+        # SQLite's modern ALTER TABLE RENAME would refuse. Legacy mode renames without re-checking views.
+        connection.exec_driver_sql("PRAGMA legacy_alter_table=ON")  # type: ignore[attr-defined]
     context.configure(
         connection=connection,  # type: ignore[arg-type]
         target_metadata=target_metadata,

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from datetime import date
 from pathlib import Path
 
 from screener import __version__
@@ -74,6 +75,19 @@ def _parser() -> argparse.ArgumentParser:
     add_config_option(a, top=False)
     a.add_argument("version")
     add_config_option(msub.add_parser("list", help="registered models and their status"), top=False)
+
+    p = sub.add_parser(
+        "report", help="reporting views: daily, positives, turnaround, performance, deliveries"
+    )
+    add_config_option(p, top=False)
+    p.add_argument(
+        "report_name",
+        metavar="REPORT",
+        choices=["daily", "positives", "turnaround", "performance", "deliveries"],
+    )
+    p.add_argument("--since", type=date.fromisoformat, metavar="DATE", help="first day (YYYY-MM-DD, UTC)")
+    p.add_argument("--until", type=date.fromisoformat, metavar="DATE", help="last day (YYYY-MM-DD, UTC)")
+    p.add_argument("--format", dest="fmt", choices=["table", "csv", "json"], default="table")
 
     p = sub.add_parser("deliveries", help="results outbox: list and re-drive sends to the PACS")
     add_config_option(p, top=False)
@@ -151,11 +165,17 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         from screener.status import collect_status, render_status
 
         # `status` only reads: it never creates a schema. Commands that write follow database.auto_migrate.
-        ensure_at_head(engine, auto_migrate=config.database.auto_migrate and args.command != "status")
+        read_only = args.command in ("status", "report")  # never create a schema just to read it
+        ensure_at_head(engine, auto_migrate=config.database.auto_migrate and not read_only)
         if args.command == "models":
             return _models(engine, args)
         if args.command == "deliveries":
             return _deliveries(engine, args)
+        if args.command == "report":
+            from screener.reporting import run_report
+
+            print(run_report(engine, args.report_name, args.since, args.until, args.fmt))
+            return 0
         if args.command == "classify":
             from sqlalchemy.orm import Session
 

@@ -76,3 +76,48 @@ def test_status_refuses_an_empty_database(tmp_path: Path):
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     res = subprocess.run([str(SCREENER), "status"], env=_env(url, tmp_path), capture_output=True, text=True)
     assert res.returncode == 1 and "screener db upgrade" in res.stderr
+
+
+def test_full_downgrade_and_upgrade_round_trip_on_sqlite(tmp_path: Path):
+    """Every revision's downgrade works, also where a table the reporting views read is rebuilt."""
+    from alembic import command
+
+    from screener.db.migrate import _alembic_config
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    try:
+        upgrade(engine)
+        cfg = _alembic_config()
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, "base")
+        assert current_revision(engine) is None
+        upgrade(engine)
+        assert current_revision(engine) == head_revision()
+    finally:
+        engine.dispose()
+
+
+def test_report_command_reads_views_and_refuses_an_unmigrated_database(tmp_path: Path):
+    import json
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    env = _env(url, tmp_path)
+    res = subprocess.run([str(SCREENER), "report", "daily"], env=env, capture_output=True, text=True)
+    assert res.returncode == 1 and "screener db upgrade" in res.stderr
+    subprocess.run([str(SCREENER), "db", "upgrade"], env=env, check=True, capture_output=True)
+    res = subprocess.run(
+        [str(SCREENER), "report", "positives", "--format", "json", "--since", "2026-01-01"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["report"] == "positives"
+    res = subprocess.run(
+        [str(SCREENER), "report", "daily", "--since", "2026-02-02", "--until", "2026-02-01"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 1 and "--since 2026-02-02 is after --until 2026-02-01" in res.stderr
