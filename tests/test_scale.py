@@ -201,3 +201,39 @@ def test_scheduler_jobs_per_role(tmp_path: Path):
     assert job_ids(build_scheduler(config, engine, spool, roles=frozenset({"listener"}))) == ["orphan_sweep"]
     assert job_ids(build_scheduler(config, engine, spool, roles=frozenset({"sender"}))) == []
     engine.dispose()
+
+
+def test_a_failing_job_is_logged_and_counted_and_the_scheduler_keeps_running(tmp_path: Path):
+    import time
+
+    from screener.metrics import Metrics
+    from screener.scheduler import build_scheduler
+
+    config = load_config(None, environ={})
+    engine = create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    metrics = Metrics()
+    sched = build_scheduler(
+        config,
+        engine,
+        Spool(tmp_path / "spool", 0),
+        roles=frozenset({"sender"}),
+        on_failure=metrics.job_failed,
+    )
+    assert sched is not None
+    ran: list[int] = []
+
+    def broken() -> None:
+        ran.append(1)
+        raise RuntimeError("disk on fire")
+
+    sched.add_job(broken, "interval", seconds=0.2, id="broken", next_run_time=datetime.now(UTC))
+    sched.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(ran) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        sched.shutdown(wait=False)
+    engine.dispose()
+    assert len(ran) >= 2, "the job ran again after failing"
+    assert 'screener_job_failures_total{job="broken"}' in metrics.exposition().decode()
