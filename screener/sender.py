@@ -10,8 +10,6 @@ until an operator runs ``screener deliveries retry``.
 
 from __future__ import annotations
 
-import os
-import socket
 import ssl
 import threading
 import uuid
@@ -28,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from screener import audit
 from screener.config import PacsConfig, PacsDestination
 from screener.db.models import Delivery, DeliveryStatus, utcnow
+from screener.leases import owner_id, release_dead_leases
 from screener.logs import get_logger, uid_hash
 from screener.metrics import Metrics
 from screener.spool import Spool
@@ -92,7 +91,7 @@ class Sender:
         self.db = db
         self.spool = spool
         self.stop = stop
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.owner = owner_id(uuid.uuid4().hex[:8])
         self.destinations = {d.name: d for d in pacs.destinations}
         self.thread = threading.Thread(target=self._run, name="sender", daemon=True)
 
@@ -104,6 +103,13 @@ class Sender:
 
     def _run(self) -> None:
         log.info("sender.started", destinations=sorted(self.destinations))
+        try:
+            with self.sessions.begin() as session:
+                released = release_dead_leases(session, Delivery, {})
+            if released:
+                log.warning("leases.released", deliveries=released, why="their sender on this host is gone")
+        except SQLAlchemyError as exc:
+            log.warning("sender.database_unavailable", error=type(exc).__name__)
         while not self.stop.is_set():
             try:
                 self.sweep()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import socket
 import threading
 import time
 import uuid
@@ -40,6 +39,7 @@ from screener.engine import load_engine
 from screener.engine.base import Engine as InferenceEngine
 from screener.errors import ScreenerError
 from screener.imaging import PreprocessSpec
+from screener.leases import owner_id, release_dead_leases
 from screener.logs import get_logger, uid_hash
 from screener.metrics import Metrics
 from screener.outbox import build_objects, enqueue
@@ -84,7 +84,7 @@ class Worker:
         self.sessions: sessionmaker[Session] = sessionmaker(db, expire_on_commit=False)
         self.spool = spool
         self.stop = stop
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.owner = owner_id(uuid.uuid4().hex[:8])
         self.model: _Model | None = None
         self._failed_model: tuple[int, float] | None = None
         self._pool: ProcessPoolExecutor | None = None
@@ -108,8 +108,19 @@ class Worker:
         spawn = multiprocessing.get_context("spawn")
         return ProcessPoolExecutor(max_workers=workers, mp_context=spawn, initializer=init_pool_process)
 
+    def _release_dead_leases(self) -> None:
+        try:
+            with self.sessions.begin() as session:
+                released = release_dead_leases(session, Instance, {"status": InstanceStatus.QUEUED})
+        except SQLAlchemyError as exc:
+            log.warning("worker.database_unavailable", error=type(exc).__name__)
+            return
+        if released:
+            log.warning("leases.released", instances=released, why="their worker on this host is gone")
+
     def _run(self) -> None:
         self.alive.set()
+        self._release_dead_leases()
         self._pool = self._make_pool()
         log.info(
             "worker.started",

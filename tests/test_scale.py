@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -237,3 +238,43 @@ def test_a_failing_job_is_logged_and_counted_and_the_scheduler_keeps_running(tmp
     engine.dispose()
     assert len(ran) >= 2, "the job ran again after failing"
     assert 'screener_job_failures_total{job="broken"}' in metrics.exposition().decode()
+
+
+def test_leases_of_dead_local_processes_are_released_at_start(tmp_path: Path):
+    import socket
+    import subprocess
+    import sys
+
+    from sqlalchemy.orm import Session
+
+    from screener.db.models import Instance, InstanceStatus
+    from screener.leases import release_dead_leases
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    host = socket.gethostname()
+    owners = {
+        1: f"{host}:{gone.pid}:dead",
+        2: f"{host}:{os.getpid()}:alive",
+        3: f"elsewhere:{gone.pid}:remote",
+    }
+    engine = create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    upgrade(engine)
+    future = datetime.now(UTC) + timedelta(minutes=5)
+    with engine.begin() as conn:
+        for i, owner in owners.items():
+            conn.execute(
+                text(
+                    "INSERT INTO instances (id, sop_instance_uid, sop_class_uid, transfer_syntax_uid, "
+                    "calling_ae_title, spool_name, sha256, size_bytes, status, received_at, updated_at, "
+                    "attempts, lease_owner, lease_expires_at) "
+                    "VALUES (:i, :u, '1.2', '1.2', 'T', 'n', 'x', 1, 'processing', :t, :t, 1, :o, :t)"
+                ),
+                {"i": i, "u": f"1.5.{i}", "t": future, "o": owner},
+            )
+    with Session(engine) as session, session.begin():
+        assert release_dead_leases(session, Instance, {"status": InstanceStatus.QUEUED}) == 1
+    with engine.connect() as conn:
+        rows = dict(conn.execute(text("SELECT id, status FROM instances")).all())
+    assert rows == {1: "queued", 2: "processing", 3: "processing"}
+    engine.dispose()
