@@ -85,7 +85,7 @@ def configure_logging(config: LoggingConfig, stream: TextIO | None = None) -> No
     _quiet_pynetdicom(config.pynetdicom_level)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)  # job runs are routine; failures are ours to log
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)  # routine job runs; failures are logged by us
 
 
 def _quiet_pynetdicom(level: str) -> None:
