@@ -531,14 +531,17 @@ class FakePacs:
         self.received.append((uid, self.answer))
         return self.answer
 
-    def start(self) -> FakePacs:
+    def start(self, ssl_context: Any = None) -> FakePacs:
         from pynetdicom import AllStoragePresentationContexts
 
         ae = AE(ae_title=self.ae_title)
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
         self._server = ae.start_server(
-            ("127.0.0.1", self.port), block=False, evt_handlers=[(self._evt.EVT_C_STORE, self._on_store)]
+            ("127.0.0.1", self.port),
+            block=False,
+            ssl_context=ssl_context,
+            evt_handlers=[(self._evt.EVT_C_STORE, self._on_store)],
         )
         return self
 

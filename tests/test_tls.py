@@ -13,64 +13,6 @@ from pynetdicom import AE
 from tests.helpers import rg1_pixels, small_cr
 
 
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl."""
-    d = tmp_path / "pki"
-    d.mkdir()
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=Test CA",
-        "-keyout",
-        str(d / "ca.key"),
-        "-out",
-        str(d / "ca.pem"),
-    )
-    for name, ext in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
-        _openssl(
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            f"/CN={name}",
-            "-keyout",
-            str(d / f"{name}.key"),
-            "-out",
-            str(d / f"{name}.csr"),
-        )
-        (d / f"{name}.ext").write_text(ext + "\n")
-        _openssl(
-            "x509",
-            "-req",
-            "-in",
-            str(d / f"{name}.csr"),
-            "-CA",
-            str(d / "ca.pem"),
-            "-CAkey",
-            str(d / "ca.key"),
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            str(d / f"{name}.ext"),
-            "-out",
-            str(d / f"{name}.pem"),
-        )
-    return {p.stem + p.suffix.replace(".", "_"): p for p in d.iterdir()}
-
-
 def _store_tls(port: int, ctx: ssl.SSLContext) -> int | None:
     ae = AE(ae_title="TLSSCU")
     ae.acse_timeout = ae.network_timeout = 10
@@ -110,3 +52,35 @@ def test_tls_store_with_required_client_certificate(make_server, pki):
     )
     assert plain.returncode != 0, "a plain-TCP association must not be accepted on a TLS port"
     assert _store_tls(server.port, _client_ctx(pki, with_cert=True)) == 0x0000
+
+
+@pytest.mark.slow
+def test_results_are_sent_to_a_tls_pacs_that_demands_our_client_certificate(make_server, pki, tiny_model_dir):
+    """[[pacs.destinations]] with tls_*: the SR goes out over TLS and the PACS verifies our certificate."""
+    from tests.helpers import FakePacs, cli, store, wait_for
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki["ca_pem"]))
+    ctx.load_cert_chain(str(pki["server_pem"]), str(pki["server_key"]))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    pacs = FakePacs().start(ssl_context=ctx)
+    destination = (
+        f'[{{ae_title="FAKEPACS", host="127.0.0.1", port={pacs.port}, tls_ca_file="{pki["ca_pem"]}", '
+        f'tls_cert_file="{pki["client_pem"]}", tls_key_file="{pki["client_key"]}"}}]'
+    )
+    server = make_server(
+        SCREENER__PACS__DESTINATIONS=destination,
+        SCREENER__PACS__SWEEP_SECONDS="0.2",
+        SCREENER__INFERENCE__STUDY_SETTLE_SECONDS="1",
+        SCREENER__INFERENCE__POLL_SECONDS="0.1",
+        SCREENER__INFERENCE__PREPROCESS_WORKERS="1",
+    )
+    try:
+        cli(server, "db", "upgrade")
+        cli(server, "models", "register", str(tiny_model_dir), "--activate")
+        server.start()
+        assert store(server.port, [small_cr(rg1_pixels(128), study_uid=generate_uid())]) == [0x0000]
+        wait_for(lambda: any(s == 0 for _, s in pacs.received), 120, "the SR over TLS")
+        sent = server.rows("SELECT status, attempts FROM deliveries")
+        assert sent == [("sent", 1)]
+    finally:
+        pacs.stop()
