@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import Engine, and_, exists, func, or_, select, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from screener import audit
@@ -156,7 +156,10 @@ class Worker:
                 self._release(pending)
             self.stop.wait(self.config.inference.poll_seconds)
             return None
-        self._settle_studies()
+        try:
+            self._settle_studies()
+        except SQLAlchemyError as exc:  # verdicts retry next round; the pending batch must not wait for that
+            log.warning("worker.settle_failed", error=type(exc).__name__)
         nxt = self._claim_when_ready(block=pending is None)
         if pending is not None:
             self._finish(pending)
@@ -423,11 +426,28 @@ class Worker:
                 )
             )
         for study_id in study_ids:
-            self._settle(study_id)
+            try:
+                self._settle(study_id)
+            except IntegrityError:
+                # Another worker made this verdict at the same moment; the unique revision kept one.
+                log.info("study.verdict_taken", study=study_id)
 
     def _settle(self, study_id: int) -> None:
         assert self.model is not None
         with self.sessions.begin() as session:
+            # Workers settling the same study queue up on its row (PostgreSQL), then re-check: only the
+            # first one makes the verdict, so a study never gets a second revision for the same content.
+            study = session.execute(
+                select(Study.last_received_at).where(Study.id == study_id).with_for_update()
+            ).one_or_none()
+            fresh = session.scalar(
+                select(func.count())
+                .select_from(StudyResult)
+                .where(StudyResult.study_id == study_id, StudyResult.created_at >= Study.last_received_at)
+                .where(Study.id == study_id)
+            )
+            if study is None or fresh:
+                return
             rows = session.execute(
                 select(
                     Instance.status,
