@@ -93,9 +93,7 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=2.0, help="instances per second sent")
     ap.add_argument("--backend", default="onnxruntime")
     ap.add_argument("--max-batch", type=int, default=8)
-    ap.add_argument(
-        "--cxr3", type=Path, default=os.environ.get("CXR3_DIR"), help="cxr3 folder (default: $CXR3_DIR)"
-    )
+    ap.add_argument("--cxr3", default=os.environ.get("CXR3_DIR"), help="cxr3 folder (default: $CXR3_DIR)")
     args = ap.parse_args()
     if not args.cxr3:
         sys.exit("set CXR3_DIR (or pass --cxr3) to the folder of the labelled chest X-rays")
