@@ -15,6 +15,8 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from screener.spool import pid_alive
+
 
 def owner_id(token: str) -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{token}"
@@ -25,13 +27,7 @@ def _dead_here(owner: str) -> bool:
     pid_text = rest.partition(":")[0]
     if host != socket.gethostname() or not pid_text.isdigit() or int(pid_text) == os.getpid():
         return False
-    try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return not pid_alive(int(pid_text))
 
 
 def release_dead_leases(session: Session, model: Any, values: dict[str, Any]) -> int:

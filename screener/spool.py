@@ -149,7 +149,7 @@ class Spool:
             if len(parts) != 3 or parts[0] != self._host or not parts[1].isdigit():
                 continue
             pid = int(parts[1])
-            if pid != os.getpid() and not _pid_alive(pid):
+            if pid != os.getpid() and not pid_alive(pid):
                 tmp.unlink(missing_ok=True)
                 removed += 1
         return removed
@@ -170,7 +170,8 @@ class Spool:
         return removed
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Is process ``pid`` of this host alive? (Another user's process counts as alive.)"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -12,6 +12,7 @@ from typing import Any
 from screener import __version__
 from screener.cli import add_config_option, load_from_args
 from screener.config import Config, as_dict
+from screener.db.migrate import open_database
 from screener.errors import ConfigError, ScreenerError
 from screener.modelcard import CARD_FILE
 
@@ -112,15 +113,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _engine(config: Config) -> Any:
-    from screener.db.migrate import ensure_at_head
-    from screener.db.session import make_engine
-
-    engine = make_engine(config.database)
-    ensure_at_head(engine, config.database.auto_migrate)
-    return engine
-
-
 def _init_model(config: Config, args: argparse.Namespace) -> int:
     from screener.export import create_random_model_dir
 
@@ -142,7 +134,7 @@ def _labels(config: Config, args: argparse.Namespace) -> int:
 
     from trainer.labels import import_labels
 
-    engine = _engine(config)
+    engine = open_database(config.database)
     try:
         with Session(engine) as session, session.begin():
             report = import_labels(session, args.file)
@@ -173,7 +165,7 @@ def _models(config: Config, args: argparse.Namespace) -> int:
     from screener.registry import list_versions
     from trainer.registry import promote, rollback
 
-    engine = _engine(config)
+    engine = open_database(config.database)
     try:
         with Session(engine) as session, session.begin():
             if args.models_command == "list":

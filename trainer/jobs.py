@@ -22,9 +22,8 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from screener.config import Config
-from screener.db.migrate import ensure_at_head
+from screener.db.migrate import open_database
 from screener.db.models import Label, TrainingRun, utcnow
-from screener.db.session import make_engine
 from screener.errors import DataError, ScreenerError
 from screener.logs import get_logger
 from screener.modelcard import load_model_dir
@@ -108,7 +107,7 @@ def _run_train(config: Config, args: argparse.Namespace) -> int:
     print(json.dumps({k: v for k, v in card.metrics.items() if not isinstance(v, list | dict)}, indent=2))
     if not (args.register or args.activate):
         return 0
-    engine = _open_db(config)
+    engine = open_database(config.database)
     try:
         report = (
             evaluate_model(
@@ -157,19 +156,13 @@ def write_split_csv(samples: list[Sample], path: Path) -> Path:
     return path
 
 
-def _open_db(config: Config) -> Engine:
-    engine = make_engine(config.database)
-    ensure_at_head(engine, config.database.auto_migrate)
-    return engine
-
-
 def run_retrain(config: Config) -> int:
     """The nightly job. Prints one summary line; returns the exit code (see module docstring)."""
     with exclusive_lock(config.trainer.lock_file) as held:
         if not held:
             print(f"retrain: another run holds {config.trainer.lock_file}; nothing to do")
             return EXIT_PROMOTED
-        engine = _open_db(config)
+        engine = open_database(config.database)
         try:
             return _retrain_locked(config, engine)
         finally:

@@ -11,6 +11,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
+from screener.config import DatabaseConfig
+from screener.db.session import make_engine
 from screener.errors import DatabaseNotMigratedError
 
 
@@ -37,6 +39,16 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
+
+
+def open_database(config: DatabaseConfig, *, migrate: bool | None = None) -> Engine:
+    """An engine at head: migrated when ``migrate`` (default ``database.auto_migrate``), else checked.
+
+    Raises DatabaseNotMigratedError when the database is behind and migrating is not allowed.
+    """
+    engine = make_engine(config)
+    ensure_at_head(engine, config.auto_migrate if migrate is None else migrate)
+    return engine
 
 
 def ensure_at_head(engine: Engine, auto_migrate: bool) -> str:
