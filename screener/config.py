@@ -96,6 +96,7 @@ class ListenerConfig:
     max_pdu_size: int = 0
     accept_all_storage: bool = False
     on_conflict: Literal["keep_first", "refuse"] = "keep_first"
+    queue_high_water: int = 20000
     tls: TLSConfig = field(default_factory=TLSConfig)
 
     def validate(self) -> None:
@@ -115,6 +116,7 @@ class ListenerConfig:
             "max_pdu_size",
             "must be 0 (no limit) or between 4096 and 4294967295 bytes",
         )
+        _require(self.queue_high_water >= 0, "queue_high_water", "must be 0 (no limit) or more instances")
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,8 @@ class InferenceConfig:
     threads: int = 0
     torch_compile: bool = False
     trt_cache_dir: Path = Path("var/trt-cache")
+    reduced_decode: bool = True
+    precision: Literal["auto", "fp32", "int8"] = "auto"
 
     def validate(self) -> None:
         _require(1 <= self.max_batch <= 1024, "max_batch", "must be between 1 and 1024")
