@@ -64,11 +64,13 @@ def classify_files(
         if not path.is_file():
             prepared.append(Prepared(n, "failed", None, f"no such file: {path}", 0.0))
         elif _is_dicom(path):
-            prepared.append(prepare_instance(n, str(path), spec, config.eligibility))
+            prepared.append(prepare_instance(n, str(path), spec, config.eligibility, inf.reduced_decode))
         else:
             started = time.perf_counter()
             try:
-                array = preprocess_file(path, spec, config.eligibility.max_pixels)
+                array = preprocess_file(
+                    path, spec, config.eligibility.max_pixels, reduced_decode=inf.reduced_decode
+                )
                 prepared.append(Prepared(n, "ok", array, None, (time.perf_counter() - started) * 1000))
             except ImagingError as exc:
                 prepared.append(Prepared(n, "failed", None, str(exc), 0.0))

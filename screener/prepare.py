@@ -26,8 +26,18 @@ class Prepared:
     ms: float
 
 
-def prepare_instance(instance_id: int, path: str, spec: PreprocessSpec, rules: EligibilityConfig) -> Prepared:
-    """Eligibility from the header, then decode + preprocess. Never raises: bad input becomes a reason."""
+def prepare_instance(
+    instance_id: int,
+    path: str,
+    spec: PreprocessSpec,
+    rules: EligibilityConfig,
+    reduced_decode: bool = False,
+) -> Prepared:
+    """Eligibility from the header, then decode + preprocess. Never raises: bad input becomes a reason.
+
+    ``reduced_decode`` (``inference.reduced_decode``) lets single-frame JPEG 2000 decode at the coarsest
+    resolution level that suits ``spec.input_size``; see :func:`screener.imaging.dicom_to_unit`.
+    """
     started = time.perf_counter()
 
     def done(
@@ -43,7 +53,7 @@ def prepare_instance(instance_id: int, path: str, spec: PreprocessSpec, rules: E
     if not decision.eligible:
         return done("skipped", None, decision.reason)
     try:
-        array = preprocess_dataset(ds, spec, rules.max_pixels)
+        array = preprocess_dataset(ds, spec, rules.max_pixels, reduced_decode=reduced_decode)
     except ImagingError as exc:
         return done("failed", None, str(exc))
     except Exception as exc:  # noqa: BLE001 - a decoder bug must not take the worker down

@@ -281,8 +281,11 @@ class Worker:
             self._set_status(instance_id, InstanceStatus.FAILED, f"processing crashed {attempts - 1} times")
         rows = [r for r in rows if r[2] <= MAX_ATTEMPTS]
         rules = self.config.eligibility
+        reduced = self.config.inference.reduced_decode
         futures = [
-            self._pool.submit(prepare_instance, iid, str(self.spool.path(name)), self.model.spec, rules)
+            self._pool.submit(
+                prepare_instance, iid, str(self.spool.path(name)), self.model.spec, rules, reduced
+            )
             for iid, name, _ in rows
         ]
         return _Claimed(rows, futures, time.perf_counter(), self.model)
