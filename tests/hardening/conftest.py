@@ -47,3 +47,63 @@ def figure(request: pytest.FixtureRequest) -> Figure:
         print(f"FIGURE {name} = {value} {unit}".rstrip())
 
     return record
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """Numeric fields of /proc/PID/status (``VmRSS``, ``VmHWM`` in KiB, ``Threads``); {} once it is gone."""
+    fields: dict[str, int] = {}
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return fields
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        parts = value.split()
+        if parts and parts[0].isdigit():
+            fields[key] = int(parts[0])
+    return fields
+
+
+def tree_rss_kib(pid: int) -> int:
+    """Resident memory of a process and its direct children (e.g. a preprocessing pool), KiB."""
+    total = proc_status(pid).get("VmRSS", 0)
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except (FileNotFoundError, ProcessLookupError):
+        children = []
+    return total + sum(proc_status(int(c)).get("VmRSS", 0) for c in children)
+
+
+class PeakSampler:
+    """Samples a process tree's RSS in the background; ``peak_kib`` is the largest sum seen."""
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        import threading
+
+        self.pid = pid
+        self.interval = interval
+        self.peak_kib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_kib = max(self.peak_kib, tree_rss_kib(self.pid))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) by nearest rank; 0.0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * q // 100))
+    return float(ordered[int(rank) - 1])
