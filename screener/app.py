@@ -10,6 +10,7 @@ import signal
 import threading
 from types import FrameType
 
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from screener.config import Config
@@ -29,6 +30,22 @@ log = get_logger("screener.serve")
 
 
 ROLES = ("listener", "worker", "sender")
+
+
+def _require_int8(config: Config, engine: Engine) -> None:
+    """``inference.precision = int8``: refuse to start unless the active model has a passing INT8 graph."""
+    from pathlib import Path
+
+    from sqlalchemy.orm import Session
+
+    from screener.engine import check_precision
+    from screener.registry import active_version
+
+    with Session(engine) as session:
+        active = active_version(session)
+        path = Path(active.path) if active is not None else None
+    if path is not None:  # without an active model the worker waits; the check runs when it loads one
+        check_precision(path, config.inference.backend, "int8")
 
 
 def serve(config: Config, stop: threading.Event | None = None, role: str = "all") -> int:
@@ -68,9 +85,12 @@ def serve(config: Config, stop: threading.Event | None = None, role: str = "all"
             make_session_factory(engine),
             refuse_conflicts=config.listener.on_conflict == "refuse",
             chest_sop_classes=CHEST_SOP_CLASSES,
+            queue_high_water=config.listener.queue_high_water,
         )
         listener = Listener(config.listener, ingest, metrics)
         health.register("listener", listener.is_alive)
+    if "worker" in roles and config.inference.precision == "int8":
+        _require_int8(config, engine)
     worker = Worker(config, engine, spool, stop, metrics) if "worker" in roles else None
     sender = Sender(config.pacs, engine, spool, stop, metrics) if "sender" in roles else None
     if worker is not None:

@@ -10,13 +10,14 @@ copy is kept and the clash recorded (or refused, by ``listener.on_conflict``).
 from __future__ import annotations
 
 import enum
-import hashlib
+import threading
+import time
 from dataclasses import dataclass
-from io import BytesIO
+from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -24,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from screener import audit
 from screener.db.models import ClashAction, Delivery, Instance, InstanceClash, InstanceStatus, Study, utcnow
 from screener.errors import SpoolError, SpoolFullError
-from screener.spool import Spool
+from screener.spool import Incoming, Spool
 
 # DICOM status codes (PS3.4 Annex B.2.3 and PS3.7 Annex C).
 STATUS_SUCCESS = 0x0000
@@ -39,6 +40,7 @@ class Outcome(enum.StrEnum):
     CLASH_KEPT_FIRST = "clash_kept_first"
     CLASH_REFUSED = "clash_refused"
     SPOOL_FULL = "spool_full"
+    QUEUE_FULL = "queue_full"
     SPOOL_ERROR = "spool_error"
     DATABASE_UNAVAILABLE = "database_unavailable"
     INVALID = "invalid"
@@ -46,13 +48,17 @@ class Outcome(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Received:
-    """One C-STORE request as it arrived: identifiers from the command set, the Part 10 bytes."""
+    """One C-STORE request as it arrived: identifiers from the command set, and its Part 10 file.
+
+    ``incoming`` is a temporary file in the spool holding preamble, file meta and the data set as
+    received; :meth:`Ingest.receive` either commits it into the spool or deletes it.
+    """
 
     sop_instance_uid: str
     sop_class_uid: str
     transfer_syntax_uid: str
     calling_ae_title: str
-    data: bytes
+    incoming: Incoming
 
 
 @dataclass(frozen=True)
@@ -70,11 +76,11 @@ class _Header:
     problem: str | None
 
 
-def read_header(data: bytes) -> _Header:
-    """Study and series UIDs from a Part 10 byte string, without touching the pixel data."""
+def read_header(path: Path) -> _Header:
+    """Study and series UIDs from a Part 10 file, reading no further than the pixel data."""
     try:
         ds = dcmread(
-            BytesIO(data),
+            path,
             stop_before_pixels=True,
             specific_tags=["StudyInstanceUID", "SeriesInstanceUID"],
         )
@@ -93,6 +99,40 @@ def read_header(data: bytes) -> _Header:
     return _Header(study_uid, series_uid, None)
 
 
+class QueueGauge:
+    """Instances waiting for classification (status ``queued``), counted cheaply for back-pressure.
+
+    The database is asked at most once per ``interval`` seconds; in between, instances this process
+    queues are added locally, so one listener never overshoots its high-water mark.
+    """
+
+    def __init__(self, sessions: sessionmaker[Session], interval: float = 0.5) -> None:
+        self.sessions = sessions
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._value: int | None = None
+        self._read_at = 0.0
+
+    def current(self) -> int:
+        """The queued count, at most ``interval`` seconds old (raises SQLAlchemyError)."""
+        with self._lock:
+            now = time.monotonic()
+            if self._value is None or now - self._read_at >= self.interval:
+                with self.sessions() as session:
+                    self._value = session.scalar(
+                        select(func.count())
+                        .select_from(Instance)
+                        .where(Instance.status == InstanceStatus.QUEUED)
+                    )
+                self._read_at = now
+            return self._value or 0
+
+    def added(self) -> None:
+        with self._lock:
+            if self._value is not None:
+                self._value += 1
+
+
 class Ingest:
     def __init__(
         self,
@@ -101,14 +141,26 @@ class Ingest:
         *,
         refuse_conflicts: bool,
         chest_sop_classes: frozenset[str],
+        queue_high_water: int = 0,
     ) -> None:
         self.spool = spool
         self.sessions = sessions
         self.refuse_conflicts = refuse_conflicts
         self.chest_sop_classes = chest_sop_classes
+        self.queue_high_water = queue_high_water
+        self.queue = QueueGauge(sessions)
 
     def receive(self, rx: Received) -> IngestResult:
-        digest = hashlib.sha256(rx.data).hexdigest()
+        """Commit ``rx.incoming`` into the spool with its ``instances`` row, or delete it; the answer.
+
+        Whatever the outcome, no temporary file remains afterwards.
+        """
+        try:
+            return self._receive(rx)
+        finally:
+            rx.incoming.discard()  # a committed file was renamed away: this removes only refused ones
+
+    def _receive(self, rx: Received) -> IngestResult:
         if len(rx.sop_instance_uid) > 64 or not rx.sop_instance_uid:
             # Cannot be keyed; PS3.5 9.1 caps UIDs at 64 characters.
             return IngestResult(
@@ -117,20 +169,37 @@ class Ingest:
                 detail="Affected SOP Instance UID is empty or longer than 64 characters (PS3.5 9.1)",
             )
         try:
+            rx.incoming.check()
+        except SpoolError as exc:
+            return self._spool_failed(exc)
+        digest = rx.incoming.sha256
+        try:
             kept = self._kept_sha256(rx.sop_instance_uid)
         except SQLAlchemyError as exc:
             return self._db_down(exc)
         if kept is not None:
             return self._repeat(rx, kept, digest)
+        if self.queue_high_water:
+            try:
+                queued = self.queue.current()
+            except SQLAlchemyError as exc:
+                return self._db_down(exc)
+            if queued >= self.queue_high_water:
+                return IngestResult(
+                    Outcome.QUEUE_FULL,
+                    STATUS_OUT_OF_RESOURCES,
+                    detail=f"{queued} instances wait for classification, at or above "
+                    f"listener.queue_high_water = {self.queue_high_water}: the sender should retry later; "
+                    "check that a worker is running and keeping up",
+                )
 
-        header = read_header(rx.data)
+        header = read_header(rx.incoming.path)
         status, reason = self._initial_status(rx, header)
         try:
-            entry = self.spool.put(rx.data, digest)
-        except SpoolFullError as exc:
-            return IngestResult(Outcome.SPOOL_FULL, STATUS_OUT_OF_RESOURCES, detail=str(exc))
+            self.spool.check_room(0)
+            entry = self.spool.commit(rx.incoming)
         except SpoolError as exc:
-            return IngestResult(Outcome.SPOOL_ERROR, STATUS_OUT_OF_RESOURCES, detail=str(exc))
+            return self._spool_failed(exc)
 
         try:
             with self.sessions.begin() as session:
@@ -175,6 +244,8 @@ class Ingest:
         except SQLAlchemyError as exc:
             self.spool.remove(entry.name)
             return self._db_down(exc)
+        if status is InstanceStatus.QUEUED:
+            self.queue.added()
         return IngestResult(Outcome.STORED, STATUS_SUCCESS, study_instance_uid=header.study_instance_uid)
 
     def _initial_status(self, rx: Received, header: _Header) -> tuple[InstanceStatus, str | None]:
@@ -243,7 +314,7 @@ class Ingest:
         spool_name = None
         if action is ClashAction.KEPT_FIRST and seen is None:
             try:
-                spool_name = self.spool.put(rx.data, digest).name
+                spool_name = self.spool.commit(rx.incoming).name
             except SpoolError:
                 spool_name = None  # the audit row still records the clash
         try:
@@ -253,7 +324,7 @@ class Ingest:
                         sop_instance_uid=rx.sop_instance_uid,
                         kept_sha256=kept,
                         received_sha256=digest,
-                        received_size_bytes=len(rx.data),
+                        received_size_bytes=rx.incoming.size,
                         calling_ae_title=rx.calling_ae_title,
                         action=action,
                         spool_name=spool_name,
@@ -263,6 +334,11 @@ class Ingest:
             if spool_name is not None:
                 self.spool.remove(spool_name)
             raise
+
+    @staticmethod
+    def _spool_failed(exc: SpoolError) -> IngestResult:
+        outcome = Outcome.SPOOL_FULL if isinstance(exc, SpoolFullError) else Outcome.SPOOL_ERROR
+        return IngestResult(outcome, STATUS_OUT_OF_RESOURCES, detail=str(exc))
 
     @staticmethod
     def _db_down(exc: SQLAlchemyError) -> IngestResult:

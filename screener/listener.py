@@ -1,28 +1,40 @@
 """The DICOM listener: a pynetdicom AE answering C-ECHO and C-STORE.
 
-The C-STORE handler is thin (STYLE: pynetdicom): take the encoded bytes as received, hand them to
+The C-STORE handler is thin (STYLE: pynetdicom): take the Part 10 file as received, hand it to
 :class:`~screener.ingest.Ingest`, answer its status, and write one canonical log line. Nothing is
 decoded in the association thread beyond the study/series UIDs.
+
+Data sets are received straight into the spool: pynetdicom's chunked receive
+(``_config.STORE_RECV_CHUNKED_DATASET``) writes each C-STORE data set, behind a preamble and file meta
+group, to a file it opens while the PDUs arrive; we have it open that file in the spool's ``.tmp/``
+(hashing as it writes), so a received instance is renamed into place, never copied or decoded.
 """
 
 from __future__ import annotations
 
+import shutil
 import socket
 import ssl
+import tempfile
 import threading
 import time
 import typing
+import weakref
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pydicom.uid import UID
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
 
 from screener.config import ListenerConfig
+from screener.errors import SpoolError
 from screener.ingest import STATUS_OUT_OF_RESOURCES, Ingest, IngestResult, Outcome, Received
 from screener.logs import get_logger, uid_hash
 from screener.metrics import Metrics
+from screener.spool import Incoming
 
 log = get_logger("screener.listener")
 
@@ -63,6 +75,36 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4.
 _REJECT_CALLING_AET = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
 _REJECT_BUSY = (0x02, 0x03, 0x01)  # transient, presentation provider, temporary congestion
+
+
+# AE -> opener of the file a C-STORE data set is received into, for the AEs of our listeners.
+_RECEIVE_ROUTES: weakref.WeakKeyDictionary[AE, Callable[[Any], Any]] = weakref.WeakKeyDictionary()
+_ROUTES_LOCK = threading.Lock()
+
+
+def _open_received_file(*args: Any, **kwargs: Any) -> Any:
+    """Stands in for ``NamedTemporaryFile`` in pynetdicom's chunked receive.
+
+    pynetdicom 3.0 (``dimse_messages.DIMSEMessage.decode_msg``) opens the file from the association's
+    reader thread, a ``DULServiceProvider`` whose ``assoc`` names the association: receptions of our
+    listeners go into their spool, anything else gets pynetdicom's own temporary file.
+    """
+    assoc = getattr(threading.current_thread(), "assoc", None)
+    route = _RECEIVE_ROUTES.get(assoc.ae) if assoc is not None else None
+    if route is None:
+        return tempfile.NamedTemporaryFile(*args, **kwargs)  # pynetdicom closes and deletes it
+    return route(assoc)
+
+
+def _route_received_files(ae: AE, opener: Callable[[Any], Any]) -> bool:
+    """Receive ``ae``'s C-STORE data sets through ``opener``; False when pynetdicom lacks the hook."""
+    if not hasattr(dimse_messages, "NamedTemporaryFile"):
+        return False
+    with _ROUTES_LOCK:
+        _RECEIVE_ROUTES[ae] = opener
+        dimse_messages.NamedTemporaryFile = _open_received_file
+        _config.STORE_RECV_CHUNKED_DATASET = True
+    return True
 
 
 def _sop_name(uid: str) -> str:
@@ -113,6 +155,9 @@ class Listener:
         self._server: _Server | None = None
         self._allowed = self._parse_allowed(config.allowed_calling_aets)
         self.ae = self._make_ae()
+        # Files being received, by path, with their association (for clean-up when it ends early).
+        self._receiving: dict[str, tuple[Incoming, Any]] = {}
+        self._receiving_lock = threading.Lock()
 
     @staticmethod
     def _parse_allowed(entries: tuple[str, ...]) -> dict[str, set[str] | None]:
@@ -155,7 +200,10 @@ class Listener:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_STORE, self._on_c_store),
             (evt.EVT_C_ECHO, self._on_c_echo),
+            (evt.EVT_ABORTED, self._on_ended),
+            (evt.EVT_CONN_CLOSE, self._on_ended),
         ]
+        chunked = _route_received_files(self.ae, self._open_incoming)
         server = self.ae.make_server(
             (self.config.host, self.config.port),
             ssl_context=build_ssl_context(self.config),
@@ -178,6 +226,7 @@ class Listener:
             port=self.port,
             tls=self.config.tls.enabled,
             max_associations=self.config.max_associations,
+            receive_to_spool=chunked,
         )
 
     def is_alive(self) -> bool:
@@ -234,6 +283,43 @@ class Listener:
         log.info("echo.received", calling_ae=str(event.assoc.requestor.ae_title).strip())
         return 0x0000
 
+    def _open_incoming(self, assoc: Any) -> Any:
+        """Open the spool file a data set of ``assoc`` is received into (reader thread)."""
+        try:
+            incoming = self.ingest.spool.open_incoming()
+        except SpoolError as exc:
+            log.error("instance.spool_unwritable", detail=str(exc))
+            return tempfile.NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")
+        with self._receiving_lock:
+            self._receiving[incoming.name] = (incoming, assoc)
+        return incoming
+
+    def _on_ended(self, event: Any) -> None:
+        """Delete what an association that ended mid-transfer left half-received."""
+        with self._receiving_lock:
+            left = [name for name, (_, assoc) in self._receiving.items() if assoc is event.assoc]
+            incomings = [self._receiving.pop(name)[0] for name in left]
+        for incoming in incomings:
+            incoming.discard()
+        if incomings:
+            log.info("association.partial_discarded", files=len(incomings))
+
+    def _take_incoming(self, event: Any) -> Incoming:
+        """The received data set as an :class:`Incoming` spool temporary (copied only as a fallback)."""
+        path = event.dataset_path  # None unless the chunked receive is on
+        if path is not None:
+            with self._receiving_lock:
+                found = self._receiving.pop(str(path), None)
+            if found is not None:
+                return found[0]
+        incoming = self.ingest.spool.open_incoming()
+        if path is None:
+            incoming.write(event.encoded_dataset())
+        else:  # received outside the spool (it could not be opened there): copy it in
+            with Path(path).open("rb") as src:
+                shutil.copyfileobj(src, incoming, 1 << 20)
+        return incoming
+
     def _on_c_store(self, event: Any) -> int:
         started = time.perf_counter()
         request = event.request
@@ -243,17 +329,19 @@ class Listener:
         transfer_syntax = str(event.context.transfer_syntax)
         size = 0
         try:
-            data = event.encoded_dataset()
-            size = len(data)
+            incoming = self._take_incoming(event)
+            size = incoming.size
             result = self.ingest.receive(
                 Received(
                     sop_instance_uid=sop_uid,
                     sop_class_uid=sop_class,
                     transfer_syntax_uid=transfer_syntax,
                     calling_ae_title=calling,
-                    data=data,
+                    incoming=incoming,
                 )
             )
+        except SpoolError as exc:
+            result = IngestResult(Outcome.SPOOL_ERROR, STATUS_OUT_OF_RESOURCES, detail=str(exc))
         except Exception as exc:
             log.exception("instance.handler_error", error=type(exc).__name__)
             result = IngestResult(Outcome.SPOOL_ERROR, STATUS_OUT_OF_RESOURCES, detail=type(exc).__name__)

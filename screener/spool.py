@@ -1,7 +1,9 @@
 """Durable spool of received DICOM files.
 
-A file is written to ``.tmp/``, fsynced, renamed into ``<aa>/<bb>/<sha256>-<token>.dcm`` and the
-directory fsynced, so after :meth:`Spool.put` returns the bytes survive a crash or power loss.
+A file is written to ``.tmp/`` (by :meth:`Spool.put`, or piece by piece while it is received, through
+:meth:`Spool.open_incoming`), renamed into ``<aa>/<bb>/<sha256>-<token>.dcm`` and fsynced with its
+directory, so after :meth:`Spool.put` or :meth:`Spool.commit` returns the bytes survive a crash or
+power loss.
 Names come from the content hash and a random token, never from a DICOM value, so no UID can
 steer a path. The token keeps concurrent receptions of identical bytes from sharing a file, so
 one reception can always remove its own file when its database commit fails.
@@ -41,6 +43,90 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class Incoming:
+    """A temporary file being received into the spool: written in pieces, hashed as it is written.
+
+    A write error is kept (not raised) and stops further writes, so the network reader that feeds it
+    keeps reading the peer's PDUs and the C-STORE can still be answered 0xA700; :meth:`Spool.commit`
+    raises it. The file-like surface (``name``, ``write``, ``file.flush``, ``close``) is what
+    pynetdicom's chunked receive writes through.
+    """
+
+    def __init__(self, path: Path, fd: int, token: str) -> None:
+        self.path = path
+        self.name = str(path)
+        self.token = token
+        self.size = 0
+        self.error: OSError | None = None
+        self._fd: int | None = fd
+        self._hash = hashlib.sha256()
+
+    @property
+    def file(self) -> Incoming:
+        return self
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Append ``data``; returns its length even after an error (see the class docstring)."""
+        n = len(data)
+        if self._fd is None or self.error is not None:
+            return n
+        self._hash.update(data)
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            self.error = exc
+            self._truncate()
+            return n
+        self.size += n
+        return n
+
+    def flush(self) -> None:
+        """Nothing to do: writes go straight to the file descriptor."""
+
+    def check(self) -> None:
+        """Raise the write error this file met, if any, as :class:`SpoolFullError` or :class:`SpoolError`."""
+        exc = self.error
+        if exc is None:
+            return
+        spool = self.path.parent.parent
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise SpoolFullError(f"spool {spool} is full: {exc.strerror}; free disk space") from exc
+        raise SpoolError(f"cannot write to spool {spool}: {exc.strerror}") from exc
+
+    def sync_and_close(self) -> None:
+        """fsync the file's data and close it (raises OSError)."""
+        if self._fd is None:
+            raise OSError(errno.EBADF, f"temporary file {self.name} is already closed")
+        fd, self._fd = self._fd, None
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        """Close without syncing (idempotent)."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    def discard(self) -> None:
+        """Close and delete the temporary (idempotent; missing is fine)."""
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+    def _truncate(self) -> None:
+        # Give the space back at once; the file itself goes when the C-STORE is answered.
+        with contextlib.suppress(OSError):
+            if self._fd is not None:
+                os.ftruncate(self._fd, 0)
+
+
 class Spool:
     def __init__(self, root: Path, min_free_bytes: int) -> None:
         self.root = root.resolve()
@@ -76,38 +162,71 @@ class Spool:
             SpoolFullError: free space would drop below ``min_free_bytes`` (nothing is written).
             SpoolError: the write failed; no temporary or partial file remains.
         """
+        self.check_room(len(data))
+        incoming = self.open_incoming()
+        incoming.write(data)
+        if digest is not None and digest != incoming.sha256:
+            incoming.discard()
+            raise SpoolError(f"spool {self.root}: the bytes to store do not match their sha256 {digest}")
+        return self.commit(incoming)
+
+    def check_room(self, size: int) -> None:
+        """Raise :class:`SpoolFullError` when ``size`` more bytes would leave less than the floor free."""
         free = self.free_bytes()
-        if free - len(data) < self.min_free_bytes:
+        if free - size < self.min_free_bytes:
             raise SpoolFullError(
-                f"spool {self.root} has {free} bytes free; storing {len(data)} bytes would go below "
+                f"spool {self.root} has {free} bytes free; storing {size} bytes would go below "
                 f"storage.min_free_bytes = {self.min_free_bytes}: free disk space or lower the floor"
             )
-        digest = digest or hashlib.sha256(data).hexdigest()
+
+    def open_incoming(self) -> Incoming:
+        """A new temporary file in the spool's ``.tmp/`` (same file system, so :meth:`commit` renames).
+
+        Its name carries host and pid, so :meth:`remove_stale_temporaries` can tell a dead writer's.
+
+        Raises:
+            SpoolError: the temporary file cannot be created.
+        """
         token = secrets.token_hex(4)
-        tmp = self._tmp / f"{self._host}-{os.getpid()}-{token}.part"
-        rel = f"{digest[:2]}/{digest[2:4]}/{digest}-{token}{SUFFIX}"
+        path = self._tmp / f"{self._host}-{os.getpid()}-{token}.part"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        except OSError as exc:
+            raise SpoolError(f"cannot create a temporary file in spool {self.root}: {exc.strerror}") from exc
+        return Incoming(path, fd, token)
+
+    def commit(self, incoming: Incoming) -> SpoolEntry:
+        """Make a fully written temporary durable under its content name and return its entry.
+
+        The file is renamed into ``<aa>/<bb>/``, then the file and its folder are fsynced: after this
+        returns, the bytes survive a crash or power loss. Renaming before the fsyncs lets the file
+        system commit both in one journal transaction; a crash before they finish leaves at most a
+        file no row refers to, which :meth:`remove_orphans` deletes.
+
+        Raises:
+            SpoolFullError: the disk filled up while the file was written.
+            SpoolError: the write failed; neither the temporary nor a partial file remains.
+        """
+        try:
+            incoming.check()
+        except SpoolError:
+            incoming.discard()
+            raise
+        digest = incoming.sha256
+        rel = f"{digest[:2]}/{digest[2:4]}/{digest}-{incoming.token}{SUFFIX}"
         final = self.root / rel
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
             self._make_dirs(final.parent)
-            tmp.rename(final)
+            incoming.path.rename(final)
+            incoming.sync_and_close()
             _fsync_dir(final.parent)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            if final.exists():
-                final.unlink(missing_ok=True)
+            incoming.discard()
+            final.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise SpoolFullError(f"spool {self.root} is full: {exc.strerror}; free disk space") from exc
             raise SpoolError(f"cannot write to spool {self.root}: {exc.strerror}") from exc
-        return SpoolEntry(name=rel, sha256=digest, size_bytes=len(data))
+        return SpoolEntry(name=rel, sha256=digest, size_bytes=incoming.size)
 
     def _make_dirs(self, directory: Path) -> None:
         missing: list[Path] = []
