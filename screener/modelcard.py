@@ -20,6 +20,7 @@ from typing import Any
 
 from screener.errors import ModelError, ModelIntegrityError
 from screener.imaging import PreprocessSpec
+from screener.onnx_safety import check_model_onnx_files
 
 CLASSES: tuple[str, ...] = ("normal", "covid19", "viral_pneumonia")
 """The label map, in model output order. The single source: everything else derives from it."""
@@ -301,4 +302,5 @@ def load_model_dir(path: Path) -> LoadedModel:
                 f"{name} sha256 {actual} != card {expected}: the file was changed or corrupted; "
                 "restore it or re-export"
             )
+    check_model_onnx_files(model_dir, card.files)  # external data must stay inside the directory
     return LoadedModel(card=card, path=model_dir)
