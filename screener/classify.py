@@ -56,6 +56,7 @@ def classify_files(
         torch_compile=inf.torch_compile,
         trt_cache_dir=inf.trt_cache_dir,
         max_batch=max(batch, 1),
+        precision=inf.precision,
     )
     card = loaded.card
     spec = card.preprocessing

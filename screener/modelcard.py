@@ -31,7 +31,19 @@ ARCHITECTURE_NAMES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resn
 CARD_FILE = "card.json"
 ONNX_FILE = "model.onnx"
 WEIGHTS_FILE = "weights.safetensors"
+INT8_FILE = "model.int8.onnx"
 REQUIRED_FILES: tuple[str, ...] = (ONNX_FILE, WEIGHTS_FILE)
+INT8_GATE_FIGURES: tuple[str, ...] = (
+    "n",
+    "label_agreement",
+    "macro_f1_fp32",
+    "macro_f1_int8",
+    "macro_f1_drop",
+    "covid19_sensitivity_fp32",
+    "covid19_sensitivity_int8",
+    "covid19_sensitivity_drop",
+)
+"""Figures every ``int8.gate`` records (see :class:`Int8Card`)."""
 
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -41,6 +53,77 @@ _CHUNK = 1 << 20
 
 def _bad(key: str, value: object, problem: str) -> ModelError:
     return ModelError(f"model card {key} = {value!r}: {problem}")
+
+
+@dataclass(frozen=True)
+class Int8Card:
+    """The card's ``int8`` section: a statically quantised copy of ``model.onnx`` and proof of its accuracy.
+
+    ``sha256`` must equal the card's ``files[file]`` entry, so the INT8 graph is verified like every other
+    file. ``calibration`` records how the quantisation ranges were found (``count`` training-split images,
+    their ``digest``, the ``split`` they came from, ``seed``); ``quantization`` the ONNX Runtime settings;
+    ``gate`` the INT8-versus-FP32 figures on the evaluation split (:data:`INT8_GATE_FIGURES`, each drop
+    FP32 minus INT8) and the ``thresholds`` they were held to; ``passed`` whether every threshold was
+    met. The screener serves INT8 only when ``passed`` is true.
+    """
+
+    file: str
+    sha256: str
+    passed: bool
+    gate: dict[str, Any]
+    calibration: dict[str, Any]
+    quantization: dict[str, Any]
+    created_at: str
+
+    def validate(self) -> None:
+        """Check every field; raises :class:`ModelError` naming the offending key and value."""
+        if self.file != INT8_FILE:
+            raise _bad("int8.file", self.file, f"must be {INT8_FILE}")
+        if not isinstance(self.sha256, str) or not _SHA256_RE.match(self.sha256):
+            raise _bad("int8.sha256", self.sha256, "must be a lower-case hex sha256 digest")
+        if not isinstance(self.passed, bool):
+            raise _bad("int8.passed", self.passed, "must be true or false")
+        for key in INT8_GATE_FIGURES:
+            value = self.gate.get(key)
+            if key == "n":
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise _bad("int8.gate.n", value, "must be the number of evaluated images")
+            elif value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+            ):
+                raise _bad(f"int8.gate.{key}", value, "must be a finite number or null")
+        if not isinstance(self.gate.get("thresholds"), dict):
+            raise _bad("int8.gate.thresholds", self.gate.get("thresholds"), "must be an object")
+        count = self.calibration.get("count")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise _bad("int8.calibration.count", count, "must be a positive number of images")
+        digest = self.calibration.get("digest")
+        if not isinstance(digest, str) or not _SHA256_RE.match(digest):
+            raise _bad("int8.calibration.digest", digest, "must be a lower-case hex sha256 digest")
+        try:
+            datetime.fromisoformat(self.created_at)
+        except (TypeError, ValueError):
+            raise _bad("int8.created_at", self.created_at, "must be an ISO 8601 timestamp") from None
+
+    def summary(self) -> str:
+        """The gate figures in one line, for log lines and error messages."""
+        g = self.gate
+
+        def pct(key: str) -> str:
+            value = g.get(key)
+            return f"{100 * value:.1f}%" if isinstance(value, int | float) else "n/a"
+
+        def drop(key: str) -> str:
+            value = g.get(key)
+            return f"{value:+.4f}" if isinstance(value, int | float) else "n/a"
+
+        verdict = "passed" if self.passed else "FAILED"
+        return (
+            f"INT8 gate {verdict} on n={g.get('n')}: label agreement {pct('label_agreement')}, "
+            f"macro-F1 {pct('macro_f1_fp32')} -> {pct('macro_f1_int8')} (drop {drop('macro_f1_drop')}), "
+            f"COVID-19 sensitivity {pct('covid19_sensitivity_fp32')} -> {pct('covid19_sensitivity_int8')} "
+            f"(drop {drop('covid19_sensitivity_drop')})"
+        )
 
 
 @dataclass(frozen=True)
@@ -66,6 +149,7 @@ class ModelCard:
     training_data_digest: str = ""
     parent_version: str | None = None
     notes: str = ""
+    int8: Int8Card | None = None
 
     def validate(self) -> None:
         """Check every field; raises :class:`ModelError` naming the offending key and value."""
@@ -133,11 +217,23 @@ class ModelCard:
             raise _bad("parent_version", self.parent_version, "must be null or a model version")
         if not isinstance(self.notes, str):
             raise _bad("notes", self.notes, "must be a string")
+        if self.int8 is not None:
+            self.int8.validate()
+            if self.files.get(INT8_FILE) != self.int8.sha256:
+                raise _bad(
+                    f"files.{INT8_FILE}", self.files.get(INT8_FILE), "must equal int8.sha256 (re-export INT8)"
+                )
+        elif INT8_FILE in self.files:
+            raise _bad(
+                f"files.{INT8_FILE}", self.files[INT8_FILE], "is listed but the card has no int8 section"
+            )
 
     def to_json(self) -> str:
         """The card as indented, key-sorted JSON. Raises :class:`ModelError` if the card is invalid."""
         self.validate()
         data = asdict(self)
+        if data["int8"] is None:  # cards without INT8 stay as they were written before the section existed
+            del data["int8"]
         return json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
 
     @classmethod
@@ -178,6 +274,7 @@ class ModelCard:
             training_data_digest=data.get("training_data_digest", ""),
             parent_version=data.get("parent_version"),
             notes=data.get("notes", ""),
+            int8=_int8_from_dict(data["int8"]) if data.get("int8") is not None else None,
         )
         card.validate()
         return card
@@ -200,6 +297,26 @@ def _as_dict(key: str, value: object) -> dict[str, Any]:
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise _bad(key, value, "must be a JSON object")
     return dict(value)
+
+
+def _int8_from_dict(value: object) -> Int8Card:
+    data = _as_dict("int8", value)
+    fields = Int8Card.__dataclass_fields__
+    for key in data:
+        if key not in fields:
+            raise _bad(f"int8.{key}", data[key], "unknown key")
+    for key in fields:
+        if key not in data:
+            raise _bad(f"int8.{key}", None, "is required")
+    return Int8Card(
+        file=data["file"],
+        sha256=data["sha256"],
+        passed=data["passed"],
+        gate=_as_dict("int8.gate", data["gate"]),
+        calibration=_as_dict("int8.calibration", data["calibration"]),
+        quantization=_as_dict("int8.quantization", data["quantization"]),
+        created_at=data["created_at"],
+    )
 
 
 def _preprocess_from_dict(value: object) -> PreprocessSpec:
@@ -249,6 +366,16 @@ class LoadedModel:
     def weights_path(self) -> Path:
         """The safetensors state dict of :class:`screener.fused.FusedResNet`."""
         return self.path / WEIGHTS_FILE
+
+    @property
+    def int8_path(self) -> Path:
+        """The statically quantised graph (present only when the card has an ``int8`` section)."""
+        return self.path / INT8_FILE
+
+    @property
+    def int8_passed(self) -> bool:
+        """True when the card holds a verified INT8 graph whose accuracy gate passed."""
+        return self.card.int8 is not None and self.card.int8.passed and INT8_FILE in self.card.files
 
     def sha256(self, name: str) -> str:
         """The verified digest of one file of the directory, as recorded on the card."""

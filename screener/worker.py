@@ -198,6 +198,7 @@ class Worker:
                 torch_compile=inf.torch_compile,
                 trt_cache_dir=inf.trt_cache_dir,
                 max_batch=inf.max_batch,
+                precision=inf.precision,
             )
         except ScreenerError as exc:
             self._failed_model = (row.id, time.monotonic() + MODEL_RETRY_SECONDS)

@@ -59,6 +59,37 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="onnxruntime")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
 
+    p = command("export", "add artefacts to a model directory: --int8, a proven INT8 graph for CPU serving")
+    p.add_argument(
+        "model_dir", type=Path, metavar="MODEL_DIR", help="model directory made by `trainer train`"
+    )
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="quantise model.onnx to model.int8.onnx (calibrated on the training split) and gate it",
+    )
+    p.add_argument(
+        "--data",
+        help="the data the model was trained on, exactly as given to `trainer train` (folder, CSV or list)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="the seed given to `trainer train` (default 0)")
+    p.add_argument("--limit", type=int, help="the --limit given to `trainer train`, if any")
+    p.add_argument(
+        "--calibration-images", type=int, default=200, help="training images to calibrate on (default 200)"
+    )
+    p.add_argument("--min-agreement", type=float, default=0.99, help="gate: share of identical labels")
+    p.add_argument("--max-f1-drop", type=float, default=0.01, help="gate: largest macro-F1 drop allowed")
+    p.add_argument(
+        "--max-sensitivity-drop", type=float, default=0.01, help="gate: largest COVID-19 sensitivity drop"
+    )
+    p.add_argument("--min-eval-images", type=int, default=100, help="gate: evaluation images needed")
+    p.add_argument(
+        "--activations",
+        choices=["uint8", "int8"],
+        help="activation type (default: ONNX Runtime's advice for this CPU: uint8 on x86-64, int8 on ARM)",
+    )
+    p.add_argument("--replace", action="store_true", help="replace an existing INT8 model")
+
     command(
         "retrain", "the nightly job: fine-tune on new confirmed labels, evaluate, promote through the gate"
     )
@@ -222,6 +253,59 @@ def _gate_reports(config: Config, session: Any, args: argparse.Namespace) -> tup
     )
 
 
+def _export(config: Config, args: argparse.Namespace) -> int:
+    from trainer.quantize import GateThresholds, QuantSettings, default_settings, export_int8
+
+    if not args.int8:
+        print(
+            "trainer export: nothing to export: give --int8 (model.onnx and the weights are written by "
+            "`trainer train`)",
+            file=sys.stderr,
+        )
+        return 2
+    if not args.data:
+        print(
+            "trainer export --int8 needs --data: the dataset the model was trained on, as given to "
+            "`trainer train`; calibration uses its training split only",
+            file=sys.stderr,
+        )
+        return 2
+    gate = GateThresholds(
+        min_agreement=args.min_agreement,
+        max_macro_f1_drop=args.max_f1_drop,
+        max_covid_sensitivity_drop=args.max_sensitivity_drop,
+        min_images=args.min_eval_images,
+    )
+    try:
+        gate.validate()
+    except ValueError as exc:
+        print(f"trainer export: {exc}", file=sys.stderr)
+        return 2
+    settings = default_settings()
+    if args.activations:
+        settings = QuantSettings(activations=args.activations, reduce_range=settings.reduce_range)
+    outcome = export_int8(
+        args.model_dir,
+        args.data,
+        seed=args.seed,
+        limit=args.limit,
+        calibration_images=args.calibration_images,
+        gate=gate,
+        settings=settings,
+        replace=args.replace,
+        threads=config.inference.threads,
+    )
+    int8 = outcome.int8
+    print(f"{args.model_dir / 'model.int8.onnx'} sha256 {int8.sha256}")
+    print(f"calibrated on {outcome.n_calibration} training images; evaluated on {outcome.n_eval}")
+    print(int8.summary())
+    for failure in int8.gate.get("failures", []):
+        print(f"  gate: {failure}")
+    if not int8.passed:
+        print("the screener keeps serving FP32 for this model (the card records the failed gate)")
+    return 0 if int8.passed else 3
+
+
 def _train(config: Config, args: argparse.Namespace) -> int:
     from trainer.jobs import run_train
 
@@ -240,6 +324,7 @@ _COMMANDS = {
     "evaluate": _evaluate,
     "models": _models,
     "train": _train,
+    "export": _export,
     "retrain": _retrain,
 }
 
