@@ -7,6 +7,7 @@ memory) through the ``figure`` fixture. They are appended as JSON lines to the f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -67,10 +68,10 @@ def proc_status(pid: int) -> dict[str, int]:
 def tree_rss_kib(pid: int) -> int:
     """Resident memory of a process and its direct children (e.g. a preprocessing pool), KiB."""
     total = proc_status(pid).get("VmRSS", 0)
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except (FileNotFoundError, ProcessLookupError):
-        children = []
+    children: set[str] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):  # a pool started by any thread is listed there
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            children.update((task / "children").read_text().split())
     return total + sum(proc_status(int(c)).get("VmRSS", 0) for c in children)
 
 

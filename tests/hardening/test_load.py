@@ -94,7 +94,12 @@ def _handler_ms(server: Server) -> list[float]:
 
 def _assert_one_of_everything(server: Server, expected: int, timeout: float) -> None:
     wait_for(
-        lambda: server.rows("SELECT count(*) FROM instances WHERE status IN ('classified', 'skipped', 'failed')")[0][0] >= expected,
+        lambda: (
+            server.rows("SELECT count(*) FROM instances WHERE status IN ('classified', 'skipped', 'failed')")[
+                0
+            ][0]
+            >= expected
+        ),
         timeout,
         f"{expected} instances classified",
     )
@@ -162,9 +167,7 @@ def _hold(port: int, n: int) -> list[object]:
     return held
 
 
-def test_associations_beyond_the_limit_are_rejected_transient_and_threads_return(
-    make_server, figure: Figure
-):
+def test_associations_beyond_the_limit_are_rejected_transient_and_threads_return(make_server, figure: Figure):
     server = make_server(SCREENER__LISTENER__MAX_ASSOCIATIONS="4").start()
     assert server.proc is not None
     pid = server.proc.pid
