@@ -4,7 +4,8 @@ The serialized plan is only valid for one GPU model, TensorRT version and graph,
 ``trt_cache_dir`` in a file named by the sha256 of (GPU name, compute capability, TensorRT version, ONNX
 sha256, input size, batch profile, precision). A sidecar JSON records those fields and the plan's own
 sha256, which is checked before the plan is deserialized; a mismatch rebuilds the plan. I/O buffers are
-torch CUDA tensors and inference runs on a private torch CUDA stream (TensorRT 10 tensor-address API).
+torch CUDA tensors allocated once for the largest batch, fed from pinned host buffers with asynchronous
+copies, and inference runs on a private torch CUDA stream (TensorRT 10 tensor-address API).
 ``tensorrt`` is imported lazily: it is the optional extra ``pip install .[tensorrt]``.
 """
 
@@ -134,6 +135,18 @@ class TensorRTEngine:
                 raise ModelError(
                     f"TensorRT output {name} is {self._engine.get_tensor_dtype(name)}, not FLOAT"
                 )
+        # I/O buffers for the largest batch, allocated once: device tensors whose addresses are bound
+        # per call, and pinned host staging so both copies are asynchronous DMA on our stream.
+        classes = self._num_classes
+        self._dev_in = torch.empty((max_batch, 3, size, size), dtype=torch.float32, device=self._device)
+        self._dev_out = {
+            name: torch.empty((max_batch, classes), dtype=torch.float32, device=self._device)
+            for name in OUTPUT_NAMES
+        }
+        self._host_in = torch.empty((max_batch, 3, size, size), dtype=torch.float32).pin_memory()
+        self._host_out = torch.empty(
+            (len(OUTPUT_NAMES), max_batch, classes), dtype=torch.float32
+        ).pin_memory()
 
     def _build(self, onnx_path: Path, profile: dict[str, int]) -> bytes:
         trt = self._trt
@@ -171,28 +184,28 @@ class TensorRTEngine:
     def _infer_chunk(self, x_np: FloatArray) -> EngineOutput:
         n = int(x_np.shape[0])
         ctx = self._context
+        self._host_in[:n].numpy()[...] = x_np
         with torch.cuda.device(self._device), torch.cuda.stream(self._stream):
-            x = torch.from_numpy(x_np).to(self._device, non_blocking=False).contiguous()
-            outputs = {
-                name: torch.empty((n, self._num_classes), dtype=torch.float32, device=self._device)
-                for name in OUTPUT_NAMES
-            }
+            x = self._dev_in[:n]
+            x.copy_(self._host_in[:n], non_blocking=True)
             if not ctx.set_input_shape(INPUT_NAME, tuple(x.shape)):
                 raise ValueError(
                     f"TensorRT refused input shape {tuple(x.shape)} (max batch {self.max_batch})"
                 )
             ctx.set_tensor_address(INPUT_NAME, x.data_ptr())
-            for name, tensor in outputs.items():
-                ctx.set_tensor_address(name, tensor.data_ptr())
+            for name, tensor in self._dev_out.items():
+                ctx.set_tensor_address(name, tensor.data_ptr())  # rows 0..n-1 of a row-major [max, C]
             if not ctx.execute_async_v3(self._stream.cuda_stream):
                 raise ModelError("TensorRT execute_async_v3 failed; see its log above")
-            host = {name: tensor.cpu() for name, tensor in outputs.items()}
+            for k, name in enumerate(OUTPUT_NAMES):
+                self._host_out[k, :n].copy_(self._dev_out[name][:n], non_blocking=True)
         self._stream.synchronize()
-        return as_output(*(host[name].numpy() for name in OUTPUT_NAMES))
+        host = self._host_out[:, :n].numpy().copy()
+        return as_output(host[0], host[1], host[2])
 
     def close(self) -> None:
         """Free the execution context, engine and runtime (in that order)."""
-        for attr in ("_context", "_engine", "_runtime"):
+        for attr in ("_context", "_engine", "_runtime", "_dev_in", "_dev_out", "_host_in", "_host_out"):
             if hasattr(self, attr):
                 delattr(self, attr)
         torch.cuda.empty_cache()
