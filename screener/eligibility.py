@@ -43,9 +43,42 @@ def _skip(reason: str) -> Eligibility:
     return Eligibility(eligible=False, reason=reason)
 
 
+# PS3.5 6.2: a Code String is at most 16 characters of upper-case letters, digits, space and underscore.
+_CODE_STRING = re.compile(r"[A-Z0-9 _]{0,16}")
+
+
+class _Undecodable(Exception):
+    """A header attribute whose bytes pydicom cannot turn into a value (a damaged or lying encoding)."""
+
+    def __init__(self, keyword: str, error: Exception) -> None:
+        super().__init__(keyword)
+        self.keyword = keyword
+        self.error = error
+
+
+def _get(ds: Dataset, keyword: str, default: object = None) -> object:
+    """``ds.get(keyword)``, with a value pydicom cannot decode raised as :class:`_Undecodable`.
+
+    pydicom decodes values lazily, on first access, so a damaged element fails here and not at read time.
+    """
+    try:
+        return ds.get(keyword, default)
+    except Exception as exc:  # pydicom raises many types for undecodable bytes
+        raise _Undecodable(keyword, exc) from exc
+
+
+def _shown(value: str) -> str:
+    """``value`` for a reason if it is a well-formed code string; else only its length.
+
+    A value that breaks its VR may be bytes of another element (a length field that lies), which can be
+    a patient name: it is never echoed.
+    """
+    return value if _CODE_STRING.fullmatch(value) else f"<malformed value of {len(value)} characters>"
+
+
 def _code(ds: Dataset, keyword: str) -> str:
     """A code string attribute, trimmed and upper-cased; ``""`` where absent or empty."""
-    value = ds.get(keyword)
+    value = _get(ds, keyword)
     return "" if value is None else str(value).strip().upper()
 
 
@@ -54,7 +87,7 @@ def _listing(values: tuple[str, ...]) -> str:
 
 
 def _descriptions(ds: Dataset) -> list[str]:
-    return [str(ds.get(k)).upper() for k in DESCRIPTION_KEYWORDS if ds.get(k)]
+    return [str(_get(ds, k)).upper() for k in DESCRIPTION_KEYWORDS if _get(ds, k)]
 
 
 def _find_keyword(texts: list[str], keywords: tuple[str, ...], *, whole_word: bool) -> str | None:
@@ -86,8 +119,20 @@ def decide(ds: Dataset, rules: EligibilityConfig) -> Eligibility:
     body part), body part (or a chest keyword in a description where it is absent), view position (a
     missing one is accepted when allowed, unless a description names a lateral view), monochrome
     photometric interpretation, one sample per pixel, number of frames, and rows x columns x frames.
-    Never raises on odd header values: they become reasons.
+    Never raises on odd header values: they become reasons, and a value that cannot be decoded at all
+    makes the instance not eligible, naming the attribute (never its bytes).
     """
+    try:
+        return _decide(ds, rules)
+    except _Undecodable as exc:
+        return _skip(
+            f"header attribute {exc.keyword} cannot be decoded ({type(exc.error).__name__}): the sender's "
+            "encoding of it is damaged; the image is not analysed"
+        )
+
+
+def _decide(ds: Dataset, rules: EligibilityConfig) -> Eligibility:
+    """:func:`decide`; raises :class:`_Undecodable` for a value pydicom cannot decode."""
     modality = _code(ds, "Modality")
     body_part = _code(ds, "BodyPartExamined")
     body_parts = tuple(p.upper() for p in rules.body_parts)
@@ -95,25 +140,26 @@ def decide(ds: Dataset, rules: EligibilityConfig) -> Eligibility:
 
     wanted_modalities = tuple(m.upper() for m in rules.modalities)
     secondary_capture = (
-        str(ds.get("SOPClassUID", "")) in SECONDARY_CAPTURE_SOP_CLASSES
+        str(_get(ds, "SOPClassUID", "")) in SECONDARY_CAPTURE_SOP_CLASSES
         or modality in SECONDARY_CAPTURE_MODALITIES
     )
     if modality not in wanted_modalities:
         if not secondary_capture:
             return _skip(
-                f"modality {modality or '<absent>'} is not a radiograph modality "
+                f"modality {_shown(modality) or '<absent>'} is not a radiograph modality "
                 f"(eligibility.modalities = {_listing(rules.modalities)})"
             )
         if rules.secondary_capture_needs_chest_body_part and body_part not in body_parts:
             return _skip(
-                f"secondary capture with body part examined {body_part or '<absent>'} is not a chest image "
+                f"secondary capture with body part examined {_shown(body_part) or '<absent>'} "
+                "is not a chest image "
                 "(eligibility.secondary_capture_needs_chest_body_part = true, "
                 f"eligibility.body_parts = {_listing(rules.body_parts)})"
             )
 
     if body_part and body_part not in body_parts:
         return _skip(
-            f"body part examined {body_part} is not a chest "
+            f"body part examined {_shown(body_part)} is not a chest "
             f"(eligibility.body_parts = {_listing(rules.body_parts)})"
         )
     if not body_part and _find_keyword(texts, rules.chest_description_keywords, whole_word=False) is None:
@@ -127,7 +173,7 @@ def decide(ds: Dataset, rules: EligibilityConfig) -> Eligibility:
     if view:
         if view not in tuple(v.upper() for v in rules.view_positions):
             return _skip(
-                f"view position {view} is not frontal "
+                f"view position {_shown(view)} is not frontal "
                 f"(eligibility.view_positions = {_listing(rules.view_positions)})"
             )
     elif not rules.allow_missing_view_position:
@@ -143,20 +189,21 @@ def decide(ds: Dataset, rules: EligibilityConfig) -> Eligibility:
     photometric = _code(ds, "PhotometricInterpretation")
     if photometric not in MONOCHROME:
         return _skip(
-            f"photometric interpretation {photometric or '<absent>'} is not monochrome "
+            f"photometric interpretation {_shown(photometric) or '<absent>'} is not monochrome "
             "(MONOCHROME1 or MONOCHROME2 required)"
         )
-    samples = ds.get("SamplesPerPixel", 1)
+    samples = _get(ds, "SamplesPerPixel", 1)
     if samples != 1:
-        return _skip(f"samples per pixel {samples} is not 1 (greyscale images have one sample per pixel)")
+        shown = samples if isinstance(samples, int) else _shown(str(samples))
+        return _skip(f"samples per pixel {shown} is not 1 (greyscale images have one sample per pixel)")
 
-    frames_value = ds.get("NumberOfFrames")
+    frames_value = _get(ds, "NumberOfFrames")
     frames = 1 if frames_value in (None, "") else _positive_int(frames_value)
     if frames is None:
-        return _skip(f"number of frames {frames_value!r} is not a positive integer")
+        return _skip(f"number of frames {_shown(str(frames_value))!r} is not a positive integer")
     if frames > rules.max_frames:
         return _skip(f"image has {frames} frames, more than eligibility.max_frames = {rules.max_frames}")
-    rows, columns = _positive_int(ds.get("Rows")), _positive_int(ds.get("Columns"))
+    rows, columns = _positive_int(_get(ds, "Rows")), _positive_int(_get(ds, "Columns"))
     if rows is None or columns is None:
         return _skip("image size is absent or invalid (Rows and Columns must be positive)")
     pixels = rows * columns * frames
