@@ -136,6 +136,9 @@ def build_ssl_context(config: ListenerConfig) -> ssl.SSLContext | None:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # TLS 1.2: forward-secret AEAD suites only (RFC 9325 4.2, the suites of DICOM's BCP 195 profiles,
+    # PS3.15 B.9); Python's default list also offers CBC suites. TLS 1.3 suites are all AEAD.
+    ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL")
     ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
     if tls.ca_file is not None:
         ctx.load_verify_locations(str(tls.ca_file))
