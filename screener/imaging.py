@@ -14,9 +14,9 @@ inverted. The LUT and window arithmetic is pydicom's own (``apply_modality_lut``
 JPEG 2000 keeps a wavelet pyramid (ITU-T T.800 Annex F): decoding only its first *r* resolution levels
 gives the image at ``1 / 2**r`` of its size for a fraction of the work (OpenJPEG's ``reduce``). When a
 caller asks for it (``reduce_for``), :func:`dicom_to_unit` decodes the single-frame JPEG 2000 codestream
-itself at the coarsest level that still leaves :data:`REDUCED_HEADROOM` times the model's input size, and
-applies the same LUTs to that smaller array; every other case, and any codestream the reduced path does
-not understand, is decoded in full by pydicom.
+itself at the coarsest level that still leaves enough pixels for the letterbox and CLAHE
+(:func:`reduced_side`), and applies the same LUTs to that smaller array; every other case, and any
+codestream the reduced path does not understand, is decoded in full by pydicom.
 """
 
 from __future__ import annotations
@@ -78,7 +78,15 @@ decode 16 ms instead of 520 ms) 0.024; level 2 (489 x 461, 54 ms) 0.008; level 1
 0.003. Downsizing the full decode to the same size (area averaging) gives the same differences (0.024,
 0.008, 0.003): the drift is CLAHE's, not the wavelet's. Twice the input size takes level 2 for the usual
 2,000-3,000 px radiograph, a tenth of the decoding time for a difference of about two 8-bit grey levels;
-tests/test_imaging_reduced.py bounds it and checks the fused model's labels do not change.
+tests/test_imaging_reduced.py bounds it and checks the fused model's answers.
+"""
+CLAHE_MIN_TILE = 56
+"""Nor below this many pixels per CLAHE tile side (with the card's tile grid; 448 px for the default 8).
+
+For small models twice the input size is not enough: a 64 px model would get a 128 px image, 16 px CLAHE
+tiles of 256 pixels for 256 histogram bins, and equalisation that has little to do with the full image's
+(fused-model probabilities moved by up to 0.16 on cxr3 images). 56 px tiles hold about 12 pixels per bin;
+at 224 px the two rules agree (448).
 """
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -257,22 +265,27 @@ def codestream_info(codestream: bytes) -> CodestreamInfo | None:
     return CodestreamInfo(rows, columns, components, precision, signed, levels)
 
 
-def reduction_level(rows: int, columns: int, levels: int, input_size: int) -> int:
-    """The most resolution levels to drop from a ``rows`` x ``columns`` image for a model of ``input_size``.
+def reduced_side(spec: PreprocessSpec) -> int:
+    """The smallest long side a reduced decode may leave for ``spec``: see :data:`REDUCED_HEADROOM`."""
+    return max(REDUCED_HEADROOM * spec.input_size, CLAHE_MIN_TILE * spec.clahe_tile_grid)
+
+
+def reduction_level(rows: int, columns: int, levels: int, min_side: int) -> int:
+    """The most resolution levels to drop from a ``rows`` x ``columns`` image, keeping ``min_side``.
 
     The largest ``r <= levels`` whose reduced long side, ``ceil(max(rows, columns) / 2**r)`` (ITU-T T.800
-    B.5), is still at least :data:`REDUCED_HEADROOM` x ``input_size``; 0 where no level qualifies. So
-    the letterbox never enlarges a reduced image, and CLAHE keeps enough pixels per tile.
+    B.5), is still at least ``min_side`` (:func:`reduced_side`); 0 where no level qualifies. So the
+    letterbox never enlarges a reduced image, and CLAHE keeps enough pixels per tile.
     """
     long_side = max(rows, columns)
-    needed = REDUCED_HEADROOM * input_size
+    needed = min_side
     level = 0
     while level < levels and -(-long_side // 2 ** (level + 1)) >= needed:
         level += 1
     return level
 
 
-def _decode_reduced(ds: Dataset, input_size: int) -> np.ndarray | None:
+def _decode_reduced(ds: Dataset, min_side: int) -> np.ndarray | None:
     """Frame 1 of a single-frame JPEG 2000 dataset decoded at reduced resolution, or ``None``.
 
     ``None`` means "decode in full instead": another transfer syntax, several frames, a codestream whose
@@ -296,7 +309,7 @@ def _decode_reduced(ds: Dataset, input_size: int) -> np.ndarray | None:
         or info.precision > _MAX_LUT_BITS
     ):
         return None
-    level = reduction_level(info.rows, info.columns, info.levels, input_size)
+    level = reduction_level(info.rows, info.columns, info.levels, min_side)
     if level == 0:
         return None
     try:
@@ -420,10 +433,11 @@ def dicom_to_unit(
     Sequence or the first Window Center/Width. Where the file has neither, the window is the
     ``window_percentiles`` of the image after the Modality LUT. MONOCHROME1 is inverted.
 
-    ``reduce_for`` > 0 is the model's input size: a single-frame JPEG 2000 image is then decoded at the
-    coarsest resolution level that keeps :data:`REDUCED_HEADROOM` x that size (:func:`reduction_level`),
-    so the result may be smaller than *Rows* x *Columns*; the grey-level transforms are the same. Where
-    reduction does not apply, the image is decoded in full, exactly as with ``reduce_for = 0``.
+    ``reduce_for`` > 0 is the smallest long side the caller needs (:func:`reduced_side` of the model's
+    spec): a single-frame JPEG 2000 image is then decoded at the coarsest resolution level that keeps it
+    (:func:`reduction_level`), so the result may be smaller than *Rows* x *Columns*; the grey-level
+    transforms are the same. Where reduction does not apply, the image is decoded in full, exactly as with
+    ``reduce_for = 0``.
 
     Raises:
         ImageTooLargeError: the header declares more than ``max_pixels`` pixels (nothing decoded).
@@ -539,7 +553,7 @@ def load_unit(
         ds,
         max_pixels=max_pixels,
         window_percentiles=spec.window_percentiles,
-        reduce_for=spec.input_size if reduced_decode else 0,
+        reduce_for=reduced_side(spec) if reduced_decode else 0,
     )
 
 
@@ -619,6 +633,6 @@ def preprocess_dataset(
         ds,
         max_pixels=max_pixels,
         window_percentiles=spec.window_percentiles,
-        reduce_for=spec.input_size if reduced_decode else 0,
+        reduce_for=reduced_side(spec) if reduced_decode else 0,
     )
     return to_model_input(unit, spec)
