@@ -148,10 +148,12 @@ def _view_query(view: str, since: date | None, until: date | None) -> TextualSel
         where.append("day >= :since")
     if until is not None:
         where.append("day <= :until")
-    sql = f"SELECT * FROM {view}"
+    order = _ORDER[view]  # KeyError for anything but the fixed view names above
+    # view is a key of _ORDER (checked on the line above), never text from a user or the database.
+    sql = f"SELECT * FROM {view}"  # nosec B608
     if where:
         sql += " WHERE " + " AND ".join(where)
-    query = text(sql + f" ORDER BY {_ORDER[view]}")
+    query = text(sql + f" ORDER BY {order}")
     # Typed parameters and columns: SQLite holds dates and timestamps as text, PostgreSQL as date/timestamptz.
     params = [bindparam(name, type_=Date()) for name in ("since", "until") if f":{name}" in sql]
     if params:
