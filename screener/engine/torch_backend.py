@@ -138,6 +138,8 @@ class TorchEngine:
         self.max_batch = max_batch
         self._graphs: dict[int, _Graph] = {}
         if cuda:
+            # Shapes repeat (one per bucket), so let cuDNN time its convolution algorithms once per shape.
+            torch.backends.cudnn.benchmark = True
             self._stream = torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call]
             self._pool = torch.cuda.graph_pool_handle()
             size = self._input_size
