@@ -162,6 +162,10 @@ def test_worker_serves_int8_when_the_gate_passed(passing: Path, make_server: Any
     server = make_server(SCREENER__INFERENCE__PRECISION="auto")
     cli(server, "db", "upgrade")
     cli(server, "models", "register", str(passing), "--activate")
+    listing = subprocess.run(
+        [str(TRAINER), "models", "list"], cwd=server.workdir, env=server.env(), capture_output=True, text=True
+    )
+    assert "int8-test" in listing.stdout and "cpu=int8" in listing.stdout, listing.stdout + listing.stderr
     server.start()
     try:
         wait_for(lambda: '"model.loaded"' in server.log_text(), 60, "the worker to load the model")
@@ -265,3 +269,20 @@ def test_gate_logic_on_given_figures() -> None:
     assert not passed and len(failures) >= 1 and not any("label agreement" in f for f in failures)
     with pytest.raises(ValueError, match="min_agreement"):
         gate_figures(y, fp32, fp32, CLASSES, {}, GateThresholds(min_agreement=1.5))
+
+
+def test_card_int8_section_must_match_its_file_entry(passing: Path) -> None:
+    from screener.modelcard import ModelCard
+
+    data = json.loads((passing / CARD_FILE).read_text())
+    data["int8"]["sha256"] = "0" * 64
+    with pytest.raises(ModelError, match=r"files\.model\.int8\.onnx = .*must equal int8\.sha256"):
+        ModelCard.from_json(json.dumps(data))
+    data = json.loads((passing / CARD_FILE).read_text())
+    del data["int8"]
+    with pytest.raises(ModelError, match="is listed but the card has no int8 section"):
+        ModelCard.from_json(json.dumps(data))
+    data = json.loads((passing / CARD_FILE).read_text())
+    data["int8"]["passed"] = "yes"
+    with pytest.raises(ModelError, match=r"int8\.passed = 'yes'"):
+        ModelCard.from_json(json.dumps(data))

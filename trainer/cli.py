@@ -207,7 +207,10 @@ def _models(config: Config, args: argparse.Namespace) -> int:
                     metrics = json.loads(r.card_json).get("metrics", {})
                     acc = metrics.get("test_accuracy", metrics.get("accuracy"))
                     shown = f"acc={acc:.3f}" if isinstance(acc, int | float) else ""
-                    print(f"{r.version:<36} {r.status.value:<9} {r.architectures:<20} {shown} {r.path}")
+                    print(
+                        f"{r.version:<36} {r.status.value:<9} {r.architectures:<20} {shown} "
+                        f"{_cpu_precision(Path(r.path)):<11} {r.path}"
+                    )
                 return 0
             if args.models_command == "rollback":
                 decision = rollback(session)
@@ -227,6 +230,21 @@ def _models(config: Config, args: argparse.Namespace) -> int:
     verb = "promoted" if decision.promoted else "not promoted"
     print(f"{decision.version} {verb}: {decision.reason}")
     return 0 if decision.promoted else 3
+
+
+def _cpu_precision(model_dir: Path) -> str:
+    """What the screener would run on CPU with inference.precision = auto: ``cpu=int8``, ``cpu=fp32`` or
+    ``cpu=fp32*`` (an INT8 graph exists but failed its gate), read from the card on disk (INT8 may be
+    added after registration); ``cpu=?`` when the card cannot be read."""
+    from screener.modelcard import read_card
+
+    try:
+        int8 = read_card(model_dir).int8
+    except ScreenerError:
+        return "cpu=?"
+    if int8 is None:
+        return "cpu=fp32"
+    return "cpu=int8" if int8.passed else "cpu=fp32*"
 
 
 def _gate_reports(config: Config, session: Any, args: argparse.Namespace) -> tuple[Any, Any]:
