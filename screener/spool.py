@@ -17,6 +17,7 @@ import hashlib
 import os
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -133,6 +134,8 @@ class Spool:
         self.min_free_bytes = min_free_bytes
         self._tmp = self.root / TMP_DIR
         self._host = socket.gethostname()
+        self._fresh_dirs: set[Path] = set()  # made by _make_dirs, entry not yet fsynced
+        self._fresh_lock = threading.Lock()
 
     def ensure_layout(self) -> None:
         """Create the spool and its temporary folder (idempotent)."""
@@ -217,9 +220,15 @@ class Spool:
         final = self.root / rel
         try:
             self._make_dirs(final.parent)
+            with self._fresh_lock:
+                fresh = [d for d in (final.parent, final.parent.parent) if d in self._fresh_dirs]
             incoming.path.rename(final)
             incoming.sync_and_close()
             _fsync_dir(final.parent)
+            for new in fresh:  # a folder made for this file (or a concurrent one) and not yet durable
+                _fsync_dir(new.parent)
+                with self._fresh_lock:
+                    self._fresh_dirs.discard(new)
         except OSError as exc:
             incoming.discard()
             final.unlink(missing_ok=True)
@@ -229,14 +238,21 @@ class Spool:
         return SpoolEntry(name=rel, sha256=digest, size_bytes=incoming.size)
 
     def _make_dirs(self, directory: Path) -> None:
+        """Create ``directory`` and missing parents; their entries are fsynced by :meth:`commit`.
+
+        A new folder is listed as fresh before it exists, so a concurrent commit that finds it
+        already made still fsyncs its entry before answering. The fsyncs come after the file's own:
+        by then the file system has usually committed them in the same journal transaction.
+        """
         missing: list[Path] = []
         d = directory
         while not d.exists():
             missing.append(d)
             d = d.parent
         for new in reversed(missing):
+            with self._fresh_lock:
+                self._fresh_dirs.add(new)
             new.mkdir(exist_ok=True)
-            _fsync_dir(new.parent)
 
     def remove(self, name: str) -> None:
         """Delete a spooled file (missing is fine) and make the deletion durable."""
