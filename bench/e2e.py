@@ -453,6 +453,7 @@ def main() -> int:
             f"{_ms(res.to_sr):>22} {res.sustained:>7.2f} {res.sustained_sr:>9.2f} "
             f"{res.preprocess_ms:>8.0f} {res.inference_ms:>12.0f}"
         )
+    print("SRs received by the PACS per run: " + ", ".join(f"{r.mode} {r.srs_at_pacs}" for r in results))
     if args.json:
         args.json.write_text(json.dumps([vars(r) for r in results], indent=2) + "\n")
     by_mode = {m: statistics.median(r.sustained for r in results if r.mode == m) for m in modes}
