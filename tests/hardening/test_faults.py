@@ -105,6 +105,16 @@ def _send(port: int, part: list[Dataset], on_status: Callable[[Dataset, int | No
             assoc.release()
 
 
+def _trouble(server: Server) -> list[str]:
+    """The server's recent warning and error lines, for a failure message."""
+    lines = [
+        f"{e.get('event')}: {e.get('outcome', '')} {e.get('detail', '')} {e.get('error', '')}"
+        for e in server.log_events()
+        if e.get("level") in {"warning", "error", "critical"}
+    ]
+    return lines[-8:]
+
+
 def _kill_round(server: Server, rng: random.Random) -> dict[str, float]:
     """Send INSTANCES over ASSOCIATIONS parallel associations, kill -9 at a random acknowledged count."""
     assert server.proc is not None
@@ -161,7 +171,11 @@ def _kill_round(server: Server, rng: random.Random) -> dict[str, float]:
     _assert_each_classified_once(server, mine)
 
     # The PACS resends what it was not told about (and, being unsure, everything): nothing doubles.
-    assert store(server.port, instances) == [0x0000] * INSTANCES
+    resent = store(server.port, instances)
+    bad = [(i, s) for i, s in enumerate(resent) if s != 0x0000]
+    assert not bad, (
+        f"resend after restart: {len(bad)} not 0x0000, first {bad[:3]}; server said {_trouble(server)}"
+    )
     total = len(server.rows("SELECT id FROM instances"))
     wait_for(lambda: _finished(server) == total, 300, "the resent instances classified")
     _assert_each_classified_once(server, set(by_uid))
