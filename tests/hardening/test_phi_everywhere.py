@@ -12,6 +12,7 @@ trainer writes, while the spool and the data still hold them (so the test cannot
 from __future__ import annotations
 
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from tests.test_phi import CANARIES, _needles
 
 TRAINER = SCREENER.with_name("trainer")
 CLASS_DIRS = ("normal", "covid19", "viral_pneumonia")
+SECONDS: dict[str, float] = {}  # wall time of each trainer step, for the figure
 TEXT_SUFFIXES = {".log", ".txt", ".csv", ".json", ".jsonl", ".md", ".yaml", ".toml"}
 
 
@@ -55,11 +57,13 @@ def _dicom_dataset(root: Path, per_class: int) -> Path:
 
 
 def _run(cmd: list[str], server, outputs: dict[str, str], name: str, ok=(0,)) -> None:
+    started = time.monotonic()
     res = subprocess.run(
         cmd, cwd=server.workdir, env=server.env(), capture_output=True, text=True, timeout=600
     )
     outputs[f"{name} stdout"] = res.stdout
     outputs[f"{name} stderr"] = res.stderr
+    SECONDS[name] = round(time.monotonic() - started, 1)
     assert res.returncode in ok, f"{name} exited {res.returncode}:\n{res.stdout}\n{res.stderr}"
 
 
@@ -94,6 +98,7 @@ def test_phi_canaries_reach_no_log_metric_report_or_trainer_output(
     finally:
         engine.dispose()
     outputs: dict[str, str] = {}
+    started = time.monotonic()
     try:
         server.start()
         study = generate_uid()
@@ -144,6 +149,7 @@ def test_phi_canaries_reach_no_log_metric_report_or_trainer_output(
             assert server.stop() == 0
         pacs.stop()
     outputs["serve log"] = server.log_text()
+    SECONDS["serve, reports, metrics"] = round(time.monotonic() - started, 1)
     assert any('"level": "debug"' in line for line in outputs["serve log"].splitlines()), "DEBUG lines logged"
 
     # Trainer: confirmed labels keyed by the canary accession number (and one by a bad key, so the
@@ -204,4 +210,5 @@ def test_phi_canaries_reach_no_log_metric_report_or_trainer_output(
         bytes_scanned=sum(len(t) for t in outputs.values()),
         needles=len(_needles()),
         hits=len(leaked),
+        seconds=SECONDS,
     )
