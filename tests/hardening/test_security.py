@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -453,3 +454,47 @@ def test_sql_metacharacters_are_stored_verbatim_and_change_no_query(
         hostile_attributes_per_instance=HOSTILE_ATTRIBUTES,
         tables_intact=True,
     )
+
+
+# --- dependency audit gate --------------------------------------------------------------------------------
+
+
+def _audit_gate(tmp_path: Path, report: str | None, stderr: str = "") -> subprocess.CompletedProcess[str]:
+    """Run the pip-audit verdict step of tests/run on a canned pip-audit JSON report."""
+    script = (Path(__file__).resolve().parents[1] / "run").read_text()
+    gate = script.split("<<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+    path = tmp_path / "audit.json"
+    path.unlink(missing_ok=True)
+    if report is not None:
+        path.write_text(report)
+    (tmp_path / "audit.json.err").write_text(stderr)
+    return subprocess.run(
+        [sys.executable, "-c", gate, str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_dependency_audit_fails_on_findings_and_says_when_it_could_not_audit(tmp_path):
+    vulnerable = {
+        "dependencies": [
+            {
+                "name": "jinja2",
+                "version": "2.10",
+                "vulns": [{"id": "PYSEC-2019-217", "fix_versions": ["2.10.1"]}],
+            },
+            {"name": "numpy", "version": "2.1.0", "vulns": []},
+        ]
+    }
+    found = _audit_gate(tmp_path, json.dumps(vulnerable))
+    assert found.returncode == 1 and "jinja2 2.10: PYSEC-2019-217 (fixed in 2.10.1)" in found.stdout
+    clean = _audit_gate(
+        tmp_path, json.dumps({"dependencies": [{"name": "numpy", "version": "2.1.0", "vulns": []}]})
+    )
+    assert clean.returncode == 0 and "audited 1 dependencies: 0 known vulnerabilities" in clean.stdout
+    offline = {
+        "dependencies": [{"name": "numpy", "version": "2.1.0", "skip_reason": "Dependency not found on PyPI"}]
+    }
+    unreachable = _audit_gate(tmp_path, json.dumps(offline))
+    assert unreachable.returncode == 0 and "dependencies NOT audited" in unreachable.stderr
+    crashed = _audit_gate(tmp_path, None, stderr="ConnectionError: Failed to resolve 'api.osv.dev'\n")
+    assert crashed.returncode == 0 and "could not run (ConnectionError" in crashed.stderr
+    assert "NOT audited" in crashed.stderr
