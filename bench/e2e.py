@@ -2,7 +2,8 @@
 
 Starts `screener serve` (role all, SQLite, local spool) with a PACS destination (a pynetdicom storage
 SCP in this process that accepts our SRs), pushes real-sized chest radiographs with DCMTK (``storescu``
-for uncompressed files, ``dcmsend`` for JPEG 2000, which it sends in its own transfer syntax), and for
+for uncompressed files, ``dcmsend`` for JPEG 2000, which it sends in its own transfer syntax; pynetdicom
+where DCMTK is not installed), and for
 every instance measures, from the moment the sender logged its C-STORE response:
 
 - the prediction row (``predictions.created_at``), and
@@ -182,12 +183,49 @@ class SrReceiver:
             self._server.shutdown()
 
 
+def send_pynetdicom(files: list[Path], port: int, rate: float, bar: Progress) -> list[float]:
+    """Send ``files`` with pynetdicom (hosts without DCMTK): one association, each file as stored.
+
+    Returns the wall-clock time of each C-STORE response; exits when one is not Success (0x0000).
+    """
+    from pynetdicom import AE, _config
+
+    _config.STORE_SEND_CHUNKED_DATASET = True  # stream the file's encoded dataset, as DCMTK does
+    ae = AE(ae_title="BENCH")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120
+    heads = [dcmread(p, stop_before_pixels=True) for p in files]
+    for pair in {(str(h.SOPClassUID), str(h.file_meta.TransferSyntaxUID)) for h in heads}:
+        ae.add_requested_context(*pair)
+    assoc = ae.associate("127.0.0.1", port, ae_title="CXRSCREENER")
+    if not assoc.is_established:
+        sys.exit("bench: the screener refused the association (pynetdicom sender)")
+    acks = []
+    try:
+        for path in files:
+            started = time.monotonic()
+            rsp = assoc.send_c_store(path)
+            acks.append(time.time())
+            status = int(rsp.Status) if rsp is not None and "Status" in rsp else None
+            if status != 0:
+                sys.exit(f"bench: C-STORE of {path.name} answered {status}")
+            bar.step("sent")
+            if rate > 0:
+                time.sleep(max(0.0, 1 / rate - (time.monotonic() - started)))
+    finally:
+        assoc.release()
+    return acks
+
+
 def send_all(files: list[Path], port: int, compressed: bool, rate: float, bar: Progress) -> list[float]:
     """Send ``files`` with DCMTK; returns the wall-clock time each C-STORE response was logged.
 
     ``rate`` 0: one association for all files, as fast as the peers go; else one sender process per
-    file, started every ``1 / rate`` seconds. Exits when a response is not Success.
+    file, started every ``1 / rate`` seconds. Exits when a response is not Success. Without DCMTK on
+    the PATH the files go through :func:`send_pynetdicom` instead (said on stderr).
     """
+    if shutil.which("storescu") is None or shutil.which("dcmsend") is None:
+        print("# DCMTK not found: sending with pynetdicom", file=sys.stderr)
+        return send_pynetdicom(files, port, rate, bar)
     tool = ["dcmsend", "-v"] if compressed else ["storescu", "-v"]
     base = [*tool, "-aet", "BENCH", "-aec", "CXRSCREENER", "127.0.0.1", str(port)]
     acks: list[float] = []
@@ -265,9 +303,10 @@ def run_once(args: argparse.Namespace, mode: str, model: Path, files: list[Path]
             **MODES[mode],
         }
     )
-    screener = Path(sys.executable).with_name("screener")
+    # The interpreter itself, not the console script: a venv moved to another path keeps working.
+    screener = [sys.executable, "-c", "import sys; from screener.cli import main; sys.exit(main())"]
     subprocess.run(
-        [str(screener), "models", "register", str(model), "--activate"],
+        [*screener, "models", "register", str(model), "--activate"],
         env=env,
         check=True,
         cwd=work,
@@ -275,9 +314,7 @@ def run_once(args: argparse.Namespace, mode: str, model: Path, files: list[Path]
     )
     log_path = work / "serve.log"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [str(screener), "serve"], env=env, cwd=work, stdout=log, stderr=subprocess.STDOUT
-        )
+        proc = subprocess.Popen([*screener, "serve"], env=env, cwd=work, stdout=log, stderr=subprocess.STDOUT)
     n = len(files)
     db = create_engine(db_url)
     try:
@@ -408,9 +445,6 @@ def main() -> int:
         import torch
 
         args.max_batch = 32 if torch.cuda.is_available() else 8
-    for tool in ("storescu", "dcmsend"):
-        if shutil.which(tool) is None:
-            sys.exit(f"bench: {tool} not found: install DCMTK (Debian package dcmtk)")
 
     work = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     try:
