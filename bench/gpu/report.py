@@ -143,8 +143,15 @@ def dry_run() -> int:
         print("note tensorrt missing here: run.sh then times torch CUDA (FP16, channels-last, graphs) only")
     for tool in ("storescu", "dcmsend"):
         check(f"DCMTK {tool} on PATH", shutil.which(tool) is not None)
-    screener = Path(sys.executable).with_name("screener")
-    check("screener console script", screener.is_file(), str(screener))
+    import screener
+
+    where = Path(screener.__file__).resolve().parent
+    check("screener imported from this checkout", where == REPO / "screener", str(where))
+    try:
+        importlib.import_module("screener._migrations")
+        check("import screener._migrations (serve migrates its database)", True)
+    except ImportError as exc:
+        check("import screener._migrations (serve migrates its database)", False, f"{exc}: pip install -e .")
     for script, flags in (
         (
             "bench/inference.py",

@@ -21,6 +21,8 @@ REPO=$(pwd)
 PY=${PYTHON:-$REPO/.venv/bin/python}
 [ -x "$PY" ] || PY=$(command -v python3)
 export PATH="$(dirname "$PY"):$PATH"
+# This checkout first: an editable install made elsewhere may point at another path.
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-$REPO/gpu-results}
 WORK=${WORK:-$(mktemp -d /tmp/cxr-gpu-bench.XXXXXX)}
 BUDGET_S=${BUDGET_S:-570}
