@@ -22,6 +22,7 @@ codestream the reduced path does not understand, is decoded in full by pydicom.
 from __future__ import annotations
 
 import io
+import struct
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -475,7 +476,16 @@ def dicom_to_unit(
         else:
             low, high = _percentile_window(values[::2, ::2], None, window_percentiles)
         return _to_unit(np.asarray(values, dtype=np.float32), low, high, invert)
-    except (ValueError, TypeError, KeyError, AttributeError, IndexError, NotImplementedError) as exc:
+    except (
+        ValueError,
+        TypeError,
+        KeyError,
+        AttributeError,
+        IndexError,
+        NotImplementedError,
+        struct.error,
+    ) as exc:
+        # struct.error: LUT Data shorter than its LUT Descriptor declares (found by fuzzing).
         raise ImageDecodeError(
             transfer_syntax_label(ds), f"invalid modality or VOI LUT attributes: {type(exc).__name__}: {exc}"
         ) from exc
