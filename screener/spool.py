@@ -12,14 +12,17 @@ one reception can always remove its own file when its database commit fails.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import functools
 import hashlib
 import os
 import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator
+import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +30,21 @@ from screener.errors import SpoolError, SpoolFullError
 
 TMP_DIR = ".tmp"
 SUFFIX = ".dcm"
+WRITEBACK_BYTES = 4 * 1024 * 1024  # start writing a received file to disk every this many bytes
+_SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start write-out of dirty pages, do not wait
+
+
+@functools.cache
+def _start_writeback() -> Callable[[int, int, int, int], int] | None:
+    """Linux ``sync_file_range(2)``, or None where the C library lacks it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return typing.cast(Callable[[int, int, int, int], int], fn)
 
 
 @dataclass(frozen=True)
@@ -61,6 +79,7 @@ class Incoming:
         self.error: OSError | None = None
         self._fd: int | None = fd
         self._hash = hashlib.sha256()
+        self._written_back = 0  # bytes already handed to the disk's write-out
 
     @property
     def file(self) -> Incoming:
@@ -85,6 +104,14 @@ class Incoming:
             self._truncate()
             return n
         self.size += n
+        if self.size - self._written_back >= WRITEBACK_BYTES:
+            # Let the disk work while the rest arrives, so the final fsync waits only for the tail.
+            writeback = _start_writeback()
+            if writeback is not None:
+                writeback(
+                    self._fd, self._written_back, self.size - self._written_back, _SYNC_FILE_RANGE_WRITE
+                )
+            self._written_back = self.size
         return n
 
     def flush(self) -> None:
