@@ -231,10 +231,8 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="bench-receive-", dir=args.workdir))
     try:
         started = time.perf_counter()
-        sets = [
-            generate(root / "large", "large", n_large, 2500),
-            generate(root / "small", "small", n_small, 512),
-        ]
+        sizes = (("large", n_large, 2500), ("small", n_small, 512))
+        sets = [generate(root / name, name, n, side) for name, n, side in sizes if n > 0]
         os.sync()  # settle the generated files so their write-back does not land in the first run
         print(f"# data: generated in {time.perf_counter() - started:.1f}s under {root}")
         for d in sets:
