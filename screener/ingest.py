@@ -15,8 +15,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -25,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from screener import audit
 from screener.db.models import ClashAction, Delivery, Instance, InstanceClash, InstanceStatus, Study, utcnow
 from screener.errors import SpoolError, SpoolFullError
+from screener.part10 import read_header_elements
 from screener.spool import Incoming, Spool
 
 # DICOM status codes (PS3.4 Annex B.2.3 and PS3.7 Annex C).
@@ -69,6 +68,10 @@ class IngestResult:
     detail: str | None = None
 
 
+STUDY_INSTANCE_UID = 0x0020000D
+SERIES_INSTANCE_UID = 0x0020000E
+
+
 @dataclass(frozen=True)
 class _Header:
     study_instance_uid: str | None
@@ -79,14 +82,12 @@ class _Header:
 def read_header(path: Path) -> _Header:
     """Study and series UIDs from a Part 10 file, reading no further than the pixel data."""
     try:
-        ds = dcmread(
-            path,
-            stop_before_pixels=True,
-            specific_tags=["StudyInstanceUID", "SeriesInstanceUID"],
-        )
+        ds = read_header_elements(path, [STUDY_INSTANCE_UID, SERIES_INSTANCE_UID])
         study = ds.get("StudyInstanceUID")
         series = ds.get("SeriesInstanceUID")
-    except (InvalidDicomError, ValueError, KeyError, EOFError, OSError, NotImplementedError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any malformed header is this instance's answer, not a crash
+        # pydicom raises a wide range for hostile bytes (struct.error, zlib.error, RecursionError from
+        # deeply nested sequences, ...): each means "stored, marked failed", never 0xA700 and a retry loop.
         return _Header(None, None, f"header could not be parsed ({type(exc).__name__})")
     study_uid = str(study).strip() if study else None
     series_uid = str(series).strip() if series else None

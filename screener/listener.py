@@ -124,8 +124,10 @@ class _Server(ThreadedAssociationServer):
         assert self.socket is not None
         client, address = self.socket.accept()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Every socket, not only TLS ones: without a timeout pynetdicom's reader blocks forever in recv()
+        # when a peer stops in the middle of a PDU, and the association holds its slot for good.
+        client.settimeout(self.ae.network_timeout)
         if self.ssl_context:
-            client.settimeout(self.ae.network_timeout)
             client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
         return client, address
 

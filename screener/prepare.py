@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydicom import dcmread
 
 from screener.config import EligibilityConfig
 from screener.eligibility import decide
 from screener.errors import ImagingError
 from screener.imaging import PreprocessSpec, preprocess_dataset
+from screener.part10 import read_bounded
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,9 @@ def prepare_instance(
         return Prepared(instance_id, kind, array, reason, (time.perf_counter() - started) * 1000)
 
     try:
-        ds = dcmread(path)  # pixel data stays encoded until preprocess_dataset, after the size check
+        # Pixel data stays encoded until preprocess_dataset, after the size check; a deflated data set is
+        # inflated only as far as its declared pixels allow.
+        ds = read_bounded(Path(path), rules.max_pixels)
     except Exception as exc:  # noqa: BLE001 - any unreadable header is this instance's failure, not the worker's
         return done("failed", None, f"DICOM header unreadable ({type(exc).__name__})")
     decision = decide(ds, rules)

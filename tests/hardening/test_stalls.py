@@ -180,12 +180,6 @@ def test_a_client_that_stops_between_pdus_of_a_dataset_is_dropped_at_the_network
     _stall_mid_dataset(make_server, figure, "between-pdus")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="screener/listener.py _Server.get_request sets no timeout on plain accepted sockets: pynetdicom's "
-    "reader blocks in recv() inside a half-sent PDU and the association never ends (the fix is "
-    "client.settimeout(self.ae.network_timeout) for every accepted socket, not only TLS ones)",
-)
 def test_a_client_that_stops_in_the_middle_of_a_pdu_is_dropped_at_the_network_timeout(
     make_server, figure: Figure
 ):
