@@ -19,7 +19,6 @@ from hypothesis import given
 from bench.fuzz import (
     MIB,
     Case,
-    Escape,
     Harness,
     Scope,
     Seed,

@@ -17,7 +17,6 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.dimse_messages import C_STORE_RQ
