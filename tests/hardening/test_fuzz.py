@@ -9,6 +9,7 @@ Bugs the fuzzer found are kept as regression tests at the end, each with its min
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from pathlib import Path
@@ -33,9 +34,9 @@ from screener.imaging import PreprocessSpec
 from screener.ingest import read_header
 from screener.prepare import prepare_instance
 from screener.spool import Spool
-from tests.hardening.conftest import Figure, rounds
+from tests.hardening.conftest import Figure
 
-EXAMPLES = 200
+EXAMPLES = 200  # HARDENING_FUZZ_EXAMPLES overrides; `python bench/fuzz.py --seconds N` runs longer
 # The CI scope is every mutation family the bench runs, with smaller bombs to keep the budget.
 CI_SCOPE = Scope(max_bomb_mib=32)
 
@@ -59,7 +60,7 @@ def test_fuzz_worker_path_gives_typed_answers_within_bounds(
 ):
     """Spool write -> prepare_instance on the spooled file, as the worker runs it: no escape, bounded."""
     harness = _harness(seeds, tmp_path, header_must_answer=False)
-    examples = rounds(EXAMPLES)
+    examples = int(os.environ.get("HARDENING_FUZZ_EXAMPLES") or EXAMPLES)
 
     @fuzz_settings(examples, derandomize=True)
     @given(case=cases(seeds, CI_SCOPE))
