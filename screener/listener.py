@@ -26,6 +26,7 @@ from typing import Any
 
 from pydicom.uid import UID
 from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -105,6 +106,28 @@ def _route_received_files(ae: AE, opener: Callable[[Any], Any]) -> bool:
         dimse_messages.NamedTemporaryFile = _open_received_file
         _config.STORE_RECV_CHUNKED_DATASET = True
     return True
+
+
+def _end_unrequested(assoc: Any) -> None:
+    """End the wait of an acceptor whose connection closed before any A-ASSOCIATE indication.
+
+    pynetdicom 3.0 (``Association.run_reactor``) has the acceptor wait up to ``acse_timeout`` for the
+    A-ASSOCIATE-RQ on ``dul.to_user_queue``. When the peer closes first (a port scanner, a TLS scanner, a
+    load balancer's TCP health check: PS3.8 state machine Sta2 + Evt17, action AA-5) or after the DUL
+    itself refused the request (Sta13, AR-5 / AA-2), the DUL stops but puts nothing on that queue, so the
+    association thread lives on for ``acse_timeout`` and counts against ``maximum_associations``: a burst
+    of such connections locks real peers out with A-ASSOCIATE-RJ "local limit exceeded". ``None`` on the
+    queue is what ``receive_pdu`` returns on timeout, so the thread ends at once, down the path pynetdicom
+    takes for a timed-out request (kill, close the socket). Called from the DUL thread inside the state
+    machine action: it only puts on a queue, it never waits for that thread.
+    """
+    if not assoc.is_acceptor or assoc.requestor.primitive is not None:
+        return  # the request was delivered: the association ends through its own reactor
+    pending = list(assoc.dul.to_user_queue.queue)
+    if any(isinstance(primitive, A_ASSOCIATE) for primitive in pending):
+        return  # delivered, not yet taken
+    log.debug("connection.closed_before_association", peer=str(assoc.requestor.address))
+    assoc.dul.to_user_queue.put(None)
 
 
 def _sop_name(uid: str) -> str:
@@ -206,7 +229,7 @@ class Listener:
             (evt.EVT_C_STORE, self._on_c_store),
             (evt.EVT_C_ECHO, self._on_c_echo),
             (evt.EVT_ABORTED, self._on_ended),
-            (evt.EVT_CONN_CLOSE, self._on_ended),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
         chunked = _route_received_files(self.ae, self._open_incoming)
         server = self.ae.make_server(
@@ -308,6 +331,11 @@ class Listener:
             incoming.discard()
         if incomings:
             log.info("association.partial_discarded", files=len(incomings))
+
+    def _on_conn_close(self, event: Any) -> None:
+        """The connection is gone: free an acceptor still waiting for A-ASSOCIATE-RQ, clean up the rest."""
+        _end_unrequested(event.assoc)
+        self._on_ended(event)
 
     def _take_incoming(self, event: Any) -> Incoming:
         """The received data set as an :class:`Incoming` spool temporary (copied only as a fallback)."""
