@@ -164,7 +164,7 @@ def load_engine(
     elif backend == "torch":
         from screener.engine.torch_backend import TorchEngine
 
-        engine = TorchEngine(model, threads=threads, torch_compile=torch_compile)
+        engine = TorchEngine(model, threads=threads, torch_compile=torch_compile, max_batch=max_batch)
     else:
         from screener.engine.tensorrt_backend import TensorRTEngine
 
