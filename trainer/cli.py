@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -87,6 +88,12 @@ def _parser() -> argparse.ArgumentParser:
         "--activations",
         choices=["uint8", "int8"],
         help="activation type (default: ONNX Runtime's advice for this CPU: uint8 on x86-64, int8 on ARM)",
+    )
+    p.add_argument(
+        "--fp32-stages",
+        type=int,
+        choices=range(5),
+        help="ResNet stages kept FP32 with the stem (0: quantise every conv; default 1: stem and stage 1)",
     )
     p.add_argument("--replace", action="store_true", help="replace an existing INT8 model")
 
@@ -272,7 +279,7 @@ def _gate_reports(config: Config, session: Any, args: argparse.Namespace) -> tup
 
 
 def _export(config: Config, args: argparse.Namespace) -> int:
-    from trainer.quantize import GateThresholds, QuantSettings, default_settings, export_int8
+    from trainer.quantize import GateThresholds, default_settings, export_int8
 
     if not args.int8:
         print(
@@ -300,8 +307,10 @@ def _export(config: Config, args: argparse.Namespace) -> int:
         print(f"trainer export: {exc}", file=sys.stderr)
         return 2
     settings = default_settings()
+    if args.fp32_stages is not None:
+        settings = dataclasses.replace(settings, fp32_stages=args.fp32_stages)
     if args.activations:
-        settings = QuantSettings(activations=args.activations, reduce_range=settings.reduce_range)
+        settings = dataclasses.replace(settings, activations=args.activations)
     outcome = export_int8(
         args.model_dir,
         args.data,
