@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
 
 from screener.engine import load_engine
@@ -23,7 +24,14 @@ from screener.errors import DataError, ModelError, ModelIntegrityError
 from screener.modelcard import CARD_FILE, CLASSES, INT8_FILE, load_model_dir, read_card, sha256_file
 from tests.helpers import cli, wait_for
 from trainer.data import load_samples
-from trainer.quantize import GateThresholds, export_int8, gate_figures, model_splits
+from trainer.quantize import (
+    GateThresholds,
+    QuantSettings,
+    early_nodes,
+    export_int8,
+    gate_figures,
+    model_splits,
+)
 
 TRAINER = Path(sys.executable).with_name("trainer")
 SCREENER = Path(sys.executable).with_name("screener")
@@ -135,6 +143,18 @@ def test_export_writes_the_int8_file_and_its_card_section(passing: Path, trained
     assert int8.calibration["count"] == 16 and len(int8.calibration["digest"]) == 64
     assert int8.calibration["split"] == "train"
     assert int8.quantization["format"] == "QDQ" and "per-channel" in int8.quantization["weights"]
+    # the stem and stage 1 of both networks stay FP32 (their convs read float tensors and float weights),
+    # every later conv runs on dequantised int8 inputs
+    early = set(int8.quantization["fp32_early_nodes"])
+    assert int8.quantization["fp32_stages"] == 1
+    graph = onnx.load(str(passing / INT8_FILE)).graph
+    producer = {out: node.op_type for node in graph.node for out in node.output}
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    kept = [node for node in convs if node.name in early]
+    assert len(kept) == 2 * (1 + 4)  # resnet18: stem + two basic blocks of two convs, twice
+    for node in convs:
+        dequantised = [producer.get(name) == "DequantizeLinear" for name in node.input[:2]]
+        assert dequantised == ([False, False] if node in kept else [True, True]), node.name
     # the card on disk reads back identically
     assert read_card(passing).int8 == int8
 
@@ -245,6 +265,19 @@ def test_calibration_refuses_anything_but_the_models_training_split(
         with pytest.raises(DataError, match="is not the one model int8-test was trained on"):
             export_int8(copy, wrong, seed=seed, progress=False)
     assert not (copy / INT8_FILE).exists() and read_card(copy).int8 is None
+
+
+def test_fp32_stages_are_found_by_resolution(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    model, _ = trained
+    shaped = tmp_path / "shaped.onnx"
+    onnx.save(onnx.shape_inference.infer_shapes(onnx.load(str(model / "model.onnx"))), str(shaped))
+    assert early_nodes(shaped, 0) == []
+    one, two = early_nodes(shaped, 1), early_nodes(shaped, 2)
+    assert set(one) < set(two)
+    assert all("layer1" in name or "layer" not in name for name in one)
+    assert any("layer2" in name for name in two) and not any("layer3" in name for name in two)
+    with pytest.raises(ValueError, match="fp32_stages"):
+        QuantSettings(fp32_stages=5).validate()
 
 
 def test_gate_logic_on_given_figures() -> None:
