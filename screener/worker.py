@@ -4,6 +4,12 @@ Pipelined: while the engine runs batch N, the pool decodes and preprocesses batc
 point loses nothing: claimed rows carry a lease (``inference.lease_seconds``); expired leases are
 reclaimed by any worker; the status update and the prediction insert commit together and only while
 the lease is still ours, and ``predictions`` is unique per (instance, model version).
+
+``instances.attempts`` counts claims whose processing did not finish: a crash of a preprocessing process
+or of the worker itself, or a lease that expired. A row claimed again (attempts > 0) runs alone, with
+nothing else in flight, so a poison instance (one whose decoding or inference kills its process) is the
+only one that reaches ``MAX_ATTEMPTS``: the innocent rows of its first batch share one crash, then
+succeed on their own.
 """
 
 from __future__ import annotations
@@ -42,9 +48,10 @@ from screener.imaging import PreprocessSpec
 from screener.leases import owner_id, release_dead_leases
 from screener.logs import get_logger, uid_hash
 from screener.metrics import Metrics
+from screener.modelcard import read_card
 from screener.outbox import build_objects, enqueue
 from screener.prepare import Prepared, init_pool_process, prepare_instance
-from screener.registry import active_version
+from screener.registry import active_version, verify_registered
 from screener.spool import Spool
 from screener.verdict import ImageOutcome, instance_label, study_verdict
 
@@ -70,6 +77,8 @@ class _Claimed:
     futures: list[Future[Prepared]]
     claimed_at: float
     model: _Model  # the model whose preprocessing contract the batch was prepared for
+    pool: ProcessPoolExecutor  # the pool its futures run on
+    alone: bool  # a reclaimed row run on its own: nothing else is claimed while it is in flight
 
 
 class Worker:
@@ -153,14 +162,14 @@ class Worker:
         self._ensure_model()
         if self.model is None:
             if pending is not None:
-                self._release(pending)
+                self._release(pending, crashed=False)
             self.stop.wait(self.config.inference.poll_seconds)
             return None
         try:
             self._settle_studies()
         except SQLAlchemyError as exc:  # verdicts retry next round; the pending batch must not wait for that
             log.warning("worker.settle_failed", error=type(exc).__name__)
-        nxt = self._claim_when_ready(block=pending is None)
+        nxt = self._claim_when_ready(pending)
         if pending is not None:
             self._finish(pending)
         while self._to_close:
@@ -190,9 +199,13 @@ class Worker:
         ):
             return
         inf = self.config.inference
+        model_dir = Path(row.path)
         try:
+            # The card must be the one recorded at registration before an engine parses the graph, and
+            # again as load_engine verified it (the card could change in between).
+            verify_registered(row, read_card(model_dir), model_dir)
             engine, loaded = load_engine(
-                Path(row.path),
+                model_dir,
                 inf.backend,
                 threads=inf.threads,
                 torch_compile=inf.torch_compile,
@@ -200,6 +213,11 @@ class Worker:
                 max_batch=inf.max_batch,
                 precision=inf.precision,
             )
+            try:
+                verify_registered(row, loaded.card, model_dir)
+            except ScreenerError:
+                engine.close()
+                raise
         except ScreenerError as exc:
             self._failed_model = (row.id, time.monotonic() + MODEL_RETRY_SECONDS)
             log.error(
@@ -233,28 +251,39 @@ class Worker:
             and_(Instance.status == InstanceStatus.PROCESSING, Instance.lease_expires_at < now),
         )
 
-    def _claim_when_ready(self, block: bool) -> _Claimed | None:
+    def _claim_when_ready(self, pending: _Claimed | None) -> _Claimed | None:
+        """The next batch, or None. Reclaimed rows come first, one at a time, with nothing else in flight."""
         inf = self.config.inference
+        if pending is not None and pending.alone:
+            return None
         with self.sessions() as session:
-            ready, oldest = session.execute(
-                select(func.count(), func.min(Instance.received_at)).where(self._claimable())
+            ready, oldest, retried = session.execute(
+                select(
+                    func.count(),
+                    func.min(Instance.received_at),
+                    func.count().filter(Instance.attempts > 0),
+                ).where(self._claimable())
             ).one()
+        if retried:
+            # A reclaimed row may be the one that crashed the last batch: run it when nothing else runs.
+            return None if pending is not None else self._claim(1, retried=True)
         if not ready:
-            if block:
+            if pending is None:
                 self.stop.wait(inf.poll_seconds)
             return None
         if ready < inf.max_batch and oldest is not None:
             age_ms = (utcnow() - _aware(oldest)).total_seconds() * 1000
             if age_ms < inf.max_wait_ms:
                 self.stop.wait((inf.max_wait_ms - age_ms) / 1000)
-        return self._claim(inf.max_batch)
+        return self._claim(inf.max_batch, retried=False)
 
-    def _claim(self, limit: int) -> _Claimed | None:
+    def _claim(self, limit: int, *, retried: bool) -> _Claimed | None:
+        """Lease up to ``limit`` rows claimed before (``retried``) or never claimed; counts the attempt."""
         assert self.model is not None and self._pool is not None
         now = utcnow()
         pick = (
             select(Instance.id)
-            .where(self._claimable())
+            .where(self._claimable(), Instance.attempts > 0 if retried else Instance.attempts == 0)
             .order_by(Instance.received_at, Instance.id)
             .limit(limit)
         )
@@ -279,26 +308,51 @@ class Worker:
             return None
         exhausted = [r for r in rows if r[2] > MAX_ATTEMPTS]
         for instance_id, _, attempts in exhausted:
-            self._set_status(instance_id, InstanceStatus.FAILED, f"processing crashed {attempts - 1} times")
+            crashed = attempts - 1  # this claim only gives up: it is not an attempt
+            with self.sessions.begin() as session:
+                self._mark(
+                    session,
+                    instance_id,
+                    InstanceStatus.FAILED,
+                    f"processing crashed {crashed} times (its decoder or inference process died); "
+                    "not retried",
+                    attempts=crashed,
+                )
+            log.error("worker.instance_gave_up", instance=instance_id, attempts=crashed)
         rows = [r for r in rows if r[2] <= MAX_ATTEMPTS]
+        if not rows:
+            return None
         rules = self.config.eligibility
         reduced = self.config.inference.reduced_decode
-        futures = [
-            self._pool.submit(
-                prepare_instance, iid, str(self.spool.path(name)), self.model.spec, rules, reduced
-            )
-            for iid, name, _ in rows
-        ]
-        return _Claimed(rows, futures, time.perf_counter(), self.model)
+        pool = self._pool
+        futures: list[Future[Prepared]] = []
+        for iid, name, _ in rows:
+            try:
+                futures.append(
+                    pool.submit(
+                        prepare_instance, iid, str(self.spool.path(name)), self.model.spec, rules, reduced
+                    )
+                )
+            except BrokenProcessPool as exc:
+                # The batch in flight broke the pool just now: _finish requeues this one with that crash.
+                broken: Future[Prepared] = Future()
+                broken.set_exception(exc)
+                futures.append(broken)
+        return _Claimed(rows, futures, time.perf_counter(), self.model, pool, alone=retried)
 
-    def _release(self, claimed: _Claimed) -> None:
-        """Give claimed rows back to the queue (no model to run them)."""
+    def _release(self, claimed: _Claimed, *, crashed: bool) -> None:
+        """Give claimed rows back to the queue: after a crash (the attempt counts) or with no model to run
+        them (it does not)."""
         ids = [r[0] for r in claimed.rows]
+        attempts = Instance.attempts if crashed else Instance.attempts - 1
         with self.sessions.begin() as session:
             session.execute(
                 update(Instance)
                 .where(Instance.id.in_(ids), Instance.lease_owner == self.owner)
-                .values(status=InstanceStatus.QUEUED, lease_owner=None, lease_expires_at=None)
+                .values(
+                    status=InstanceStatus.QUEUED, lease_owner=None, lease_expires_at=None, attempts=attempts
+                )
+                .execution_options(synchronize_session=False)
             )
 
     # --- inference and persistence ---
@@ -310,10 +364,13 @@ class Worker:
                 prepared.append(fut.result())
             except BrokenProcessPool:
                 # A decoder crashed its process (some codecs abort on corrupt data). Requeue the batch now;
-                # attempts were counted at claim time, so a poison instance ends failed after MAX_ATTEMPTS.
-                log.error("worker.preprocess_pool_broken", batch=len(claimed.rows))
-                self._pool = self._make_pool()
-                self._release(claimed)
+                # attempts were counted at claim time. Each row then runs alone (see _claim_when_ready), so
+                # only a poison instance crashes again, and it ends failed after MAX_ATTEMPTS.
+                log.error("worker.preprocess_pool_broken", batch=len(claimed.rows), alone=claimed.alone)
+                if self._pool is claimed.pool:  # a batch that shared the pool may have replaced it already
+                    claimed.pool.shutdown(wait=False, cancel_futures=True)
+                    self._pool = self._make_pool()
+                self._release(claimed, crashed=True)
                 return
         ok = [p for p in prepared if p.kind == "ok"]
         started = time.perf_counter()
@@ -381,8 +438,17 @@ class Worker:
             **counts,
         )
 
-    def _mark(self, session: Session, instance_id: int, status: InstanceStatus, reason: str | None) -> bool:
+    def _mark(
+        self,
+        session: Session,
+        instance_id: int,
+        status: InstanceStatus,
+        reason: str | None,
+        *,
+        attempts: int | None = None,
+    ) -> bool:
         """Move a row we lease to its final status; False when our lease was lost to another worker."""
+        extra = {} if attempts is None else {"attempts": attempts}
         result = session.execute(
             update(Instance)
             .where(
@@ -396,14 +462,11 @@ class Worker:
                 lease_owner=None,
                 lease_expires_at=None,
                 updated_at=utcnow(),
+                **extra,
             )
             .execution_options(synchronize_session=False)
         )
         return bool(getattr(result, "rowcount", 0))
-
-    def _set_status(self, instance_id: int, status: InstanceStatus, reason: str) -> None:
-        with self.sessions.begin() as session:
-            self._mark(session, instance_id, status, reason)
 
     # --- study verdicts ---
 
