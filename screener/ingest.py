@@ -162,13 +162,19 @@ class Ingest:
             rx.incoming.discard()  # a committed file was renamed away: this removes only refused ones
 
     def _receive(self, rx: Received) -> IngestResult:
-        if len(rx.sop_instance_uid) > 64 or not rx.sop_instance_uid:
-            # Cannot be keyed; PS3.5 9.1 caps UIDs at 64 characters.
-            return IngestResult(
-                Outcome.INVALID,
-                STATUS_CANNOT_UNDERSTAND,
-                detail="Affected SOP Instance UID is empty or longer than 64 characters (PS3.5 9.1)",
-            )
+        for name, uid in (
+            ("Affected SOP Instance UID", rx.sop_instance_uid),
+            ("Affected SOP Class UID", rx.sop_class_uid),
+        ):
+            if not uid or len(uid) > 64:
+                # Cannot be keyed or recorded; PS3.5 9.1 caps UIDs at 64 characters.
+                return IngestResult(
+                    Outcome.INVALID,
+                    STATUS_CANNOT_UNDERSTAND,
+                    detail=f"{name} in the C-STORE request is "
+                    f"{'empty' if not uid else f'{len(uid)} characters long'}; a UID has 1 to 64 "
+                    "(PS3.5 9.1): the sender must send the instance with a valid UID",
+                )
         try:
             rx.incoming.check()
         except SpoolError as exc:

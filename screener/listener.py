@@ -26,6 +26,7 @@ from typing import Any
 
 from pydicom.uid import UID
 from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
@@ -106,6 +107,35 @@ def _route_received_files(ae: AE, opener: Callable[[Any], Any]) -> bool:
         dimse_messages.NamedTemporaryFile = _open_received_file
         _config.STORE_RECV_CHUNKED_DATASET = True
     return True
+
+
+def _serves_our_listener(thread: threading.Thread) -> bool:
+    """True in the reader (DUL) and association threads of our listeners' associations."""
+    assoc = thread if isinstance(thread, Association) else getattr(thread, "assoc", None)
+    return isinstance(assoc, Association) and assoc.is_acceptor and assoc.ae in _RECEIVE_ROUTES
+
+
+_PYNETDICOM_VALIDATE_UI: Callable[[Any], tuple[bool, str]] = _config.VALIDATORS["UI"]
+
+
+def _validate_ui(value: Any) -> tuple[bool, str]:
+    """pynetdicom's UID check, except on our listener's associations, where every value passes.
+
+    pynetdicom 3.0 checks the UIDs of a received command set while it turns the message into a primitive
+    (``DIMSEMessage.message_to_primitive``, in the reader thread); a UID over 64 characters
+    (PS3.5 9.1) fails there, the message is dropped as invalid (state machine Evt19) and the association
+    aborted, so the peer never learns why. Passing the value through lets :class:`~screener.ingest.Ingest`
+    answer it with 0xC000 and a reason, and the response carries the request's UID back (PS3.7 9.3.1.2).
+    Names in the spool never come from a UID, so no value is dangerous to take in.
+    """
+    if _serves_our_listener(threading.current_thread()):
+        return True, ""
+    return _PYNETDICOM_VALIDATE_UI(value)
+
+
+def _accept_any_uid_on_listeners() -> None:
+    with _ROUTES_LOCK:
+        _config.VALIDATORS["UI"] = _validate_ui
 
 
 def _end_unrequested(assoc: Any) -> None:
@@ -232,6 +262,7 @@ class Listener:
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
         chunked = _route_received_files(self.ae, self._open_incoming)
+        _accept_any_uid_on_listeners()
         server = self.ae.make_server(
             (self.config.host, self.config.port),
             ssl_context=build_ssl_context(self.config),

@@ -122,6 +122,13 @@ def test_no_dicom_value_writes_outside_the_spool(make_server, tmp_path: Path, fi
     for name in names:
         assert (server.spool / name).resolve().is_relative_to(server.spool.resolve())
     assert not any(Path("/").glob("x")) and not (tmp_path / "x").exists()
+    # Every store is answered. Over 64 characters the command's UID is no UID (PS3.5 9.1): 0xC000, with the
+    # reason logged. Anything shorter is stored verbatim (it never names a file), like any other string.
+    expected = [0xC000 if sender == "raw" and len(v) > 64 else 0x0000 for v in values]
+    assert statuses == expected, f"statuses {statuses}, expected {expected}"
+    refused = [e for e in server.log_events() if e.get("status") == "0xC000"]
+    assert len(refused) == expected.count(0xC000)
+    assert all("Affected SOP Instance UID" in e["detail"] and "PS3.5 9.1" in e["detail"] for e in refused)
     figure(
         "path traversal values sent",
         len(values),
