@@ -43,12 +43,12 @@ from screener.db.models import (
 )
 from screener.engine import load_engine
 from screener.engine.base import Engine as InferenceEngine
-from screener.errors import ScreenerError
+from screener.errors import ModelIntegrityError, ScreenerError
 from screener.imaging import PreprocessSpec
 from screener.leases import owner_id, release_dead_leases
 from screener.logs import get_logger, uid_hash
 from screener.metrics import Metrics
-from screener.modelcard import read_card
+from screener.modelcard import load_model_dir, read_card
 from screener.outbox import build_objects, enqueue
 from screener.prepare import Prepared, init_pool_process, prepare_instance
 from screener.registry import active_version, verify_registered
@@ -203,7 +203,11 @@ class Worker:
         try:
             # The card must be the one recorded at registration before an engine parses the graph, and
             # again as load_engine verified it (the card could change in between).
-            verify_registered(row, read_card(model_dir), model_dir)
+            try:
+                verify_registered(row, read_card(model_dir), model_dir)
+            except ModelIntegrityError:
+                load_model_dir(model_dir)  # a file failing its own card's checks is the more precise reason
+                raise
             engine, loaded = load_engine(
                 model_dir,
                 inf.backend,
