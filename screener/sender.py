@@ -29,6 +29,7 @@ from screener.db.models import Delivery, DeliveryStatus, utcnow
 from screener.leases import owner_id, release_dead_leases
 from screener.logs import get_logger, uid_hash
 from screener.metrics import Metrics
+from screener.scu import keep_responses_for_caller
 from screener.spool import Spool
 
 log = get_logger("screener.sender")
@@ -181,7 +182,10 @@ class Sender:
             ae.add_requested_context(sop_class, SENT_TRANSFER_SYNTAXES)
         ctx = _ssl_context(dest)
         tls_args = (ctx, dest.host) if ctx is not None else None
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
+        # The guard keeps a fast C-STORE response from being taken by pynetdicom's reactor (screener.scu).
+        assoc = keep_responses_for_caller(
+            ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
+        )
         if not assoc.is_established:
             why = "association rejected" if assoc.is_rejected else "association refused or aborted"
             for delivery_id, _, _, attempts in datasets:
