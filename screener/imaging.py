@@ -483,9 +483,11 @@ def dicom_to_unit(
         AttributeError,
         IndexError,
         NotImplementedError,
+        OverflowError,
         struct.error,
     ) as exc:
-        # struct.error: LUT Data shorter than its LUT Descriptor declares (found by fuzzing).
+        # struct.error: LUT Data shorter than its LUT Descriptor declares; OverflowError: a descriptor whose
+        # first mapped value does not fit the stored values' type (both found by fuzzing).
         raise ImageDecodeError(
             transfer_syntax_label(ds), f"invalid modality or VOI LUT attributes: {type(exc).__name__}: {exc}"
         ) from exc

@@ -135,8 +135,15 @@ def test_deflate_bomb_costs_memory_in_proportion_to_what_was_sent(seeds: list[Se
         run_one(data, harness.spool, harness.spec, harness.rules, harness.bounds, header_must_answer=True)
 
 
-def test_voi_lut_shorter_than_its_descriptor_is_a_typed_decode_error(seeds: list[Seed], tmp_path: Path):
-    data = apply(_seed(seeds, "RG1/10 explicit"), (("lut", "VOILUTSequence", (0, 0, 8), b"\x00\x01"),))
+@pytest.mark.parametrize(
+    "descriptor",
+    [(0, 0, 8), (1, 0, 8)],
+    ids=["data-shorter-than-descriptor", "first-mapped-value-overflows"],
+)
+def test_voi_lut_disagreeing_with_its_descriptor_is_a_typed_decode_error(
+    seeds: list[Seed], tmp_path: Path, descriptor: tuple[int, int, int]
+):
+    data = apply(_seed(seeds, "RG1/10 explicit"), (("lut", "VOILUTSequence", descriptor, b"\x00\x01"),))
     prepared = prepare_instance(
         1, str(_spooled(tmp_path, data)), PreprocessSpec(input_size=64), EligibilityConfig()
     )
