@@ -448,7 +448,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     try:
-        model = args.model
+        model = args.model.resolve() if args.model is not None else None  # serve runs in the work dir
         if model is None:
             from screener.export import create_random_model_dir
 
