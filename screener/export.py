@@ -84,10 +84,10 @@ def export_model_dir(
         card = dataclasses.replace(card, files=files)
         (tmp / CARD_FILE).write_text(card.to_json(), encoding="utf-8")
         for name in (ONNX_FILE, WEIGHTS_FILE, CARD_FILE):
-            _fsync(tmp / name)
-        _fsync(tmp)
+            fsync_path(tmp / name)
+        fsync_path(tmp)
         tmp.rename(out)
-        _fsync(out.parent)
+        fsync_path(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -132,7 +132,8 @@ def _export_onnx(model: FusedResNet, path: Path, input_size: int, opset: int) ->
         raise ModelError(f"exported graph {path.name} has a fixed batch size {batch_dim.dim_value}")
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a directory (so a rename into it is durable)."""
     flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
     fd = os.open(path, flags)
     try:

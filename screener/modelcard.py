@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -299,12 +300,16 @@ def _as_dict(key: str, value: object) -> dict[str, Any]:
     return dict(value)
 
 
+def _refuse_unknown_keys(section: str, data: dict[str, Any], fields: Collection[str]) -> None:
+    for key in data:
+        if key not in fields:
+            raise _bad(f"{section}.{key}", data[key], "unknown key")
+
+
 def _int8_from_dict(value: object) -> Int8Card:
     data = _as_dict("int8", value)
     fields = Int8Card.__dataclass_fields__
-    for key in data:
-        if key not in fields:
-            raise _bad(f"int8.{key}", data[key], "unknown key")
+    _refuse_unknown_keys("int8", data, fields)
     for key in fields:
         if key not in data:
             raise _bad(f"int8.{key}", None, "is required")
@@ -321,10 +326,7 @@ def _int8_from_dict(value: object) -> Int8Card:
 
 def _preprocess_from_dict(value: object) -> PreprocessSpec:
     data = _as_dict("preprocessing", value)
-    fields = PreprocessSpec.__dataclass_fields__
-    for key in data:
-        if key not in fields:
-            raise _bad(f"preprocessing.{key}", data[key], "unknown key")
+    _refuse_unknown_keys("preprocessing", data, PreprocessSpec.__dataclass_fields__)
     converted: dict[str, Any] = {}
     for key, item in data.items():
         if isinstance(item, list):

@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import hashlib
 import math
-import os
 import platform
 import shutil
 import tempfile
@@ -36,6 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from screener.errors import DataError, ImagingError, ModelError
+from screener.export import fsync_path
 from screener.imaging import PreprocessSpec, preprocess_file
 from screener.logs import get_logger
 from screener.modelcard import (
@@ -455,22 +455,13 @@ def _infer_all(engine: Any, arrays: FloatArray, bar: Progress | None, label: str
     return np.concatenate(out).astype(np.float32)
 
 
-def _fsync(path: Path) -> None:
-    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_card(model_dir: Path, card: ModelCard) -> None:
     tmp = model_dir / f".{CARD_FILE}.tmp-{uuid.uuid4().hex}"
     try:
         tmp.write_text(card.to_json(), encoding="utf-8")
-        _fsync(tmp)
+        fsync_path(tmp)
         tmp.replace(model_dir / CARD_FILE)
-        _fsync(model_dir)
+        fsync_path(model_dir)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -590,9 +581,9 @@ def export_int8(
             _write_card(model_dir, dataclasses.replace(card, files=files, int8=None))
         new_card = dataclasses.replace(card, files={**card.files, INT8_FILE: digest}, int8=int8)
         new_card.validate()
-        _fsync(tmp)
+        fsync_path(tmp)
         tmp.replace(model_dir / INT8_FILE)
-        _fsync(model_dir)
+        fsync_path(model_dir)
         _write_card(model_dir, new_card)
     finally:
         tmp.unlink(missing_ok=True)
