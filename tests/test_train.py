@@ -4,6 +4,7 @@ tiny backbones (resnet18 at 64 px) so the file runs in a couple of minutes on tw
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -223,7 +224,10 @@ _DDP_SCRIPT = textwrap.dedent(
         cfg, ImageDataset(samples, spec), ImageDataset(samples[:6], spec), Path(sys.argv[2]),
         sampler=balanced_sampler(samples, seed=0), progress=False,
     )
-    print("VAL", result.val_accuracy, result.val_loss)
+    # One write per rank: print() writes the text and the newline separately, and two ranks sharing
+    # the launcher's stdout could interleave them.
+    sys.stdout.write(f"VAL {result.val_accuracy} {result.val_loss}\\n")
+    sys.stdout.flush()
     shutdown_distributed()
     """
 )
@@ -272,6 +276,7 @@ def test_ddp_with_two_gloo_processes_writes_the_single_process_layout(cxr3_dir: 
     rows = (tmp_path / "ddp" / METRICS_CSV).read_text().splitlines()
     assert len(rows) == 2
     # Validation is all-reduced over both shards: the same images, so the same accuracy as one process.
-    val_single = single.stdout.split("VAL")[1].split()
-    val_ddp = ddp.stdout.split("VAL")[1].split()
-    assert float(val_ddp[0]) >= 0.0 and len(val_single) == len(val_ddp) == 2
+    val_single = re.findall(r"VAL (\S+) (\S+)", single.stdout)
+    val_ddp = re.findall(r"VAL (\S+) (\S+)", ddp.stdout)
+    assert len(val_single) == 1 and len(val_ddp) == 2, (single.stdout, ddp.stdout)
+    assert all(float(acc) >= 0.0 for acc, _ in val_ddp)
