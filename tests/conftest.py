@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Server, ThrowawayCluster, free_port, scratch_database
+from tests.helpers import (
+    Server,
+    ThrowawayCluster,
+    free_port,
+    openssl,
+    scratch_database,
+    self_signed_certificate,
+)
 
 CXR3_ENV = "CXR3_DIR"
 
@@ -95,32 +102,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-
 @pytest.fixture
 def pki(tmp_path: Path) -> dict[str, Path]:
     """A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl."""
     d = tmp_path / "pki"
     d.mkdir()
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=Test CA",
-        "-keyout",
-        str(d / "ca.key"),
-        "-out",
-        str(d / "ca.pem"),
-    )
+    self_signed_certificate(d / "ca.key", d / "ca.pem", "/CN=Test CA")
     for name, ext in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
-        _openssl(
+        openssl(
             "req",
             "-newkey",
             "rsa:2048",
@@ -133,7 +122,7 @@ def pki(tmp_path: Path) -> dict[str, Path]:
             str(d / f"{name}.csr"),
         )
         (d / f"{name}.ext").write_text(ext + "\n")
-        _openssl(
+        openssl(
             "x509",
             "-req",
             "-in",

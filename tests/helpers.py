@@ -552,3 +552,16 @@ class FakePacs:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+
+
+def openssl(*args: str) -> None:
+    """Run the openssl command line; raises CalledProcessError with its output on failure."""
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def self_signed_certificate(key: Path, pem: Path, subject: str) -> None:
+    """A 2-day self-signed RSA certificate (a test CA, or a client no CA of ours signed)."""
+    openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", subject,
+        "-keyout", str(key), "-out", str(pem),
+    )  # fmt: skip

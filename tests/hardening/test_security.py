@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from screener.db.migrate import upgrade
 from screener.registry import register
-from tests.helpers import SCREENER, cli, rg1_pixels, small_cr, store, wait_for
+from tests.helpers import SCREENER, cli, rg1_pixels, self_signed_certificate, small_cr, store, wait_for
 
 TRAINER = SCREENER.with_name("trainer")
 VERIFICATION = "1.2.840.10008.1.1"
@@ -70,26 +70,7 @@ def _storescu(port: int, path: Path, *tls: str) -> subprocess.CompletedProcess[s
 def test_dcmtk_storescu_over_tls_needs_a_client_certificate_from_our_ca(make_server, pki, tmp_path, figure):
     server = _tls_server(make_server, pki)
     rogue_key, rogue_pem = tmp_path / "rogue.key", tmp_path / "rogue.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=client",
-            "-keyout",
-            str(rogue_key),
-            "-out",
-            str(rogue_pem),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    self_signed_certificate(rogue_key, rogue_pem, "/CN=client")
     trusted = ["+tls", str(pki["client_key"]), str(pki["client_pem"]), "+cf", str(pki["ca_pem"])]
     outcomes: dict[str, bool] = {}
     # DCMTK's three BCP 195 profiles (non-downgrading is its default) must all interoperate.
