@@ -120,6 +120,8 @@ def test_refused_then_busy_then_back_delivers_once_and_dead_letters_are_re_drive
     pacs.start()
     try:
         wait_for(lambda: any(s == 0xA700 for _, s in pacs.received), 30, "a 0xA700 answer")
+        # The PACS has answered; the sender records the outcome once it reads that answer.
+        wait_for(lambda: _deliveries(server)[0]["status"] != "pending", 30, "the outcome recorded")
         assert _deliveries(server)[0]["status"] == "failed"
         # 3. It comes back: delivered exactly once, always with the same SOP Instance UID.
         pacs.answer = 0x0000

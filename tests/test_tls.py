@@ -80,6 +80,8 @@ def test_results_are_sent_to_a_tls_pacs_that_demands_our_client_certificate(make
         server.start()
         assert store(server.port, [small_cr(rg1_pixels(128), study_uid=generate_uid())]) == [0x0000]
         wait_for(lambda: any(s == 0 for _, s in pacs.received), 120, "the SR over TLS")
+        # The PACS has answered; the sender records the delivery once it reads that answer.
+        wait_for(lambda: server.rows("SELECT status FROM deliveries") != [("pending",)], 30, "the outcome")
         sent = server.rows("SELECT status, attempts FROM deliveries")
         assert sent == [("sent", 1)]
     finally:
