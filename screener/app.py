@@ -86,6 +86,7 @@ def serve(config: Config, stop: threading.Event | None = None, role: str = "all"
             refuse_conflicts=config.listener.on_conflict == "refuse",
             chest_sop_classes=CHEST_SOP_CLASSES,
             queue_high_water=config.listener.queue_high_water,
+            keep_mismatches=config.listener.on_mismatch == "keep",
         )
         listener = Listener(config.listener, ingest, metrics)
         health.register("listener", listener.is_alive)

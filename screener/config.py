@@ -96,6 +96,7 @@ class ListenerConfig:
     max_pdu_size: int = 0
     accept_all_storage: bool = False
     on_conflict: Literal["keep_first", "refuse"] = "keep_first"
+    on_mismatch: Literal["refuse", "keep"] = "refuse"
     queue_high_water: int = 20000
     tls: TLSConfig = field(default_factory=TLSConfig)
 

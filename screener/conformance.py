@@ -169,6 +169,20 @@ def render_tables() -> str:
                     f"`0x{ingest.STATUS_CANNOT_UNDERSTAND:04X}`",
                     "Affected SOP Instance UID empty or longer than 64 characters (PS3.5 9.1)",
                 ),
+                (
+                    "Error: Data Set does not match SOP Class",
+                    f"`0x{ingest.STATUS_SOP_CLASS_MISMATCH:04X}`",
+                    "The data set's SOP Class UID (0008,0016) is not the command's Affected SOP Class UID "
+                    '(default `listener.on_mismatch = "refuse"`); nothing is kept. With `"keep"`: as for '
+                    "`0xC001`",
+                ),
+                (
+                    "Error: Cannot Understand",
+                    f"`0x{ingest.STATUS_INSTANCE_MISMATCH:04X}`",
+                    "The data set's SOP Instance UID (0008,0018) is not the command's Affected SOP Instance "
+                    'UID (default `listener.on_mismatch = "refuse"`); nothing is kept. With `"keep"`: '
+                    "`0x0000`, stored once under the data set's own UIDs and recorded in `instance_clashes`",
+                ),
             ],
         )
     )

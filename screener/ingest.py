@@ -4,17 +4,23 @@ This is the whole C-STORE contract (DESIGN "No acknowledged instance is ever los
 0x0000 only after the file and its directory are fsynced and the row is committed; 0xA700 when the
 spool is below its floor or the database is unreachable, with nothing half-written left behind;
 the same SOP Instance UID with the same bytes is a no-op success; with different bytes the first
-copy is kept and the clash recorded (or refused, by ``listener.on_conflict``).
+copy is kept and the clash recorded (or refused, by ``listener.on_conflict``). A data set whose own
+SOP Instance or SOP Class UID is not the one its C-STORE command names is refused (0xC001 / 0xA900), or,
+with ``listener.on_mismatch = "keep"``, kept once under the data set's own UID with the disagreement
+recorded in ``instance_clashes``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom.multival import MultiValue
+from pydicom.uid import UID
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -23,6 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from screener import audit
 from screener.db.models import ClashAction, Delivery, Instance, InstanceClash, InstanceStatus, Study, utcnow
 from screener.errors import SpoolError, SpoolFullError
+from screener.logs import uid_hash
 from screener.part10 import read_header_elements
 from screener.spool import Incoming, Spool
 
@@ -31,6 +38,12 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DUPLICATE_REFUSED = 0x0111  # PS3.7 C.5.4 "Duplicate SOP Instance"
 STATUS_CANNOT_UNDERSTAND = 0xC000
+# PS3.4 Table B.2-1 "Error: Data Set does not match SOP Class": the command's Affected SOP Class UID is not
+# the data set's SOP Class UID (0008,0016).
+STATUS_SOP_CLASS_MISMATCH = 0xA900
+# PS3.4 Table B.2-1 "Error: Cannot understand" (0xCxxx, the value is ours): the command's Affected SOP
+# Instance UID is not the data set's SOP Instance UID (0008,0018). 0xC000 stays "the command's UID is no UID".
+STATUS_INSTANCE_MISMATCH = 0xC001
 
 
 class Outcome(enum.StrEnum):
@@ -43,6 +56,8 @@ class Outcome(enum.StrEnum):
     SPOOL_ERROR = "spool_error"
     DATABASE_UNAVAILABLE = "database_unavailable"
     INVALID = "invalid"
+    MISMATCH_REFUSED = "mismatch_refused"
+    MISMATCH_KEPT = "mismatch_kept"
 
 
 @dataclass(frozen=True)
@@ -68,6 +83,8 @@ class IngestResult:
     detail: str | None = None
 
 
+SOP_CLASS_UID = 0x00080016
+SOP_INSTANCE_UID = 0x00080018
 STUDY_INSTANCE_UID = 0x0020000D
 SERIES_INSTANCE_UID = 0x0020000E
 
@@ -77,12 +94,34 @@ class _Header:
     study_instance_uid: str | None
     series_instance_uid: str | None
     problem: str | None
+    # The data set's own identity (0008,0016) and (0008,0018) as written, None where absent or unreadable.
+    sop_class_uid: str | None = None
+    sop_instance_uid: str | None = None
+
+
+def _uid_value(value: object) -> str | None:
+    """A UI element's value as one string without its padding; None when absent or empty."""
+    if value is None:
+        return None
+    if isinstance(value, MultiValue):
+        # A backslash splits a value (PS3.5 6.4); a UID has one value, and pynetdicom keys a command whose
+        # UID holds several by the first (DIMSEMessage.message_to_primitive): read the data set's alike.
+        value = value[0] if len(value) else None
+        if value is None:
+            return None
+    text = str(value).rstrip("\x00 ")
+    return text or None
 
 
 def read_header(path: Path) -> _Header:
-    """Study and series UIDs from a Part 10 file, reading no further than the pixel data."""
+    """SOP class, SOP instance, study and series UIDs from a Part 10 file's data set (not its file meta),
+    reading no further than the pixel data. Never raises: a malformed header is the ``problem``."""
     try:
-        ds = read_header_elements(path, [STUDY_INSTANCE_UID, SERIES_INSTANCE_UID])
+        ds = read_header_elements(
+            path, [SOP_CLASS_UID, SOP_INSTANCE_UID, STUDY_INSTANCE_UID, SERIES_INSTANCE_UID]
+        )
+        sop_class = _uid_value(ds.get("SOPClassUID"))
+        sop_instance = _uid_value(ds.get("SOPInstanceUID"))
         study = ds.get("StudyInstanceUID")
         series = ds.get("SeriesInstanceUID")
     except Exception as exc:  # noqa: BLE001 - any malformed header is this instance's answer, not a crash
@@ -92,12 +131,63 @@ def read_header(path: Path) -> _Header:
     study_uid = str(study).strip() if study else None
     series_uid = str(series).strip() if series else None
     if not study_uid:
-        return _Header(None, series_uid, "dataset has no Study Instance UID (0020,000D)")
+        return _Header(
+            None, series_uid, "dataset has no Study Instance UID (0020,000D)", sop_class, sop_instance
+        )
     if len(study_uid) > 64:
-        return _Header(None, series_uid, "Study Instance UID is longer than 64 characters")
+        return _Header(
+            None, series_uid, "Study Instance UID is longer than 64 characters", sop_class, sop_instance
+        )
     if series_uid and len(series_uid) > 64:
         series_uid = None
-    return _Header(study_uid, series_uid, None)
+    return _Header(study_uid, series_uid, None, sop_class, sop_instance)
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """What a C-STORE command said that its data set contradicts (PS3.4 B.2.3 / PS3.7 9.1.1.1)."""
+
+    command_sop_instance_uid: str
+    command_sop_class_uid: str
+    status: int  # the refusal: STATUS_SOP_CLASS_MISMATCH or STATUS_INSTANCE_MISMATCH
+    detail: str  # UIDs as hashes only (instance UIDs can identify a patient's examination)
+
+
+def find_mismatch(rx: Received, header: _Header) -> Mismatch | None:
+    """Whether the data set names another SOP class or instance than the command did.
+
+    Only values the data set actually carries are compared: a header that cannot be parsed, or lacks the
+    element, is no evidence of a disagreement (it is stored and marked failed, as before).
+    """
+    problems: list[str] = []
+    status = 0
+    if header.sop_class_uid is not None and header.sop_class_uid != rx.sop_class_uid:
+        status = STATUS_SOP_CLASS_MISMATCH
+        problems.append(
+            f"the data set's SOP Class UID {_class_text(header.sop_class_uid)} is not the command's Affected "
+            f"SOP Class UID {_class_text(rx.sop_class_uid)}"
+        )
+    if header.sop_instance_uid is not None and header.sop_instance_uid != rx.sop_instance_uid:
+        status = status or STATUS_INSTANCE_MISMATCH
+        problems.append(
+            f"the data set's SOP Instance UID (hash {uid_hash(header.sop_instance_uid)}) is not the "
+            f"command's Affected SOP Instance UID (hash {uid_hash(rx.sop_instance_uid)})"
+        )
+    if not problems:
+        return None
+    return Mismatch(
+        command_sop_instance_uid=rx.sop_instance_uid,
+        command_sop_class_uid=rx.sop_class_uid,
+        status=status,
+        detail="; ".join(problems),
+    )
+
+
+def _class_text(uid: str) -> str:
+    """A SOP Class UID for a log line: a standard one by UID and name; any other value only as a hash
+    (a hostile data set can carry any text there)."""
+    name = UID(uid).name
+    return f"(hash {uid_hash(uid)})" if name == uid else f"{uid} ({name})"
 
 
 class QueueGauge:
@@ -143,10 +233,12 @@ class Ingest:
         refuse_conflicts: bool,
         chest_sop_classes: frozenset[str],
         queue_high_water: int = 0,
+        keep_mismatches: bool = False,
     ) -> None:
         self.spool = spool
         self.sessions = sessions
         self.refuse_conflicts = refuse_conflicts
+        self.keep_mismatches = keep_mismatches
         self.chest_sop_classes = chest_sop_classes
         self.queue_high_water = queue_high_water
         self.queue = QueueGauge(sessions)
@@ -180,12 +272,19 @@ class Ingest:
         except SpoolError as exc:
             return self._spool_failed(exc)
         digest = rx.incoming.sha256
+        header = read_header(rx.incoming.path)
+        mismatch = find_mismatch(rx, header)
+        if mismatch is not None:
+            keyed = self._keyed_by_data_set(rx, header, mismatch)
+            if isinstance(keyed, IngestResult):
+                return keyed
+            rx = keyed
         try:
             kept = self._kept_sha256(rx.sop_instance_uid)
         except SQLAlchemyError as exc:
             return self._db_down(exc)
         if kept is not None:
-            return self._repeat(rx, kept, digest)
+            return self._repeat(rx, kept, digest, mismatch)
         if self.queue_high_water:
             try:
                 queued = self.queue.current()
@@ -200,7 +299,6 @@ class Ingest:
                     "check that a worker is running and keeping up",
                 )
 
-        header = read_header(rx.incoming.path)
         status, reason = self._initial_status(rx, header)
         try:
             self.spool.check_room(0)
@@ -236,6 +334,8 @@ class Ingest:
                     subject=rx.sop_instance_uid,
                     detail={"sha256": entry.sha256, "bytes": entry.size_bytes, "status": status.value},
                 )
+                if mismatch is not None:
+                    session.add(self._mismatch_row(rx, mismatch, kept_sha256=entry.sha256))
         except IntegrityError:
             # Another association committed the same SOP Instance UID first.
             self.spool.remove(entry.name)
@@ -247,13 +347,55 @@ class Ingest:
                 return IngestResult(
                     Outcome.DATABASE_UNAVAILABLE, STATUS_OUT_OF_RESOURCES, detail="integrity error, retry"
                 )
-            return self._repeat(rx, kept, digest)
+            return self._repeat(rx, kept, digest, mismatch)
         except SQLAlchemyError as exc:
             self.spool.remove(entry.name)
             return self._db_down(exc)
         if status is InstanceStatus.QUEUED:
             self.queue.added()
+        if mismatch is not None:
+            return IngestResult(
+                Outcome.MISMATCH_KEPT,
+                STATUS_SUCCESS,
+                study_instance_uid=header.study_instance_uid,
+                detail=f"{mismatch.detail}: kept under the data set's UIDs (listener.on_mismatch = keep)",
+            )
         return IngestResult(Outcome.STORED, STATUS_SUCCESS, study_instance_uid=header.study_instance_uid)
+
+    def _keyed_by_data_set(
+        self, rx: Received, header: _Header, mismatch: Mismatch
+    ) -> Received | IngestResult:
+        """The request re-keyed by its data set's own UIDs (``on_mismatch = keep``), or the refusal."""
+        refusal = IngestResult(
+            Outcome.MISMATCH_REFUSED,
+            mismatch.status,
+            study_instance_uid=header.study_instance_uid,
+            detail=f"{mismatch.detail}; the sender must send the command its data set's own UIDs",
+        )
+        if not self.keep_mismatches:
+            return refusal
+        instance_uid = header.sop_instance_uid or rx.sop_instance_uid
+        class_uid = header.sop_class_uid or rx.sop_class_uid
+        if len(instance_uid) > 64 or len(class_uid) > 64:  # no UID (PS3.5 9.1): cannot be a key
+            return dataclasses.replace(
+                refusal, detail=f"{mismatch.detail}; the data set's UID is longer than 64 characters"
+            )
+        return dataclasses.replace(rx, sop_instance_uid=instance_uid, sop_class_uid=class_uid)
+
+    @staticmethod
+    def _mismatch_row(rx: Received, mismatch: Mismatch, *, kept_sha256: str) -> InstanceClash:
+        """The audit of a command/data set disagreement whose data set is held under its own UID."""
+        return InstanceClash(
+            sop_instance_uid=rx.sop_instance_uid,
+            kept_sha256=kept_sha256,
+            received_sha256=rx.incoming.sha256,
+            received_size_bytes=rx.incoming.size,
+            calling_ae_title=rx.calling_ae_title,
+            action=ClashAction.MISMATCH_KEPT,
+            spool_name=None,  # the bytes are the instance's own file, or the same bytes already held
+            command_sop_instance_uid=mismatch.command_sop_instance_uid,
+            command_sop_class_uid=mismatch.command_sop_class_uid,
+        )
 
     def _initial_status(self, rx: Received, header: _Header) -> tuple[InstanceStatus, str | None]:
         if header.problem is not None:
@@ -289,12 +431,25 @@ class Ingest:
         assert study_id is not None
         return study_id
 
-    def _repeat(self, rx: Received, kept_sha256: str, digest: str) -> IngestResult:
+    def _repeat(
+        self, rx: Received, kept_sha256: str, digest: str, mismatch: Mismatch | None = None
+    ) -> IngestResult:
         if kept_sha256 == digest:
+            if mismatch is not None:  # the same bytes again, under a command that named something else
+                try:
+                    with self.sessions.begin() as session:
+                        session.add(self._mismatch_row(rx, mismatch, kept_sha256=kept_sha256))
+                except SQLAlchemyError as exc:
+                    return self._db_down(exc)
+                return IngestResult(
+                    Outcome.DUPLICATE,
+                    STATUS_SUCCESS,
+                    detail=f"{mismatch.detail}: the data set is already stored under its own UID",
+                )
             return IngestResult(Outcome.DUPLICATE, STATUS_SUCCESS, detail="same bytes already stored")
         action = ClashAction.REFUSED if self.refuse_conflicts else ClashAction.KEPT_FIRST
         try:
-            self._record_clash(rx, kept_sha256, digest, action)
+            self._record_clash(rx, kept_sha256, digest, action, mismatch)
         except SQLAlchemyError as exc:
             return self._db_down(exc)
         if action is ClashAction.REFUSED:
@@ -309,7 +464,9 @@ class Ingest:
             detail="SOP Instance UID already stored with different bytes",
         )
 
-    def _record_clash(self, rx: Received, kept: str, digest: str, action: ClashAction) -> None:
+    def _record_clash(
+        self, rx: Received, kept: str, digest: str, action: ClashAction, mismatch: Mismatch | None = None
+    ) -> None:
         """Audit the clash; with keep_first also keep the new bytes once, for a person to compare."""
         with self.sessions() as session:
             seen = session.scalar(
@@ -335,6 +492,8 @@ class Ingest:
                         calling_ae_title=rx.calling_ae_title,
                         action=action,
                         spool_name=spool_name,
+                        command_sop_instance_uid=mismatch.command_sop_instance_uid if mismatch else None,
+                        command_sop_class_uid=mismatch.command_sop_class_uid if mismatch else None,
                     )
                 )
         except SQLAlchemyError:

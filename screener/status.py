@@ -38,7 +38,10 @@ def render_status(status: dict[str, Any]) -> str:
     lines = [f"instances: {inst['total']}"]
     lines += [f"  {name:<11} {inst[name]}" for name in (s.value for s in InstanceStatus)]
     lines.append(f"studies:   {status['studies']} ({status['study_results']} verdicts)")
-    lines.append(f"clashes:   {status['clashes']} (same SOP Instance UID received with different bytes)")
+    lines.append(
+        f"clashes:   {status['clashes']} (same SOP Instance UID with different bytes, or a command whose "
+        "UIDs disagreed with its data set)"
+    )
     model = status["active_model"]
     if model is None:
         lines.append(

@@ -52,8 +52,9 @@ class InstanceStatus(enum.StrEnum):
 
 
 class ClashAction(enum.StrEnum):
-    KEPT_FIRST = "kept_first"
-    REFUSED = "refused"
+    KEPT_FIRST = "kept_first"  # same SOP Instance UID, different bytes: the first copy kept
+    REFUSED = "refused"  # same SOP Instance UID, different bytes: answered 0x0111
+    MISMATCH_KEPT = "mismatch_kept"  # command and data set disagreed: kept under the data set's UID
 
 
 def _enum(cls: type[enum.StrEnum]) -> Enum:
@@ -94,7 +95,11 @@ class Instance(Base):
 
 
 class InstanceClash(Base):
-    """Audit of a SOP Instance UID received again with different bytes."""
+    """Audit of a SOP Instance UID received again with different bytes, or of a C-STORE whose command
+    named another SOP instance or class than its data set (``command_*`` set, ``listener.on_mismatch``).
+
+    ``sop_instance_uid`` is always the UID the bytes are kept under (the data set's own).
+    """
 
     __tablename__ = "instance_clashes"
 
@@ -107,6 +112,8 @@ class InstanceClash(Base):
     action: Mapped[ClashAction] = mapped_column(_enum(ClashAction))
     spool_name: Mapped[str | None] = mapped_column(String(128))
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    command_sop_instance_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH))
+    command_sop_class_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH))
 
 
 class ModelStatus(enum.StrEnum):

@@ -107,6 +107,12 @@ def test_no_dicom_value_writes_outside_the_spool(make_server, tmp_path: Path, fi
         ds.save_as(buffer, enforce_file_format=True)
         data = buffer.getvalue()
         if sender == "raw":
+            # The data set names itself as the command does: command and data set must agree (ingest), so
+            # the value reaches the database key, which is what this test is about.
+            ds.SOPInstanceUID = value
+            buffer = io.BytesIO()
+            ds.save_as(buffer, enforce_file_format=True)
+            data = buffer.getvalue()
             statuses.append(_raw_store(server.port, value.encode("latin-1"), data[dataset_offset(data) :]))
         else:
             calling = (value.replace("\x00", "")[:16].strip() or "X").replace("\\", "/")
