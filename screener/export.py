@@ -43,18 +43,27 @@ def export_model_dir(
     thresholds: Mapping[str, float] | None = None,
     notes: str = "",
     opset: int = OPSET,
+    sources: Mapping[str, Mapping[str, int]] | None = None,
 ) -> ModelCard:
     """Write ``out/`` with ``weights.safetensors``, ``model.onnx`` and ``card.json``; return the card.
 
     The ONNX graph holds both networks and the fusion: input ``image`` float32 ``[N, 3, S, S]`` with a
     dynamic batch axis, outputs ``probs``, ``probs_a``, ``probs_b`` ``[N, 3]``. ``S`` is
-    ``preprocessing.input_size``. The caller's model is not modified (a CPU copy is exported).
+    ``preprocessing.input_size``. The caller's model is not modified (a CPU copy is exported). The card
+    takes the model's temperatures (``calibration``) and lung crop; ``sources`` is the class x source
+    table of the training data.
     Raises :class:`ModelError` when ``out`` already exists, the card is invalid, or the exported graph
     fails ``onnx.checker``.
     """
     out = Path(out)
     if out.exists():
         raise ModelError(f"{out} already exists: model directories are immutable; choose a new directory")
+    temperature_a, temperature_b = model.temperatures
+    calibration = (
+        {"temperature_a": round(temperature_a, 6), "temperature_b": round(temperature_b, 6)}
+        if (temperature_a, temperature_b) != (1.0, 1.0)
+        else {}
+    )
     card = ModelCard(
         version=version,
         classes=CLASSES,
@@ -70,6 +79,9 @@ def export_model_dir(
         training_data_digest=training_data_digest,
         parent_version=parent_version,
         notes=notes,
+        calibration=calibration,
+        lung_crop=model.lung_crop_spec,
+        sources={k: dict(v) for k, v in (sources or {}).items()},
     )
     card.validate()  # fail before the expensive export
 
@@ -78,6 +90,7 @@ def export_model_dir(
     tmp.mkdir()
     try:
         cpu_model = copy.deepcopy(model).to("cpu").eval()
+        cpu_model.set_temperatures(card.temperature("a"), card.temperature("b"))  # exactly the card's
         _write_safetensors(cpu_model, tmp / WEIGHTS_FILE)
         _export_onnx(cpu_model, tmp / ONNX_FILE, preprocessing.input_size, opset)
         files = {name: sha256_file(tmp / name) for name in (ONNX_FILE, WEIGHTS_FILE)}
@@ -111,6 +124,8 @@ def _export_onnx(model: FusedResNet, path: Path, input_size: int, opset: int) ->
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
+        # The lung crop's shape check and constant box trace to constants, which is what they are.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # type: ignore[attr-defined]
         torch.onnx.export(
             model,
             (dummy,),

@@ -15,7 +15,7 @@ from torch import nn
 from torchvision import models
 
 from screener.errors import ModelError
-from screener.modelcard import ARCHITECTURE_NAMES, CLASSES, ModelCard
+from screener.modelcard import ARCHITECTURE_NAMES, CLASSES, LungCropSpec, ModelCard
 
 if TYPE_CHECKING:
     from torchvision.models import ResNet
@@ -52,10 +52,16 @@ class FusedResNet(nn.Module):
     """Two backbones and a fusion weight ``w`` in [0, 1], kept as a float32 buffer named ``fusion_weight``.
 
     :meth:`forward` takes a float32 image batch ``[N, 3, S, S]`` and returns ``(probs, probs_a, probs_b)``,
-    each ``[N, num_classes]``, with ``probs = w * probs_a + (1 - w) * probs_b``.
+    each ``[N, num_classes]``, with ``probs = w * probs_a + (1 - w) * probs_b`` and
+    ``probs_x = softmax(logits_x / T_x)``: each network's temperature ``T`` (1 by default) comes from the
+    card's ``calibration`` and is not part of the weights file. With ``lung_crop`` the input first goes
+    through :class:`screener.lungs.LungCrop` (its U-Net weights are part of the state dict, under
+    ``lung_crop.``) and the backbones see the crop.
     """
 
     fusion_weight: torch.Tensor
+    temperature_a: torch.Tensor
+    temperature_b: torch.Tensor
 
     def __init__(
         self,
@@ -64,15 +70,39 @@ class FusedResNet(nn.Module):
         *,
         fusion_weight: float = 0.5,
         num_classes: int = len(CLASSES),
+        lung_crop: LungCropSpec | None = None,
+        temperatures: tuple[float, float] = (1.0, 1.0),
     ) -> None:
         super().__init__()
         self.arch_a = arch_a
         self.arch_b = arch_b
+        self.lung_crop_spec = lung_crop
+        self.lung_crop: nn.Module | None = None
+        if lung_crop is not None:
+            from screener.lungs import LungCrop
+
+            self.lung_crop = LungCrop(lung_crop)
         self.net_a = make_backbone(arch_a, num_classes)
         self.net_b = make_backbone(arch_b, num_classes)
         self.register_buffer(
             "fusion_weight", torch.tensor(_checked_weight(fusion_weight), dtype=torch.float32)
         )
+        self.register_buffer("temperature_a", torch.tensor(1.0), persistent=False)
+        self.register_buffer("temperature_b", torch.tensor(1.0), persistent=False)
+        self.set_temperatures(*temperatures)
+
+    def set_temperatures(self, temperature_a: float, temperature_b: float) -> None:
+        """Set each network's softmax temperature (calibration). Raises :class:`ModelError` unless both
+        are finite and positive."""
+        for value in (temperature_a, temperature_b):
+            if not (float(value) > 0.0 and float(value) < float("inf")):
+                raise ModelError(f"temperature {value!r} must be a finite number > 0")
+        self.temperature_a.fill_(float(temperature_a))
+        self.temperature_b.fill_(float(temperature_b))
+
+    @property
+    def temperatures(self) -> tuple[float, float]:
+        return float(self.temperature_a), float(self.temperature_b)
 
     def set_fusion_weight(self, weight: float) -> None:
         """Re-weight the two networks (the paper's integration step).
@@ -82,8 +112,10 @@ class FusedResNet(nn.Module):
         self.fusion_weight.fill_(_checked_weight(weight))
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        probs_a = torch.softmax(self.net_a(image), dim=1)
-        probs_b = torch.softmax(self.net_b(image), dim=1)
+        if self.lung_crop is not None:
+            image = self.lung_crop(image)
+        probs_a = torch.softmax(self.net_a(image) / self.temperature_a.to(image.dtype), dim=1)
+        probs_b = torch.softmax(self.net_b(image) / self.temperature_b.to(image.dtype), dim=1)
         w = self.fusion_weight.to(probs_a.dtype)
         probs = w * probs_a + (1.0 - w) * probs_b
         return probs, probs_a, probs_b
@@ -107,7 +139,14 @@ def load_fused_from_safetensors(path: Path, card: ModelCard) -> FusedResNet:
     from safetensors.torch import load_file
 
     arch_a, arch_b = card.architectures
-    model = FusedResNet(arch_a, arch_b, fusion_weight=card.fusion_weight, num_classes=len(card.classes))
+    model = FusedResNet(
+        arch_a,
+        arch_b,
+        fusion_weight=card.fusion_weight,
+        num_classes=len(card.classes),
+        lung_crop=card.lung_crop,
+        temperatures=(card.temperature("a"), card.temperature("b")),
+    )
     try:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as exc:

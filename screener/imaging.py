@@ -100,6 +100,12 @@ class PreprocessSpec:
     ``clahe_bits`` is the depth (8 or 16) of the image CLAHE runs on. CLAHE's clip limit is relative to
     the mean count per histogram bin, so the same limit only means the same thing for images quantised
     to the same number of bins; 8 matches the 8-bit images the networks are trained on.
+
+    ``working_size`` (0: off, the behaviour of cards written before it existed) is the canonical working
+    resolution: the decoded image is resized so its long side is exactly this many pixels (area averaging
+    when shrinking, bicubic when enlarging) *before* CLAHE and the letterbox. A 3,000 px original, a
+    1,024 px one and a database's 256 px copy then reach the network the same way, with CLAHE tiles of
+    the same size in pixels, instead of each source leaving its own resampling signature.
     """
 
     input_size: int = 224
@@ -109,6 +115,7 @@ class PreprocessSpec:
     clahe_tile_grid: int = 8
     window_percentiles: tuple[float, float] = (0.5, 99.5)
     clahe_bits: int = 8
+    working_size: int = 0
 
 
 # --- DICOM -------------------------------------------------------------------------------------------
@@ -267,7 +274,13 @@ def codestream_info(codestream: bytes) -> CodestreamInfo | None:
 
 
 def reduced_side(spec: PreprocessSpec) -> int:
-    """The smallest long side a reduced decode may leave for ``spec``: see :data:`REDUCED_HEADROOM`."""
+    """The smallest long side a reduced decode may leave for ``spec``: see :data:`REDUCED_HEADROOM`.
+
+    With a ``working_size`` the image is brought to that size before CLAHE anyway, so a reduced decode
+    only has to leave twice that much for the area averaging to see full detail.
+    """
+    if spec.working_size:
+        return REDUCED_HEADROOM * spec.working_size
     return max(REDUCED_HEADROOM * spec.input_size, CLAHE_MIN_TILE * spec.clahe_tile_grid)
 
 
@@ -596,6 +609,22 @@ def enhance_contrast(img01: FloatImage, spec: PreprocessSpec) -> FloatImage:
     return out
 
 
+def to_working_size(img01: FloatImage, size: int) -> FloatImage:
+    """Resize so the long side is exactly ``size`` pixels, keeping the aspect ratio (``size`` 0: as is).
+
+    Shrinking averages pixel areas (``cv2.INTER_AREA``); enlarging is bicubic, clipped to ``[0, 1]``.
+    """
+    height, width = img01.shape
+    if size <= 0 or max(height, width) == size:
+        return img01
+    scale = size / max(height, width)
+    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    resized = cv2.resize(img01.astype(np.float32, copy=False), (new_w, new_h), interpolation=interpolation)
+    out: FloatImage = np.clip(resized, 0.0, 1.0).astype(np.float32, copy=False)
+    return out
+
+
 def letterbox(img01: FloatImage, size: int) -> FloatImage:
     """Resize to fit ``size`` x ``size`` keeping the aspect ratio, centred on black (zero) padding.
 
@@ -615,10 +644,10 @@ def letterbox(img01: FloatImage, size: int) -> FloatImage:
 def to_model_input(img01: FloatImage, spec: PreprocessSpec) -> FloatImage:
     """``[0, 1]`` grey image -> C-contiguous float32 ``[3, S, S]`` network input (``S = spec.input_size``).
 
-    Contrast enhancement, letterbox, the grey plane replicated to three channels, then
-    ``(x - mean) / std`` per channel.
+    The canonical working size (when the spec has one), contrast enhancement, letterbox, the grey plane
+    replicated to three channels, then ``(x - mean) / std`` per channel.
     """
-    square = letterbox(enhance_contrast(img01, spec), spec.input_size)
+    square = letterbox(enhance_contrast(to_working_size(img01, spec.working_size), spec), spec.input_size)
     out = np.empty((3, spec.input_size, spec.input_size), dtype=np.float32)
     for channel, (mean, std) in enumerate(zip(spec.mean, spec.std, strict=True)):
         np.subtract(square, np.float32(mean), out=out[channel])

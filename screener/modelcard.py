@@ -128,11 +128,53 @@ class Int8Card:
 
 
 @dataclass(frozen=True)
+class LungCropSpec:
+    """The card's ``lung_crop`` section: the lung-field crop inside ``model.onnx`` (see
+    :mod:`screener.lungs`). The graph's input stays ``input_size``; the lungs are found on a
+    ``seg_size`` copy, their box widened by ``margin`` of its size on each side and resampled to
+    ``crop_size``, the backbones' input. The whole image is used where less than ``min_fraction`` of it
+    is lung, or the box is narrower or lower than ``min_side`` of the image; a row or column belongs to the
+    box when at least ``min_line`` of it is lung. ``segmenter`` records how the U-Net was trained and how
+    well it did (Dice on held-out masks, the share of images where it found no lungs)."""
+
+    seg_size: int = 128
+    crop_size: int = 128
+    margin: float = 0.05
+    min_fraction: float = 0.08
+    min_side: float = 0.3
+    min_line: float = 0.02
+    base_channels: int = 8
+    segmenter: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Check every field; raises :class:`ModelError` naming the offending key and value."""
+        for key in ("seg_size", "crop_size", "base_channels"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not 8 <= value <= 4096:
+                raise _bad(f"lung_crop.{key}", value, "must be an integer between 8 and 4096")
+        if self.seg_size % 8:
+            raise _bad("lung_crop.seg_size", self.seg_size, "must be a multiple of 8 (three 2x poolings)")
+        for key, upper in (("margin", 0.5), ("min_fraction", 1.0), ("min_side", 1.0), ("min_line", 1.0)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < upper:
+                raise _bad(f"lung_crop.{key}", value, f"must be a number in [0, {upper})")
+        if not isinstance(self.segmenter, dict):
+            raise _bad("lung_crop.segmenter", self.segmenter, "must be an object")
+
+
+CALIBRATION_KEYS: tuple[str, ...] = ("temperature_a", "temperature_b")
+"""Keys of the card's ``calibration`` section: each network's softmax temperature (1 where absent)."""
+
+
+@dataclass(frozen=True)
 class ModelCard:
     """What a model promises: label map, preprocessing, fusion, thresholds, provenance and file digests.
 
     ``thresholds`` maps a class to a decision threshold on its fused probability; an empty mapping means
     "argmax". ``files`` maps each file name in the model directory to its sha256 (lower-case hex).
+    ``calibration`` holds each network's softmax temperature (fitted on validation data, built into the
+    graph), ``lung_crop`` the lung-field crop the graph applies first (None: the whole image), and
+    ``sources`` the class x source counts of the training data.
     Construct through :meth:`from_json` or call :meth:`validate`; :meth:`to_json` validates first.
     """
 
@@ -151,6 +193,13 @@ class ModelCard:
     parent_version: str | None = None
     notes: str = ""
     int8: Int8Card | None = None
+    calibration: dict[str, float] = field(default_factory=dict)
+    lung_crop: LungCropSpec | None = None
+    sources: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def temperature(self, which: str) -> float:
+        """The softmax temperature of network ``"a"`` or ``"b"`` (1.0: uncalibrated)."""
+        return float(self.calibration.get(f"temperature_{which}", 1.0))
 
     def validate(self) -> None:
         """Check every field; raises :class:`ModelError` naming the offending key and value."""
@@ -218,6 +267,21 @@ class ModelCard:
             raise _bad("parent_version", self.parent_version, "must be null or a model version")
         if not isinstance(self.notes, str):
             raise _bad("notes", self.notes, "must be a string")
+        if self.preprocessing.working_size < 0:
+            raise _bad(
+                "preprocessing.working_size", self.preprocessing.working_size, "must be 0 (off) or > 0"
+            )
+        if not isinstance(self.calibration, dict):
+            raise _bad("calibration", self.calibration, "must be an object")
+        for key, value in self.calibration.items():
+            if key not in CALIBRATION_KEYS:
+                raise _bad(f"calibration.{key}", value, f"unknown key; known: {', '.join(CALIBRATION_KEYS)}")
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.05 <= value <= 20.0:
+                raise _bad(f"calibration.{key}", value, "must be a temperature between 0.05 and 20")
+        if self.lung_crop is not None:
+            self.lung_crop.validate()
+        if not isinstance(self.sources, dict):
+            raise _bad("sources", self.sources, "must map source names to class counts")
         if self.int8 is not None:
             self.int8.validate()
             if self.files.get(INT8_FILE) != self.int8.sha256:
@@ -233,8 +297,13 @@ class ModelCard:
         """The card as indented, key-sorted JSON. Raises :class:`ModelError` if the card is invalid."""
         self.validate()
         data = asdict(self)
-        if data["int8"] is None:  # cards without INT8 stay as they were written before the section existed
-            del data["int8"]
+        # Cards without these sections stay as they were written before the sections existed.
+        for optional in ("int8", "lung_crop"):
+            if data[optional] is None:
+                del data[optional]
+        for optional in ("calibration", "sources"):
+            if not data[optional]:
+                del data[optional]
         return json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
 
     @classmethod
@@ -276,6 +345,9 @@ class ModelCard:
             parent_version=data.get("parent_version"),
             notes=data.get("notes", ""),
             int8=_int8_from_dict(data["int8"]) if data.get("int8") is not None else None,
+            calibration=_as_dict("calibration", data.get("calibration", {})),
+            lung_crop=_lung_crop_from_dict(data["lung_crop"]) if data.get("lung_crop") is not None else None,
+            sources=_as_dict("sources", data.get("sources", {})),
         )
         card.validate()
         return card
@@ -322,6 +394,17 @@ def _int8_from_dict(value: object) -> Int8Card:
         quantization=_as_dict("int8.quantization", data["quantization"]),
         created_at=data["created_at"],
     )
+
+
+def _lung_crop_from_dict(value: object) -> LungCropSpec:
+    data = _as_dict("lung_crop", value)
+    _refuse_unknown_keys("lung_crop", data, LungCropSpec.__dataclass_fields__)
+    try:
+        spec = LungCropSpec(**data)
+    except TypeError as exc:
+        raise _bad("lung_crop", data, str(exc)) from None
+    spec.validate()
+    return spec
 
 
 def _preprocess_from_dict(value: object) -> PreprocessSpec:

@@ -32,8 +32,19 @@ def _parser() -> argparse.ArgumentParser:
     command("config", "print the effective settings the trainer would use, as JSON")
 
     p = command("train", "transfer learning of the candidate backbones, model integration, export")
-    p.add_argument("--data", required=True, help="image folder per class, CSV (path,label) or COVIDx list")
-    p.add_argument("--preset", choices=["quick", "paper"], default="quick")
+    p.add_argument(
+        "--data",
+        required=True,
+        action="append",
+        help="image folder per class, CSV (path,label) or COVIDx list; repeat to merge datasets",
+    )
+    p.add_argument("--preset", choices=["quick", "robust", "paper"], default="quick")
+    p.add_argument(
+        "--segmentation-data",
+        type=Path,
+        help="radiographs with lung masks (MANIFEST.csv: file,mask[,split]), e.g. ../shared/data/jsrt-lungs: "
+        "the robust and paper presets train their lung segmenter on it",
+    )
     p.add_argument("--out", type=Path, required=True, help="new model directory")
     p.add_argument("--epochs", type=int, help="epochs per backbone (default: the preset's)")
     p.add_argument("--limit", type=int, help="at most N images per class")
@@ -55,7 +66,17 @@ def _parser() -> argparse.ArgumentParser:
 
     p = command("evaluate", "accuracy, per-class sensitivity/specificity/PPV/F1 with CIs, AUC, ECE, plots")
     p.add_argument("--model", type=Path, required=True, help="model directory")
-    p.add_argument("--data", required=True, help="image folder per class, CSV (path,label) or COVIDx list")
+    p.add_argument(
+        "--data",
+        required=True,
+        action="append",
+        help="image folder per class, CSV (path,label) or COVIDx list; repeat to merge datasets",
+    )
+    p.add_argument(
+        "--group-by",
+        choices=["source"],
+        help="also report every figure per source (report.json per_group and the printed table)",
+    )
     p.add_argument("--out", type=Path, help="folder for report.json and the PNG plots")
     p.add_argument("--backend", default="onnxruntime")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
@@ -71,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--data",
-        help="the data the model was trained on, exactly as given to `trainer train` (folder, CSV or list)",
+        action="append",
+        help="the data the model was trained on, exactly as given to `trainer train` (repeated as there)",
     )
     p.add_argument("--seed", type=int, default=0, help="the seed given to `trainer train` (default 0)")
     p.add_argument("--limit", type=int, help="the --limit given to `trainer train`, if any")
@@ -96,6 +118,36 @@ def _parser() -> argparse.ArgumentParser:
         help="ResNet stages kept FP32 with the stem (0: quantise every conv; default 1: stem and stage 1)",
     )
     p.add_argument("--replace", action="store_true", help="replace an existing INT8 model")
+
+    p = command("crossval", "validation by source: train without each source (group) and test on it")
+    p.add_argument(
+        "--data",
+        required=True,
+        action="append",
+        help="image folder per class, CSV (path,label) or COVIDx list; repeat to merge datasets",
+    )
+    p.add_argument(
+        "--leave-source-out",
+        action="store_true",
+        required=True,
+        help="leave each source (or each group of --groups) out of training in turn and evaluate on it",
+    )
+    p.add_argument(
+        "--groups",
+        type=Path,
+        help="CSV source,group: the sources of one group are left out together (fnmatch patterns such as "
+        "cohen-* allowed); sources named in no group always stay in training",
+    )
+    p.add_argument("--preset", choices=["quick", "robust", "paper"], default="quick")
+    p.add_argument(
+        "--out", type=Path, required=True, help="folder for crossval.json, crossval.md and per-fold runs"
+    )
+    p.add_argument("--segmentation-data", type=Path, help="as for train: lung masks for the lung segmenter")
+    p.add_argument("--epochs", type=int, help="epochs per backbone (default: the preset's)")
+    p.add_argument("--limit", type=int, help="at most N images per class (smoke runs)")
+    p.add_argument("--samples-per-epoch", type=int, help="balanced draws per epoch (default: the preset's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", action="append", help="run only this fold (group name); repeat for several")
 
     command(
         "retrain", "the nightly job: fine-tune on new confirmed labels, evaluate, promote through the gate"
@@ -185,11 +237,16 @@ def _labels(config: Config, args: argparse.Namespace) -> int:
 
 
 def _evaluate(config: Config, args: argparse.Namespace) -> int:
-    from trainer.data import load_samples
+    from trainer.data import load_roots
     from trainer.evaluate import evaluate_model, format_summary
 
     report = evaluate_model(
-        args.model, load_samples(args.data), args.out, backend=args.backend, bootstrap=args.bootstrap
+        args.model,
+        load_roots(args.data),
+        args.out,
+        backend=args.backend,
+        bootstrap=args.bootstrap,
+        group_by=args.group_by,
     )
     print(format_summary(report))
     if args.out:
@@ -311,9 +368,11 @@ def _export(config: Config, args: argparse.Namespace) -> int:
         settings = dataclasses.replace(settings, fp32_stages=args.fp32_stages)
     if args.activations:
         settings = dataclasses.replace(settings, activations=args.activations)
+    from trainer.data import load_roots
+
     outcome = export_int8(
         args.model_dir,
-        args.data,
+        load_roots(args.data),
         seed=args.seed,
         limit=args.limit,
         calibration_images=args.calibration_images,
@@ -339,6 +398,12 @@ def _train(config: Config, args: argparse.Namespace) -> int:
     return run_train(config, args)
 
 
+def _crossval(config: Config, args: argparse.Namespace) -> int:
+    from trainer.crossval import run_crossval
+
+    return run_crossval(args)
+
+
 def _retrain(config: Config, args: argparse.Namespace) -> int:
     from trainer.jobs import run_retrain
 
@@ -353,6 +418,7 @@ _COMMANDS = {
     "train": _train,
     "export": _export,
     "retrain": _retrain,
+    "crossval": _crossval,
 }
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import csv
 import hashlib
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -29,7 +29,6 @@ from screener.db.models import Instance, InstanceStatus, Label, Study
 from screener.errors import DataError, ImagingError
 from screener.imaging import FloatImage, PreprocessSpec, load_unit, to_model_input
 from screener.modelcard import CLASSES
-from trainer.augment import Augmenter
 from trainer.labels import canonical_label, describe_label
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom"})
@@ -45,14 +44,25 @@ _DEFAULT_MAX_PIXELS = 100_000_000
 _SQL_CHUNK = 500
 
 
+CONFIRMED_SOURCE = "site-confirmed"
+"""The ``source`` of images whose labels were confirmed at this site (the ``labels`` table)."""
+
+
 @dataclass(frozen=True)
 class Sample:
     """One labelled image. ``label`` is one of ``screener.modelcard.CLASSES``; ``key`` is a stable identity
-    (the SOP Instance UID for DICOM and confirmed labels, else the path relative to the dataset root)."""
+    (the SOP Instance UID for DICOM and confirmed labels, else the path relative to the dataset root).
+
+    ``source`` names where the image came from (a hospital, a collection): the manifest's ``source``
+    column, else its ``source_repo``, else the dataset root's folder name (see :func:`load_samples`).
+    ``patient`` groups images of one patient (a ``PATIENTS.csv`` beside the manifest); images of one
+    patient never straddle splits. Empty means unknown (each image its own patient)."""
 
     path: Path
     label: str
     key: str
+    source: str = ""
+    patient: str = ""
 
 
 # --- readers -------------------------------------------------------------------------------------------
@@ -67,9 +77,13 @@ def load_samples(source: Path | str) -> list[Sample]:
       ``Viral Pneumonia``, ``NORMAL`` ..., see :data:`trainer.labels.LABEL_ALIASES`); images are found
       recursively by :data:`IMAGE_SUFFIXES` or, without an ending, by the DICOM ``DICM`` prefix; hidden
       files and folders are ignored; files directly in ``source`` (README, manifest) are ignored; keys are
-      POSIX paths relative to ``source``;
-    - a ``.csv`` with a header holding ``path`` and ``label`` (other columns ignored); relative paths are
-      resolved against the CSV's folder; keys are the paths as written;
+      POSIX paths relative to ``source``; a ``MANIFEST.csv`` there (column ``file`` relative to the folder)
+      gives each image's ``source`` (its ``source`` column, else ``source_repo``) and a ``PATIENTS.csv``
+      (``file``, ``patient_key``) its patient; images the manifest does not list, or a folder without
+      one, take the folder's name as source;
+    - a ``.csv`` with a header holding ``path`` and ``label`` (other columns ignored except optional
+      ``source`` and ``patient``); relative paths are resolved against the CSV's folder; keys are the paths
+      as written; the source defaults to the CSV's folder name;
     - a COVIDx-style ``.txt`` list, one image per line ``patient_id filename label [data_source]``; each
       image is looked up next to the list, then in a ``train`` and a ``test`` sibling folder (``test``
       first when the list's name contains "test"); labels per :data:`COVIDX_LABELS` (note: COVIDx
@@ -99,6 +113,100 @@ def load_samples(source: Path | str) -> list[Sample]:
     return sorted(samples, key=lambda s: (s.key, str(s.path)))
 
 
+def load_roots(roots: Sequence[Path | str]) -> list[Sample]:
+    """Every labelled image of one or more datasets (each as :func:`load_samples` reads it), merged.
+
+    With one root the samples are exactly :func:`load_samples`'s (keys, and so a card's training-data
+    digest, unchanged). With several, each key and patient is prefixed with its root's name (``cxr3/...``,
+    ``cxrx/...``; ``name-2`` for a second root of the same name) so that keys stay unique; an image's
+    ``source`` is kept as its root gave it.
+
+    Raises:
+        DataError: no root is given, or one cannot be read (see :func:`load_samples`).
+    """
+    if not roots:
+        raise DataError("no dataset given: pass --data DIR (more than once to merge datasets)")
+    if len(roots) == 1:
+        return load_samples(roots[0])
+    merged: list[Sample] = []
+    used: Counter[str] = Counter()
+    for root in roots:
+        path = Path(root)
+        name = path.stem if path.is_file() else path.name
+        used[name] += 1
+        prefix = name if used[name] == 1 else f"{name}-{used[name]}"
+        merged.extend(
+            replace(
+                s,
+                key=f"{prefix}/{s.key}",
+                patient=f"{prefix}/{s.patient}" if s.patient else "",
+            )
+            for s in load_samples(path)
+        )
+    return sorted(merged, key=lambda s: (s.key, str(s.path)))
+
+
+def source_table(samples: Iterable[Sample]) -> dict[str, dict[str, int]]:
+    """``{source: {class: count}}`` (every class in ``CLASSES``, zeros included), sources sorted."""
+    table: dict[str, Counter[str]] = defaultdict(Counter)
+    for sample in samples:
+        table[sample.source or "unknown"][sample.label] += 1
+    return {source: {c: table[source].get(c, 0) for c in CLASSES} for source in sorted(table)}
+
+
+def single_source_classes(table: dict[str, dict[str, int]]) -> dict[str, str]:
+    """``{class: its only source}`` for each class present in exactly one source of ``table``."""
+    holders: dict[str, list[str]] = defaultdict(list)
+    for source, counts in table.items():
+        for label, count in counts.items():
+            if count:
+                holders[label].append(source)
+    return {label: names[0] for label, names in holders.items() if len(names) == 1}
+
+
+def format_source_table(table: dict[str, dict[str, int]], max_rows: int = 40) -> str:
+    """The class x source table as aligned text (sources with the most images first, then a total)."""
+    ordered = sorted(table.items(), key=lambda item: (-sum(item[1].values()), item[0]))
+    width = max([len(s) for s, _ in ordered[:max_rows]] + [6])
+    head = f"{'source':<{width}} " + " ".join(f"{c:>15}" for c in CLASSES) + f" {'total':>7}"
+    lines = [head]
+    for source, counts in ordered[:max_rows]:
+        cells = " ".join(f"{counts.get(c, 0):>15}" for c in CLASSES)
+        lines.append(f"{source:<{width}} {cells} {sum(counts.values()):>7}")
+    if len(ordered) > max_rows:
+        rest = ordered[max_rows:]
+        cells = " ".join(f"{sum(r[1].get(c, 0) for r in rest):>15}" for c in CLASSES)
+        lines.append(f"{f'({len(rest)} more)':<{width}} {cells} {sum(sum(r[1].values()) for r in rest):>7}")
+    totals = " ".join(f"{sum(r[1].get(c, 0) for r in ordered):>15}" for c in CLASSES)
+    lines.append(f"{'total':<{width}} {totals} {sum(sum(r[1].values()) for r in ordered):>7}")
+    return "\n".join(lines)
+
+
+def _read_manifest(root: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """``({file: source}, {file: patient})`` from ``root/MANIFEST.csv`` and ``root/PATIENTS.csv``."""
+    sources: dict[str, str] = {}
+    patients: dict[str, str] = {}
+    manifest, roster = root / "MANIFEST.csv", root / "PATIENTS.csv"
+    try:
+        if manifest.is_file():
+            with manifest.open(newline="", encoding="utf-8-sig") as fh:
+                for row in csv.DictReader(fh):
+                    name = (row.get("file") or "").strip()
+                    source = (row.get("source") or "").strip() or (row.get("source_repo") or "").strip()
+                    if name and source:
+                        sources[name] = source
+        if roster.is_file():
+            with roster.open(newline="", encoding="utf-8-sig") as fh:
+                for row in csv.DictReader(fh):
+                    name = (row.get("file") or "").strip()
+                    patient = (row.get("patient_key") or "").strip()
+                    if name and patient:
+                        patients[name] = patient
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"dataset {root}: cannot read its MANIFEST.csv / PATIENTS.csv: {exc}") from exc
+    return sources, patients
+
+
 def _is_dicom_without_suffix(path: Path) -> bool:
     try:
         with path.open("rb") as fh:
@@ -122,6 +230,7 @@ def _walk_images(folder: Path) -> Iterator[Path]:
 
 def _folder_samples(root: Path) -> list[Sample]:
     samples: list[Sample] = []
+    sources, patients = _read_manifest(root)
     folders = [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
     if not folders:
         raise DataError(f"dataset folder {root} has no class sub-folders: expected {', '.join(CLASSES)}")
@@ -132,10 +241,17 @@ def _folder_samples(root: Path) -> list[Sample]:
                 f"dataset folder {folder}: sub-folder name {describe_label(folder.name)} is not a class "
                 f"({', '.join(CLASSES)}) or a known alias: rename or remove it"
             )
-        samples.extend(
-            Sample(path=path, label=label, key=path.relative_to(root).as_posix())
-            for path in _walk_images(folder)
-        )
+        for path in _walk_images(folder):
+            key = path.relative_to(root).as_posix()
+            samples.append(
+                Sample(
+                    path=path,
+                    label=label,
+                    key=key,
+                    source=sources.get(key, root.name),
+                    patient=patients.get(key, ""),
+                )
+            )
     return samples
 
 
@@ -180,7 +296,14 @@ def _csv_samples(csv_path: Path) -> list[Sample]:
                 resolved = path if path.is_absolute() else base / path
                 if not resolved.is_file():
                     raise DataError(f"{csv_path} line {line}: image {raw_path} does not exist ({resolved})")
-                _add_unique(seen, Sample(path=resolved, label=label, key=path.as_posix()), csv_path, line)
+                sample = Sample(
+                    path=resolved,
+                    label=label,
+                    key=path.as_posix(),
+                    source=(row.get("source") or "").strip() or base.name,
+                    patient=(row.get("patient") or "").strip(),
+                )
+                _add_unique(seen, sample, csv_path, line)
     except OSError as exc:
         raise DataError(f"{csv_path}: cannot read the list: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:
@@ -218,9 +341,9 @@ def _covidx_samples(list_path: Path) -> list[Sample]:
         # The source column is optional and file names may contain spaces: the label is the last field
         # when it is one, else the one before the source.
         if _covidx_label(tokens[-1]) is not None:
-            raw_label, name_tokens = tokens[-1], tokens[1:-1]
+            raw_label, name_tokens, data_source = tokens[-1], tokens[1:-1], base.name
         else:
-            raw_label, name_tokens = tokens[-2], tokens[1:-2]
+            raw_label, name_tokens, data_source = tokens[-2], tokens[1:-2], tokens[-1]
         label = _covidx_label(raw_label)
         if label is None or not name_tokens:
             raise DataError(
@@ -234,9 +357,14 @@ def _covidx_samples(list_path: Path) -> list[Sample]:
                 f"{list_path} line {number}: image {filename} not found next to the list or in "
                 f"{' or '.join(str(base / name) for name in subfolders)}"
             )
-        _add_unique(
-            seen, Sample(path=found, label=label, key=found.relative_to(base).as_posix()), list_path, number
+        sample = Sample(
+            path=found,
+            label=label,
+            key=found.relative_to(base).as_posix(),
+            source=data_source,
+            patient=tokens[0],
         )
+        _add_unique(seen, sample, list_path, number)
     return [sample for sample, _ in seen.values()]
 
 
@@ -349,7 +477,13 @@ def confirmed_label_samples(
             chosen[instance_id] = label  # labels arrive oldest first: the latest wins
 
     samples = [
-        Sample(path=spool_root / instances[iid][1], label=label, key=instances[iid][0])
+        Sample(
+            path=spool_root / instances[iid][1],
+            label=label,
+            key=instances[iid][0],
+            source=CONFIRMED_SOURCE,
+            patient=instances[iid][2] or "",
+        )
         for iid, label in chosen.items()
         if iid in present
     ]
@@ -458,6 +592,27 @@ def _near_duplicate_groups(coarse: np.ndarray, fine: np.ndarray, max_bits: int) 
     return np.array([find(i) for i in range(n)], dtype=np.int64)
 
 
+def _join_patients(samples: Sequence[Sample], roots: np.ndarray) -> np.ndarray:
+    """Merge near-duplicate groups that share a patient: one patient's images stay in one split."""
+    parent = roots.tolist()
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[str, int] = {}
+    for index, sample in enumerate(samples):
+        if not sample.patient:
+            continue
+        other = first.setdefault(sample.patient, index)
+        a, b = find(index), find(other)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    return np.array([find(i) for i in range(len(parent))], dtype=np.int64)
+
+
 @dataclass(frozen=True)
 class Splits:
     """A train / validation / test split; each sample is in exactly one list, lists sorted by key."""
@@ -497,10 +652,11 @@ def split_samples(
     of the other 90 %, the paper's 9:1). Images whose perceptual hashes (:func:`image_hash`) differ in at
     most ``near_duplicate_bits`` of 64 bits are grouped (transitively, union-find), and a group is never
     divided between splits, so identical files, re-encodings and slightly altered copies stay together.
-    A group is stratified by its most common label; groups are shuffled per class with ``seed`` and
-    assigned whole, a group going to test or validation only while it fits that split's quota, so the
-    fractions are met exactly for singletons and to within a group's size otherwise. The result depends
-    only on the samples (not their order), the parameters and the image contents.
+    Images of one ``patient`` are grouped the same way. A group is stratified by its most common label;
+    groups are shuffled per class with ``seed`` and assigned whole, a group going to test or validation
+    only while it fits that split's quota, so the fractions are met exactly for singletons and to within
+    a group's size otherwise. The result depends only on the samples (not their order), the parameters
+    and the image contents.
 
     Raises:
         ValueError: a fraction is outside ``[0, 1)``, their sum leaves no training data, or
@@ -524,7 +680,9 @@ def split_samples(
             f"sample key {duplicates[0]} is listed {Counter(s.key for s in ordered)[duplicates[0]]} times"
         )
 
-    roots = _near_duplicate_groups(*_hashes(ordered, spec, max_pixels), near_duplicate_bits)
+    roots = _join_patients(
+        ordered, _near_duplicate_groups(*_hashes(ordered, spec, max_pixels), near_duplicate_bits)
+    )
     members: dict[int, list[int]] = defaultdict(list)
     for index, root in enumerate(roots.tolist()):
         members[root].append(index)
@@ -610,6 +768,8 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
     ``np.random.default_rng((seed, epoch, i))``: reproducible whatever the worker, worker count or order.
     The epoch lives in shared memory, so :meth:`set_epoch` reaches DataLoader workers, persistent ones
     included. With ``cache=True`` decoded ``[0, 1]`` images are kept in memory (per worker process).
+    With ``crop`` (a :class:`screener.lungs.LungCrop`, the module the exported graph runs first) the
+    tensor is cropped to its lung fields, the box jittered by ``crop_jitter`` when augmenting.
 
     Raises:
         DataError: from the constructor, a label is not a class; from ``__getitem__``, the image cannot be
@@ -621,12 +781,16 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
         samples: list[Sample],
         spec: PreprocessSpec,
         *,
-        augment: Augmenter | None = None,
+        augment: Callable[[FloatImage, np.random.Generator], FloatImage] | None = None,
         max_pixels: int = _DEFAULT_MAX_PIXELS,
         seed: int = 0,
         cache: bool = False,
+        crop: torch.nn.Module | None = None,
+        crop_jitter: float = 0.0,
     ) -> None:
         _check_labels(samples)
+        self.crop = crop
+        self.crop_jitter = crop_jitter
         self.samples = list(samples)
         self.spec = spec
         self.augment = augment
@@ -674,29 +838,67 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
         if self.augment is not None:
             image = self.augment(image, np.random.default_rng((self.seed, self.epoch, index)))
         tensor = torch.from_numpy(to_model_input(image, self.spec))
+        if self.crop is not None:
+            jitter = self.crop_jitter if self.augment is not None else 0.0
+            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 100_003 + index)
+            with torch.no_grad():
+                tensor = self.crop(tensor[None], jitter, generator)[0]
         return tensor, CLASSES.index(self.samples[index].label)
 
 
+def sampling_weights(samples: Sequence[Sample], source_power: float | None = None) -> list[float]:
+    """Per-sample weights that give every present class the same total.
+
+    Without ``source_power`` each sample of a class weighs the same (``1 / count(class)``). With it, the
+    class's total is shared among its sources in proportion to ``count(class, source) ** source_power``
+    and, within a source, equally: 0 gives every source of a class the same share (a 5-image source as
+    much as a 1,500-image one), 1 is plain class balance, 0.5 (the ``robust`` preset) is in between, so
+    that small sources are seen far more often than their size alone would allow without a handful of
+    images being repeated hundreds of times.
+
+    Raises:
+        ValueError: ``source_power`` is outside ``[0, 1]``.
+    """
+    counts = Counter(s.label for s in samples)
+    if source_power is None:
+        return [1.0 / counts[s.label] for s in samples]
+    if not 0.0 <= source_power <= 1.0:
+        raise ValueError(f"source_power {source_power!r} must be between 0 and 1")
+    per_source = Counter((s.label, s.source) for s in samples)
+    mass: dict[str, float] = defaultdict(float)
+    for (label, _), n in per_source.items():
+        mass[label] += n**source_power
+    return [
+        per_source[(s.label, s.source)] ** source_power / mass[s.label] / per_source[(s.label, s.source)]
+        for s in samples
+    ]
+
+
 def balanced_sampler(
-    samples: list[Sample], *, seed: int = 0, num_samples: int | None = None
+    samples: list[Sample],
+    *,
+    seed: int = 0,
+    num_samples: int | None = None,
+    source_power: float | None = None,
 ) -> WeightedRandomSampler:
     """A sampler (with replacement) that draws every present class equally often in expectation.
 
-    Each sample weighs ``1 / count(its class)``. With augmentation this is the online equivalent of the
-    paper's expansion of the minority COVID-19 class by augmented copies (section II): a minority image is
-    drawn more often, each time differently augmented, instead of being stored as 17 fixed copies.
-    ``num_samples`` draws per epoch (default ``len(samples)``); the draws are reproducible with ``seed``.
+    Each sample weighs ``1 / count(its class)`` (or, with ``source_power``, see :func:`sampling_weights`:
+    the class's draws are also spread over its sources). With augmentation this is the online equivalent
+    of the paper's expansion of the minority COVID-19 class by augmented copies (section II): a minority
+    image is drawn more often, each time differently augmented, instead of being stored as 17 fixed
+    copies. ``num_samples`` draws per epoch (default ``len(samples)``); the draws are reproducible with
+    ``seed``.
 
     Raises:
         DataError: ``samples`` is empty.
-        ValueError: ``num_samples`` is not positive.
+        ValueError: ``num_samples`` is not positive, or ``source_power`` outside ``[0, 1]``.
     """
     if not samples:
         raise DataError("cannot build a balanced sampler over no samples")
     if num_samples is not None and num_samples < 1:
         raise ValueError(f"num_samples {num_samples!r} must be at least 1")
-    counts = Counter(s.label for s in samples)
-    weights = [1.0 / counts[s.label] for s in samples]
+    weights = sampling_weights(samples, source_power)
     generator = torch.Generator().manual_seed(seed)
     return WeightedRandomSampler(
         weights, num_samples=num_samples or len(samples), replacement=True, generator=generator

@@ -45,6 +45,8 @@ REPORT_FILE = "report.json"
 CONFUSION_PNG = "confusion.png"
 ROC_PNG = "roc.png"
 RELIABILITY_PNG = "reliability.png"
+PROBS_NPY = "probs.npy"
+LABELS_NPY = "labels.npy"
 
 _CI_METRICS = ("sensitivity", "specificity", "ppv", "f1")
 _DPI = 120
@@ -509,8 +511,13 @@ def evaluate_model(
     seed: int = 0,
     max_pixels: int = 100_000_000,
     progress: bool = True,
+    group_by: str | None = None,
 ) -> dict[str, Any]:
     """Run the model in ``model_dir`` over ``samples`` and return its report.
+
+    With ``group_by="source"`` the report also holds ``per_group``: ``{source: report of
+    :func:`metrics_from_probs` on that source's images}`` (at most 200 bootstrap resamples each), so a
+    model is judged per hospital or collection, not only on the pooled images.
 
     The directory is verified (every file's sha256) and opened with
     :func:`screener.engine.load_engine`; each image goes through
@@ -548,7 +555,10 @@ def evaluate_model(
             f"sample labels {unknown} are not classes of model {card.version} ({', '.join(classes)}): "
             "fix the dataset's labels"
         )
+    if group_by not in (None, "source"):
+        raise ValueError(f"group_by {group_by!r}: only 'source' is supported")
     labels: list[int] = []
+    groups: list[str] = []
     outputs: list[tuple[FloatArray, FloatArray, FloatArray]] = []
     skipped: list[dict[str, str]] = []
     n_batches = math.ceil(len(samples) / batch_size)
@@ -576,6 +586,7 @@ def evaluate_model(
                         )
                         continue
                     labels.append(classes.index(sample.label))
+                    groups.append(sample.source or "unknown")
                 if inputs:
                     out = engine.infer(np.stack(inputs).astype(np.float32, copy=False))
                     outputs.append(
@@ -624,15 +635,49 @@ def evaluate_model(
             },
         }
     )
+    if group_by is not None:
+        report["group_by"] = group_by
+        report["per_group"] = per_group_metrics(
+            y,
+            probs,
+            np.array(groups),
+            classes,
+            thresholds=card.thresholds,
+            bootstrap=min(bootstrap, 200),
+            seed=seed,
+        )
     if out_dir is not None:
         write_report(report, y, probs, Path(out_dir))
     return report
 
 
+def per_group_metrics(
+    y_true: IntArray,
+    probs: FloatArray,
+    groups: npt.NDArray[Any],
+    classes: Sequence[str],
+    *,
+    thresholds: Mapping[str, float] | None = None,
+    bootstrap: int = 200,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """``{group: metrics_from_probs report of its images}`` for every group, sorted by name. A group that
+    holds one class has no AUC (``None``); its sensitivity (or, for normal, the specificity of the other
+    classes) still tells how the model does there."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in sorted({str(g) for g in groups.tolist()}):
+        mask = groups == name
+        out[name] = metrics_from_probs(
+            y_true[mask], probs[mask], classes, thresholds=thresholds, bootstrap=bootstrap, seed=seed
+        )
+    return out
+
+
 def write_report(
     report: Mapping[str, Any], y_true: npt.ArrayLike, probs: npt.ArrayLike, out_dir: Path
 ) -> None:
-    """Write ``report.json`` (indented, key-sorted, strict JSON) and the three plots into ``out_dir``.
+    """Write ``report.json`` (indented, key-sorted, strict JSON), the three plots, and the probabilities and
+    true class indices (``probs.npy``, ``labels.npy``, for further analysis) into ``out_dir``.
 
     Raises ``ValueError`` if the report holds NaN, ``OSError`` if the folder cannot be written.
     """
@@ -641,6 +686,8 @@ def write_report(
     plot_confusion(report["confusion"], classes, out_dir / CONFUSION_PNG)
     plot_roc(y_true, probs, classes, out_dir / ROC_PNG)
     plot_reliability(y_true, probs, out_dir / RELIABILITY_PNG)
+    np.save(out_dir / PROBS_NPY, np.asarray(probs, dtype=np.float64))
+    np.save(out_dir / LABELS_NPY, np.asarray(y_true, dtype=np.int64))
     text = json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n"
     tmp = out_dir / f".{REPORT_FILE}.tmp"
     tmp.write_text(text, encoding="utf-8")
@@ -766,6 +813,22 @@ def format_summary(report: Mapping[str, Any]) -> str:
     if networks:
         parts = [f"{name} {_pct(m.get('accuracy')).strip()}" for name, m in networks.items()]
         lines.append("accuracy per network: " + ", ".join(parts))
+    per_group = report.get("per_group") or {}
+    if per_group:
+        lines.append(f"per {report.get('group_by', 'group')}:")
+        gwidth = max(len(g) for g in per_group)
+        names = list(report.get("classes", []))
+        lines.append(
+            f"  {'group':<{gwidth}}  {'n':>5}  {'acc':>5}  {'AUC':>5}  {'ECE':>5}  "
+            + "  ".join(f"sens {c[:10]:>10}" for c in names)
+        )
+        for group, metrics in per_group.items():
+            sens = metrics.get("per_class") or {}
+            cells = "  ".join(f"{_pct((sens.get(c) or {}).get('sensitivity')):>15}" for c in names)
+            lines.append(
+                f"  {group:<{gwidth}}  {metrics.get('n', 0):>5}  {_pct(metrics.get('accuracy'))}  "
+                f"{_pct(metrics.get('macro_auc'))}  {_pct(metrics.get('ece'))}  {cells}"
+            )
     for item in data.get("skipped", [])[:5]:
         lines.append(f"skipped {item.get('key')}: {item.get('reason')}")
     if len(data.get("skipped", [])) > 5:

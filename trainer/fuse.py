@@ -264,3 +264,43 @@ def fuse(
         temperature=temperature,
         seed=seed,
     )
+
+
+def apply_temperature(probs: Probs, temperature: float) -> Probs:
+    """``softmax(log(probs) / T)``: the probabilities the network would give with its logits divided by
+    ``T`` (softmax is shift-invariant, so log-probabilities stand in for the logits)."""
+    logits = np.log(np.clip(probs, _EPS, 1.0)) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    scaled = np.exp(logits)
+    out: Probs = scaled / scaled.sum(axis=1, keepdims=True)
+    return out
+
+
+def fit_temperature(probs: Probs, labels: Labels, low: float = 0.05, high: float = 20.0) -> float:
+    """Temperature scaling (Guo, Pleiss, Sun & Weinberger, "On calibration of modern neural networks",
+    ICML 2017): the ``T`` in ``[low, high]`` minimising the validation log-loss of
+    :func:`apply_temperature`, by golden-section search on ``log T`` (the loss is convex in ``1 / T``).
+    It never changes a prediction's argmax. Raises :class:`TrainingError` for empty or mismatched arrays.
+    """
+    if probs.ndim != 2 or probs.shape[0] != labels.shape[0] or labels.size == 0:
+        raise TrainingError(
+            f"temperature fit needs matching, non-empty arrays: {probs.shape}, {labels.shape}"
+        )
+    inv_phi = (math.sqrt(5.0) - 1.0) / 2.0
+    a, b = math.log(low), math.log(high)
+
+    def loss(log_t: float) -> float:
+        return log_loss(apply_temperature(probs, math.exp(log_t)), labels)
+
+    c, d = b - inv_phi * (b - a), a + inv_phi * (b - a)
+    fc, fd = loss(c), loss(d)
+    while b - a > 1e-4:
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - inv_phi * (b - a)
+            fc = loss(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + inv_phi * (b - a)
+            fd = loss(d)
+    return round(math.exp((a + b) / 2.0), 4)

@@ -28,7 +28,7 @@ from screener.errors import DataError, ScreenerError
 from screener.logs import get_logger
 from screener.modelcard import load_model_dir
 from screener.registry import active_version, register
-from trainer.data import Sample, confirmed_label_samples, limit_per_class, load_samples
+from trainer.data import Sample, confirmed_label_samples, limit_per_class, load_roots, load_samples
 from trainer.evaluate import evaluate_model
 from trainer.registry import promote, record_registration
 
@@ -78,7 +78,7 @@ def _run_train(config: Config, args: argparse.Namespace) -> int:
     """`trainer train`: train, fuse, export to ``--out``; register and activate on request (gated)."""
     from trainer.pipeline import train_and_export
 
-    samples = load_samples(args.data)
+    samples = load_roots(args.data)
     if args.limit:
         samples = limit_per_class(samples, args.limit, seed=args.seed)
     version = args.model_version or _version(args.preset)
@@ -93,6 +93,7 @@ def _run_train(config: Config, args: argparse.Namespace) -> int:
         fusion_method=args.fusion,
         version=version,
         workdir=config.trainer.workdir / "runs" / version,  # per run: a re-run of the same version resumes
+        segmentation_data=args.segmentation_data,
     )
     from trainer.train import is_main_process
 
@@ -147,12 +148,12 @@ def _run_train(config: Config, args: argparse.Namespace) -> int:
 
 
 def write_split_csv(samples: list[Sample], path: Path) -> Path:
-    """The held-out test split as a `path,label` CSV that `trainer evaluate --data` reads."""
+    """The held-out test split as a `path,label,source` CSV that `trainer evaluate --data` reads."""
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "label"])
+        writer.writerow(["path", "label", "source"])
         for sample in samples:
-            writer.writerow([str(sample.path.resolve()), sample.label])
+            writer.writerow([str(sample.path.resolve()), sample.label, sample.source])
     return path
 
 

@@ -63,18 +63,25 @@ class HalfFused(nn.Module):
     """
 
     fusion_weight: torch.Tensor
+    temperature_a: torch.Tensor
+    temperature_b: torch.Tensor
 
     def __init__(self, fused: FusedResNet, memory_format: torch.memory_format) -> None:
         super().__init__()
+        self.lung_crop = fused.lung_crop  # FP32: the crop box must not move with FP16 rounding
         self.net_a = fused.net_a.half()
         self.net_b = fused.net_b.half()
         self.register_buffer("fusion_weight", fused.fusion_weight.detach().float().clone())
+        self.register_buffer("temperature_a", fused.temperature_a.detach().float().clone())
+        self.register_buffer("temperature_b", fused.temperature_b.detach().float().clone())
         self.memory_format = memory_format
 
     def forward(self, image: torch.Tensor) -> _Outputs:
+        if self.lung_crop is not None:
+            image = self.lung_crop(image)
         x = image.to(dtype=torch.float16, memory_format=self.memory_format)
-        probs_a = torch.softmax(self.net_a(x).float(), dim=1)
-        probs_b = torch.softmax(self.net_b(x).float(), dim=1)
+        probs_a = torch.softmax(self.net_a(x).float() / self.temperature_a, dim=1)
+        probs_b = torch.softmax(self.net_b(x).float() / self.temperature_b, dim=1)
         w = self.fusion_weight
         return w * probs_a + (1.0 - w) * probs_b, probs_a, probs_b
 
