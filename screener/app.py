@@ -17,6 +17,7 @@ from screener.config import Config
 from screener.db.migrate import ensure_at_head
 from screener.db.session import make_engine, make_session_factory
 from screener.errors import DatabaseUnavailableError
+from screener.identity import DatabaseGuard, bind_store
 from screener.ingest import Ingest, reconcile_spool
 from screener.listener import CHEST_SOP_CLASSES, Listener
 from screener.logs import get_logger
@@ -64,6 +65,11 @@ def serve(config: Config, stop: threading.Event | None = None, role: str = "all"
 
     spool = Spool(config.storage.spool_dir, config.storage.min_free_bytes)
     spool.ensure_layout()
+    try:
+        identity = bind_store(spool, engine)  # StoreIdentityError before anything is received or deleted
+    except SQLAlchemyError as exc:
+        raise DatabaseUnavailableError(f"cannot read the store identity: {type(exc).__name__}") from exc
+    guard = DatabaseGuard(engine, identity)
     if "listener" in roles:  # only receivers leave temporaries and orphans behind
         temporaries, orphans = reconcile_spool(spool, engine, config.storage.orphan_grace_seconds)
         log.info(
@@ -76,7 +82,7 @@ def serve(config: Config, stop: threading.Event | None = None, role: str = "all"
 
     metrics = Metrics(engine, spool.root)
     health = Health()
-    health.register_database(engine)
+    health.register_database(engine, guard=guard.check)
 
     listener = None
     if "listener" in roles:
@@ -87,6 +93,7 @@ def serve(config: Config, stop: threading.Event | None = None, role: str = "all"
             chest_sop_classes=CHEST_SOP_CLASSES,
             queue_high_water=config.listener.queue_high_water,
             keep_mismatches=config.listener.on_mismatch == "keep",
+            database_problem=lambda: guard.problem,
         )
         listener = Listener(config.listener, ingest, metrics)
         health.register("listener", listener.is_alive)
@@ -111,6 +118,7 @@ def serve(config: Config, stop: threading.Event | None = None, role: str = "all"
         else {}
     )
     try:
+        guard.start()
         for part in (listener, worker, sender, scheduler):
             if part is not None:
                 part.start()
@@ -125,6 +133,7 @@ def serve(config: Config, stop: threading.Event | None = None, role: str = "all"
         if sender is not None:
             sender.join(timeout=config.pacs.timeout_seconds * 2)
     finally:
+        guard.stop()
         http.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from screener import __version__
 from screener.config import Config, as_dict, load_config, resolve_config_path
-from screener.errors import ConfigError, ScreenerError
+from screener.errors import EXIT_STORE_MISMATCH, ConfigError, ScreenerError, StoreIdentityError
 
 
 def add_config_option(parser: argparse.ArgumentParser, top: bool) -> None:
@@ -53,6 +53,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_config_option(
         dbsub.add_parser("current", help="print the database revision and the newest one"), top=False
+    )
+    r = dbsub.add_parser(
+        "rebuild",
+        help="re-create instances and studies from the spool files' headers (after a lost database)",
+    )
+    add_config_option(r, top=False)
+    r.add_argument(
+        "--from-spool",
+        action="store_true",
+        required=True,
+        help="read every file of storage.spool_dir (the record of truth); idempotent",
     )
 
     p = sub.add_parser("status", help="counts of instances by status and of studies")
@@ -130,6 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return _run(args, config)
+    except StoreIdentityError as exc:
+        print(f"screener: {exc}", file=sys.stderr)
+        return EXIT_STORE_MISMATCH
     except ScreenerError as exc:
         print(f"screener: {exc}", file=sys.stderr)
         return 1
@@ -153,19 +167,33 @@ def _run(args: argparse.Namespace, config: Config) -> int:
 
     if args.command == "classify" and args.model is not None:
         return _classify(config, args.model, args.files, args.json)
-    engine = make_engine(config.database)
+    # Commands that only read open the database read-only: they never create, migrate or write anything
+    # (a missing SQLite file is an error, not a new empty database). Commands that write follow
+    # database.auto_migrate.
+    read_only = (
+        args.command in ("status", "report", "classify")
+        or (args.command == "db" and args.db_command == "current")
+        or (args.command == "models" and args.models_command == "list")
+        or (args.command == "deliveries" and args.deliveries_command == "list")
+    )
+    engine = make_engine(config.database, read_only=read_only)
     try:
         if args.command == "db" and args.db_command == "upgrade":
             upgrade(engine)
             print(f"database at revision {current_revision(engine)}")
+            return 0
+        if args.command == "db" and args.db_command == "rebuild":
+            from screener.rebuild import rebuild_from_spool
+
+            ensure_at_head(engine, auto_migrate=True)
+            summary = rebuild_from_spool(config, engine)
+            print(summary.render())
             return 0
         if args.command == "db":
             print(f"current: {current_revision(engine) or '<empty>'}\nhead:    {head_revision()}")
             return 0
         from screener.status import collect_status, render_status
 
-        # `status` only reads: it never creates a schema. Commands that write follow database.auto_migrate.
-        read_only = args.command in ("status", "report")  # never create a schema just to read it
         ensure_at_head(engine, auto_migrate=config.database.auto_migrate and not read_only)
         if args.command == "models":
             return _models(engine, args)

@@ -29,6 +29,20 @@ class DatabaseUnavailableError(ScreenerError):
     """The database could not be reached or refused the write."""
 
 
+EXIT_STORE_MISMATCH = 4  # `screener serve`: the spool and the database are not one store
+
+
+class StoreIdentityError(ScreenerError):
+    """The spool and the database are not one store (a lost, new, empty or other database, or another spool).
+
+    ``screener serve`` exits with :data:`EXIT_STORE_MISMATCH` on it, before it receives or deletes anything.
+    """
+
+
+class DatabaseLostError(ScreenerError):
+    """While serving, the database file went away, was replaced, or now names another store."""
+
+
 class ImagingError(ScreenerError):
     """An image could not be turned into model input."""
 

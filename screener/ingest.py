@@ -16,6 +16,7 @@ import dataclasses
 import enum
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +30,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from screener import audit
 from screener.db.models import ClashAction, Delivery, Instance, InstanceClash, InstanceStatus, Study, utcnow
 from screener.errors import SpoolError, SpoolFullError
-from screener.logs import uid_hash
+from screener.identity import same_store
+from screener.logs import get_logger, uid_hash
 from screener.part10 import read_header_elements
 from screener.spool import Incoming, Spool
+
+log = get_logger("screener.ingest")
 
 # DICOM status codes (PS3.4 Annex B.2.3 and PS3.7 Annex C).
 STATUS_SUCCESS = 0x0000
@@ -190,6 +194,22 @@ def _class_text(uid: str) -> str:
     return f"(hash {uid_hash(uid)})" if name == uid else f"{uid} ({name})"
 
 
+def upsert_study(session: Session, study_uid: str) -> int:
+    """The id of the ``studies`` row of ``study_uid``, made if new; its last reception is now."""
+    now = utcnow()
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    session.execute(
+        insert(Study)
+        .values(study_instance_uid=study_uid, first_received_at=now, last_received_at=now)
+        .on_conflict_do_nothing(index_elements=["study_instance_uid"])
+    )
+    session.execute(update(Study).where(Study.study_instance_uid == study_uid).values(last_received_at=now))
+    study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == study_uid))
+    assert study_id is not None
+    return study_id
+
+
 class QueueGauge:
     """Instances waiting for classification (status ``queued``), counted cheaply for back-pressure.
 
@@ -234,11 +254,14 @@ class Ingest:
         chest_sop_classes: frozenset[str],
         queue_high_water: int = 0,
         keep_mismatches: bool = False,
+        database_problem: Callable[[], str | None] | None = None,
     ) -> None:
         self.spool = spool
         self.sessions = sessions
         self.refuse_conflicts = refuse_conflicts
         self.keep_mismatches = keep_mismatches
+        # Why the database is no longer this store's (deleted, replaced: screener.identity.DatabaseGuard).
+        self.database_problem = database_problem
         self.chest_sop_classes = chest_sop_classes
         self.queue_high_water = queue_high_water
         self.queue = QueueGauge(sessions)
@@ -254,6 +277,13 @@ class Ingest:
             rx.incoming.discard()  # a committed file was renamed away: this removes only refused ones
 
     def _receive(self, rx: Received) -> IngestResult:
+        lost = self.database_problem() if self.database_problem is not None else None
+        if lost is not None:
+            return IngestResult(
+                Outcome.DATABASE_UNAVAILABLE,
+                STATUS_OUT_OF_RESOURCES,
+                detail=f"{lost}: nothing is acknowledged until the store is recovered; the peer should retry",
+            )
         for name, uid in (
             ("Affected SOP Instance UID", rx.sop_instance_uid),
             ("Affected SOP Class UID", rx.sop_class_uid),
@@ -416,20 +446,7 @@ class Ingest:
 
     @staticmethod
     def _upsert_study(session: Session, study_uid: str) -> int:
-        now = utcnow()
-        dialect = session.get_bind().dialect.name
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        session.execute(
-            insert(Study)
-            .values(study_instance_uid=study_uid, first_received_at=now, last_received_at=now)
-            .on_conflict_do_nothing(index_elements=["study_instance_uid"])
-        )
-        session.execute(
-            update(Study).where(Study.study_instance_uid == study_uid).values(last_received_at=now)
-        )
-        study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == study_uid))
-        assert study_id is not None
-        return study_id
+        return upsert_study(session, study_uid)
 
     def _repeat(
         self, rx: Received, kept_sha256: str, digest: str, mismatch: Mismatch | None = None
@@ -518,10 +535,19 @@ class Ingest:
 def reconcile_spool(spool: Spool, engine: Engine, grace_seconds: float) -> tuple[int, int]:
     """Start-up repair: remove temporaries of dead processes and files no row refers to.
 
-    Returns (temporaries removed, orphans removed).
+    Orphans are removed only while the spool and the database carry one identity
+    (:func:`screener.identity.same_store`): the files of a lost or another database's instances are
+    acknowledged instances, never orphans. Returns (temporaries removed, orphans removed).
     """
+    temporaries = spool.remove_stale_temporaries()
+    if not same_store(spool, engine):
+        log.error(
+            "spool.orphan_sweep_skipped",
+            reason="the spool and the database do not carry one identity: no file is deleted",
+        )
+        return temporaries, 0
     with Session(engine) as session:
         known = set(session.scalars(select(Instance.spool_name)))
         known.update(n for n in session.scalars(select(InstanceClash.spool_name)) if n is not None)
         known.update(session.scalars(select(Delivery.spool_name)))
-    return spool.remove_stale_temporaries(), spool.remove_orphans(known, grace_seconds)
+    return temporaries, spool.remove_orphans(known, grace_seconds)

@@ -106,7 +106,8 @@ class _Probe:
 @dataclass(frozen=True)
 class CheckResult:
     ok: bool
-    error: str | None = None  # an exception type or "not alive": never a message that could carry PHI
+    # An exception type, "not alive", or the message of one of our errors (paths and settings, never PHI).
+    error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"ok": self.ok} if self.error is None else {"ok": self.ok, "error": self.error}
@@ -148,9 +149,15 @@ class Health:
         with self._lock:
             self._probes[name] = _Probe(name, check, timeout)
 
-    def register_database(self, engine: Engine, timeout: float = DATABASE_TIMEOUT_SECONDS) -> None:
-        """Add the ``database`` check: ``SELECT 1`` on ``engine`` within ``timeout`` seconds."""
-        self.register("database", lambda: _select_one(engine), timeout)
+    def register_database(
+        self,
+        engine: Engine,
+        timeout: float = DATABASE_TIMEOUT_SECONDS,
+        guard: Callable[[], bool] | None = None,
+    ) -> None:
+        """Add the ``database`` check: ``guard`` (raises when the database is no longer this store's, see
+        :class:`screener.identity.DatabaseGuard`), then ``SELECT 1`` on ``engine``, within ``timeout``."""
+        self.register("database", lambda: (guard is None or guard()) and _select_one(engine), timeout)
 
     @property
     def parts(self) -> list[str]:
@@ -170,6 +177,8 @@ class Health:
                 value = future.result(left)
             except FutureTimeout:
                 results[probe.name] = CheckResult(False, f"no answer within {probe.timeout:g}s")
+            except ScreenerError as exc:  # ours name the value and the fix: the reason itself
+                results[probe.name] = CheckResult(False, str(exc))
             except Exception as exc:  # noqa: BLE001 - any failure of a check means that part is not healthy
                 results[probe.name] = CheckResult(False, type(exc).__name__)
             else:

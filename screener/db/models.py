@@ -279,3 +279,17 @@ class AuditEvent(Base):
     actor: Mapped[str] = mapped_column(String(128))
     subject: Mapped[str] = mapped_column(String(128))
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+class StoreIdentity(Base):
+    """The store's identity: one row, the UUID also written at the spool's root (``SPOOL_IDENTITY``).
+
+    ``serve`` starts only when both agree, so a lost or replaced database is never taken for an empty store
+    and the orphan sweep never deletes the files of another database's instances (screener/identity.py).
+    """
+
+    __tablename__ = "store_identity"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)  # always 1
+    identity: Mapped[str] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

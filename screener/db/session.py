@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from screener.config import DatabaseConfig
+from screener.errors import DatabaseUnavailableError
 
 
-def make_engine(config: DatabaseConfig) -> Engine:
-    """An engine for SQLite (WAL, synchronous=FULL, busy timeout) or PostgreSQL (psycopg 3)."""
+def make_engine(config: DatabaseConfig, *, read_only: bool = False) -> Engine:
+    """An engine for SQLite (WAL, synchronous=FULL, busy timeout) or PostgreSQL (psycopg 3).
+
+    ``read_only`` (the commands that only read): SQLite is opened through a ``mode=ro`` URI, so a missing
+    file raises DatabaseUnavailableError instead of being created, and nothing (not even the WAL) is
+    written; PostgreSQL sessions are read-only transactions.
+    """
     url = make_url(config.url)
+    if read_only:
+        return _make_read_only_engine(config, url)
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
@@ -44,6 +53,38 @@ def make_engine(config: DatabaseConfig) -> Engine:
         pool_pre_ping=True,
         connect_args={"connect_timeout": max(1, config.busy_timeout_ms // 1000)},
     )
+
+
+def _make_read_only_engine(config: DatabaseConfig, url: URL) -> Engine:
+    if url.get_backend_name() != "sqlite":
+        return create_engine(
+            url,
+            pool_size=1,
+            connect_args={
+                "connect_timeout": max(1, config.busy_timeout_ms // 1000),
+                "options": "-c default_transaction_read_only=on",
+            },
+        )
+    if not url.database or url.database == ":memory:":
+        raise DatabaseUnavailableError(f"database.url {config.url!r} names no database file to read")
+    path = Path(url.database).resolve()
+    if not path.is_file():
+        raise DatabaseUnavailableError(
+            f"database file {path} does not exist; this command only reads and never creates one: check "
+            "database.url; create a new one with `screener db upgrade`, or, if it was lost, rebuild it with "
+            "`screener db rebuild --from-spool`"
+        )
+    busy = config.busy_timeout_ms
+
+    def connect() -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            f"{path.as_uri()}?mode=ro", uri=True, timeout=busy / 1000, check_same_thread=False
+        )
+        conn.execute(f"PRAGMA busy_timeout={int(busy)}")
+        conn.execute("PRAGMA query_only=ON")
+        return conn
+
+    return create_engine("sqlite://", creator=connect)
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
