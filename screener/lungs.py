@@ -22,10 +22,13 @@ channel); it reads channel 0.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from screener.errors import ModelError
 from screener.modelcard import LungCropSpec
 
 
@@ -165,3 +168,27 @@ def crop_boxes(
     gy = cy[:, None] + hy[:, None] * steps[None, :]
     grid = torch.stack([gx[:, None, :].expand(n, size, size), gy[:, :, None].expand(n, size, size)], dim=3)
     return F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def load_lung_crop(weights_path: Path, spec: LungCropSpec) -> LungCrop:
+    """The lung crop of a model directory: its U-Net weights (``lung_crop.*``) from the safetensors file
+    (never a pickle), in eval mode. Digests are not checked here: load the directory with
+    :func:`screener.modelcard.load_model_dir` first.
+
+    Raises:
+        ModelError: the file is unreadable or its ``lung_crop.*`` tensors do not fit ``spec``.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(weights_path), device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise ModelError(f"cannot read weights {weights_path}: {exc}") from None
+    crop = LungCrop(spec)
+    prefix = "lung_crop."
+    try:
+        crop.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    except RuntimeError as exc:
+        raise ModelError(f"weights {weights_path}: no lung crop that fits the card: {exc}") from None
+    return crop.eval()

@@ -20,15 +20,33 @@ from tests.helpers import (
 )
 
 CXR3_ENV = "CXR3_DIR"
+CXRX_ENV = "CXRX_DIR"
+JSRT_LUNGS_ENV = "JSRT_LUNGS_DIR"
 
 
-@pytest.fixture
+def _dataset(env: str, what: str) -> Path:
+    value = os.environ.get(env)
+    if not value or not Path(value).is_dir():
+        pytest.skip(f"{env} not set to the {what} folder")
+    return Path(value)
+
+
+@pytest.fixture(scope="session")
 def cxr3_dir() -> Path:
     """The real labelled chest X-rays (set CXR3_DIR); tests that need them skip without."""
-    value = os.environ.get(CXR3_ENV)
-    if not value or not Path(value).is_dir():
-        pytest.skip(f"{CXR3_ENV} not set to the cxr3 dataset folder")
-    return Path(value)
+    return _dataset(CXR3_ENV, "cxr3 dataset")
+
+
+@pytest.fixture(scope="session")
+def cxrx_dir() -> Path:
+    """The multi-source supplement (JSRT normals, Cohen COVID-19; set CXRX_DIR); skip without."""
+    return _dataset(CXRX_ENV, "cxrx dataset")
+
+
+@pytest.fixture(scope="session")
+def jsrt_lungs_dir() -> Path:
+    """Radiographs with lung-field masks (set JSRT_LUNGS_DIR); skip without."""
+    return _dataset(JSRT_LUNGS_ENV, "jsrt-lungs dataset")
 
 
 @pytest.fixture

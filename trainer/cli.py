@@ -45,6 +45,13 @@ def _parser() -> argparse.ArgumentParser:
         help="radiographs with lung masks (MANIFEST.csv: file,mask[,split]), e.g. ../shared/data/jsrt-lungs: "
         "the robust and paper presets train their lung segmenter on it",
     )
+    p.add_argument("--segmenter-epochs", type=int, help="lung segmenter epochs (default: the preset's)")
+    p.add_argument(
+        "--crossval",
+        type=Path,
+        help="crossval.json of `trainer crossval --leave-source-out` for this preset: its out-of-source "
+        "figures go into the card, where the promotion gate compares them",
+    )
     p.add_argument("--out", type=Path, required=True, help="new model directory")
     p.add_argument("--epochs", type=int, help="epochs per backbone (default: the preset's)")
     p.add_argument("--limit", type=int, help="at most N images per class")
@@ -143,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
         "--out", type=Path, required=True, help="folder for crossval.json, crossval.md and per-fold runs"
     )
     p.add_argument("--segmentation-data", type=Path, help="as for train: lung masks for the lung segmenter")
+    p.add_argument("--segmenter-epochs", type=int, help="lung segmenter epochs (default: the preset's)")
     p.add_argument("--epochs", type=int, help="epochs per backbone (default: the preset's)")
     p.add_argument("--limit", type=int, help="at most N images per class (smoke runs)")
     p.add_argument("--samples-per-epoch", type=int, help="balanced draws per epoch (default: the preset's)")

@@ -164,6 +164,32 @@ def summarise(folds: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def out_of_source_figures(path: Path, preset: str) -> dict[str, Any]:
+    """The card's ``metrics.out_of_source`` from a ``crossval.json`` of the same preset: the recipe's
+    leave-source-out mean and worst figures, which the promotion gate compares.
+
+    Raises:
+        DataError: the file is unreadable, not a crossval result, or of another preset.
+    """
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+        summary = result["summary"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"--crossval {path}: not a readable crossval.json ({exc})") from exc
+    if result.get("preset") != preset:
+        raise DataError(
+            f"--crossval {path} measured preset {result.get('preset')!r}, not {preset!r}: run "
+            f"`trainer crossval --preset {preset}` first"
+        )
+    return {
+        "method": "leave-source-out",
+        "preset": preset,
+        "file": str(path),
+        "left_out": result.get("left_out_sources", {}),
+        **{key: summary.get(key) for key in sorted(summary)},
+    }
+
+
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
 
@@ -284,7 +310,11 @@ def _segmenter(out: Path, args: argparse.Namespace, recipe: Any) -> Any:
         crop.load_state_dict(load_file(str(weights)))
         return crop.eval()
     trained = train_segmenter(
-        args.segmentation_data, spec, recipe.lung_crop, epochs=recipe.segmenter_epochs, seed=args.seed
+        args.segmentation_data,
+        spec,
+        recipe.lung_crop,
+        epochs=args.segmenter_epochs or recipe.segmenter_epochs,
+        seed=args.seed,
     )
     save_file({k: v.contiguous() for k, v in trained.crop.state_dict().items()}, str(weights))
     meta.write_text(json.dumps(trained.summary, indent=2, sort_keys=True))
@@ -326,6 +356,7 @@ def _fold(
             version=f"crossval-{_safe(name)[:40]}",
             workdir=folder / "work",
             segmenter=segmenter,
+            progress=True,
         )
     report = evaluate_model(
         model_dir, test, folder / "eval", bootstrap=200, group_by="source", progress=False

@@ -46,6 +46,8 @@ CONFUSION_PNG = "confusion.png"
 ROC_PNG = "roc.png"
 RELIABILITY_PNG = "reliability.png"
 PROBS_NPY = "probs.npy"
+LUNG_CROPS_PNG = "lung_crops.png"
+SHEET_IMAGES = 32
 LABELS_NPY = "labels.npy"
 
 _CI_METRICS = ("sensitivity", "specificity", "ppv", "f1")
@@ -557,6 +559,9 @@ def evaluate_model(
         )
     if group_by not in (None, "source"):
         raise ValueError(f"group_by {group_by!r}: only 'source' is supported")
+    crop = _lung_crop_of(model)
+    found: list[bool] = []
+    sheet: list[tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], bool]] = []
     labels: list[int] = []
     groups: list[str] = []
     outputs: list[tuple[FloatArray, FloatArray, FloatArray]] = []
@@ -588,7 +593,10 @@ def evaluate_model(
                     labels.append(classes.index(sample.label))
                     groups.append(sample.source or "unknown")
                 if inputs:
-                    out = engine.infer(np.stack(inputs).astype(np.float32, copy=False))
+                    batch = np.stack(inputs).astype(np.float32, copy=False)
+                    if crop is not None:
+                        _record_crops(crop, batch, found, sheet, max(1, len(samples) // SHEET_IMAGES))
+                    out = engine.infer(batch)
                     outputs.append(
                         (
                             out.probs.astype(np.float64),
@@ -635,6 +643,15 @@ def evaluate_model(
             },
         }
     )
+    if crop is not None:
+        missed = np.array([not f for f in found])
+        report["lung_crop"] = {
+            "n": len(found),
+            "not_found": int(missed.sum()),
+            "share_not_found": float(missed.mean()) if found else None,
+            "per_group": {g: float(missed[np.array(groups) == g].mean()) for g in sorted(set(groups))},
+            "fallback": "where no lungs are found the model sees the whole image (as without the crop)",
+        }
     if group_by is not None:
         report["group_by"] = group_by
         report["per_group"] = per_group_metrics(
@@ -648,7 +665,61 @@ def evaluate_model(
         )
     if out_dir is not None:
         write_report(report, y, probs, Path(out_dir))
+        if sheet:
+            plot_lung_crops(sheet, Path(out_dir) / LUNG_CROPS_PNG)
     return report
+
+
+def _lung_crop_of(model: Any) -> Any:
+    """The model's lung crop as a torch module (to report where it finds no lungs), or None."""
+    if model.card.lung_crop is None:
+        return None
+    from screener.lungs import load_lung_crop
+
+    return load_lung_crop(model.weights_path, model.card.lung_crop)
+
+
+def _record_crops(
+    crop: Any,
+    batch: npt.NDArray[np.float32],
+    found: list[bool],
+    sheet: list[tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], bool]],
+    every: int,
+) -> None:
+    """Append whether the crop found lungs in each image of ``batch``; keep every ``every``-th image (and
+    its box) for the contact sheet."""
+    import torch
+
+    with torch.no_grad():
+        tensor = torch.from_numpy(batch)
+        boxes, hits = crop.boxes(tensor)
+    for image, box, hit in zip(batch, boxes.numpy(), hits.tolist(), strict=True):
+        if len(found) % every == 0 and len(sheet) < SHEET_IMAGES:
+            sheet.append((image[0], box.astype(np.float32), bool(hit)))
+        found.append(bool(hit))
+
+
+def plot_lung_crops(
+    sheet: Sequence[tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], bool]], path: Path
+) -> None:
+    """A contact sheet: each input image with its lung-crop box (green: found; red: not found, the whole
+    image is used)."""
+    from matplotlib.patches import Rectangle
+
+    cols = 8
+    rows = max(1, math.ceil(len(sheet) / cols))
+    fig = _new_figure(2.0 * cols, 2.0 * rows)
+    for index, (image, box, hit) in enumerate(sheet):
+        ax = fig.add_subplot(rows, cols, index + 1)
+        size = image.shape[-1]
+        ax.imshow(image, cmap="gray")
+        x0, y0, x1, y1 = ((box + 1.0) / 2.0 * size).tolist()
+        ax.add_patch(
+            Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="lime" if hit else "red", linewidth=1.5)
+        )
+        ax.set_axis_off()
+    fig.suptitle("lung crop (green: lungs found; red: not found, whole image used)")
+    _save(fig, path)
 
 
 def per_group_metrics(
@@ -769,6 +840,41 @@ def gate_passes(
         return False, "refused: " + "; ".join(failures)
     note = "" if deltas["same_data"] is not False else " (warning: evaluated on different data)"
     return True, "passes: " + "; ".join(summary) + note
+
+
+OUT_OF_SOURCE_FIGURES: tuple[tuple[str, str], ...] = (
+    ("mean_macro_auc", "out-of-source macro ROC AUC"),
+    (f"mean_{GATE_CLASS}_sensitivity", f"out-of-source {GATE_CLASS} sensitivity"),
+)
+"""The figures of a card's ``metrics.out_of_source`` that the promotion gate compares."""
+
+
+def out_of_source_gate(
+    candidate_metrics: Mapping[str, Any], active_metrics: Mapping[str, Any], tolerance: float = 0.0
+) -> tuple[bool, str | None]:
+    """The gate on figures measured on sources a model never trained on (leave-source-out or external
+    data, the card's ``metrics.out_of_source``): when the candidate's card has them and the active
+    model's too, each of :data:`OUT_OF_SOURCE_FIGURES` must be at least the active model's minus
+    ``tolerance``. Returns ``(passes, reason)``; the reason is ``None`` when the candidate has no such
+    figures (nothing to compare: the in-distribution gate decides alone)."""
+    candidate = candidate_metrics.get("out_of_source")
+    if not isinstance(candidate, Mapping):
+        return True, None
+    active = active_metrics.get("out_of_source")
+    parts: list[str] = []
+    failures: list[str] = []
+    for key, label in OUT_OF_SOURCE_FIGURES:
+        cand = candidate.get(key)
+        act = active.get(key) if isinstance(active, Mapping) else None
+        text = f"{label} {_fmt(cand)} vs active {_fmt(act)}"
+        parts.append(text)
+        if cand is None:
+            failures.append(f"{text}: the candidate's is undefined")
+        elif act is not None and cand < act - tolerance:
+            failures.append(f"{text}: worse by {act - cand:.4f}")
+    if failures:
+        return False, "refused on sources never trained on: " + "; ".join(failures)
+    return True, "; ".join(parts)
 
 
 # --- text summary -------------------------------------------------------------------------------------

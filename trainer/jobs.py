@@ -76,6 +76,7 @@ def run_train(config: Config, args: argparse.Namespace) -> int:
 
 def _run_train(config: Config, args: argparse.Namespace) -> int:
     """`trainer train`: train, fuse, export to ``--out``; register and activate on request (gated)."""
+    from trainer.crossval import out_of_source_figures
     from trainer.pipeline import train_and_export
 
     samples = load_roots(args.data)
@@ -94,6 +95,8 @@ def _run_train(config: Config, args: argparse.Namespace) -> int:
         version=version,
         workdir=config.trainer.workdir / "runs" / version,  # per run: a re-run of the same version resumes
         segmentation_data=args.segmentation_data,
+        segmenter_epochs=args.segmenter_epochs,
+        out_of_source=out_of_source_figures(args.crossval, args.preset) if args.crossval else None,
     )
     from trainer.train import is_main_process
 

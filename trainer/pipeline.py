@@ -29,7 +29,7 @@ from screener.export import export_model_dir
 from screener.fused import ARCHITECTURES, FusedResNet
 from screener.imaging import PreprocessSpec
 from screener.logs import get_logger
-from screener.lungs import LungCrop
+from screener.lungs import LungCrop, load_lung_crop
 from screener.modelcard import CLASSES, LoadedModel, LungCropSpec, ModelCard, read_card
 from trainer.augment import Augmenter, Chain, SiteAugmenter
 from trainer.data import (
@@ -186,22 +186,6 @@ def parent_backbone_states(parent: LoadedModel) -> list[tuple[str, dict[str, tor
     return out
 
 
-def _parent_crop(parent: LoadedModel, spec: LungCropSpec) -> LungCrop:
-    """The parent model's lung crop (its U-Net weights from the verified safetensors): fine-tuning keeps
-    the crop the parent was trained with. Raises :class:`TrainingError` when the weights cannot be read."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(parent.weights_path), device="cpu")
-    except (SafetensorError, OSError) as exc:
-        raise TrainingError(f"cannot read parent weights {parent.weights_path}: {exc}") from None
-    crop = LungCrop(spec)
-    prefix = "lung_crop."
-    crop.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
-    return crop.eval()
-
-
 def _loader(ds: ImageDataset, batch_size: int, workers: int) -> DataLoader[tuple[torch.Tensor, torch.Tensor]]:
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)  # type: ignore[arg-type]
 
@@ -259,6 +243,8 @@ def train_and_export(
     progress: bool = True,
     segmentation_data: Path | None = None,
     segmenter: LungCrop | None = None,
+    segmenter_epochs: int | None = None,
+    out_of_source: Mapping[str, Any] | None = None,
 ) -> TrainOutcome:
     """Train the preset's candidate backbones on ``data``, fuse the best two, export to ``out``.
 
@@ -330,12 +316,17 @@ def train_and_export(
     work = workdir if workdir is not None else out.parent / f".{out.name}.work"
     crop = segmenter
     if crop is None and parent is not None and crop_spec is not None:
-        crop = _parent_crop(parent, crop_spec)
+        crop = load_lung_crop(parent.weights_path, crop_spec)
     if crop is None and crop_spec is not None and segmentation_data is not None:
         from trainer.segment import train_segmenter
 
         trained = train_segmenter(
-            segmentation_data, spec, crop_spec, epochs=recipe.segmenter_epochs, seed=seed, progress=progress
+            segmentation_data,
+            spec,
+            crop_spec,
+            epochs=segmenter_epochs or recipe.segmenter_epochs,
+            seed=seed,
+            progress=progress,
         )
         crop = trained.crop
         crop.spec = dataclasses.replace(crop_spec, segmenter=trained.summary)
@@ -429,6 +420,8 @@ def train_and_export(
     )
     if calibration:
         metrics["calibration"] = calibration
+    if out_of_source:
+        metrics["out_of_source"] = dict(out_of_source)
     if version is None:
         version = f"{preset}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-seed{seed}"
     if rank == 0:

@@ -1,7 +1,9 @@
 """Promotion with a gate, and rollback, over the ``model_versions`` table (audited in ``model_events``).
 
 A candidate becomes active only if, on the same evaluation set, its macro-F1 and COVID-19 sensitivity
-are not worse than the active model's (``trainer.gate_tolerance`` allows a small slack). ``--force``
+are not worse than the active model's (``trainer.gate_tolerance`` allows a small slack) and, where the
+candidate's card carries figures from sources it never trained on (``metrics.out_of_source``, from
+``trainer crossval --leave-source-out``), neither are those. ``--force``
 overrides the gate and is recorded. Running screeners pick up the new active model by themselves.
 """
 
@@ -19,7 +21,7 @@ from screener import audit
 from screener.db.models import ModelEvent, ModelStatus, ModelVersion, utcnow
 from screener.errors import ModelError
 from screener.registry import activate_version, active_version
-from trainer.evaluate import gate_passes
+from trainer.evaluate import gate_passes, out_of_source_gate
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,14 @@ def promote(
                 "the promotion gate needs both models evaluated on the same data: pass --data DIR"
             )
         ok, reason = gate_passes(candidate_report, active_report, tolerance)
+        if ok:
+            shifted_ok, shifted = out_of_source_gate(
+                _card_metrics(row.card_json), _card_metrics(current.card_json), tolerance
+            )
+            if not shifted_ok:
+                ok, reason = False, shifted or reason
+            elif shifted:
+                reason = f"{reason}; {shifted}"
     previous = current.version if current is not None else None
     if ok:
         activate_version(session, version)
@@ -104,6 +114,11 @@ def promote(
     else:
         _event(session, version, "refused", reason, report=candidate_report)
     return Decision(ok, version, previous, reason, forced=force and current is not None)
+
+
+def _card_metrics(card_json: str) -> dict[str, Any]:
+    metrics = json.loads(card_json).get("metrics", {})
+    return metrics if isinstance(metrics, dict) else {}
 
 
 def rollback(session: Session, actor: str = "operator") -> Decision:
