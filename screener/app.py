@@ -31,6 +31,7 @@ log = get_logger("screener.serve")
 
 
 ROLES = ("listener", "worker", "sender")
+ANSWER_MARGIN_SECONDS = 1.0  # a C-STORE is answered within database.statement_timeout_seconds + this
 
 
 def _require_int8(config: Config, engine: Engine) -> None:
@@ -85,15 +86,21 @@ def serve(config: Config, stop: threading.Event | None = None, role: str = "all"
     health.register_database(engine, guard=guard.check)
 
     listener = None
+    ingest_engine: Engine | None = None
     if "listener" in roles:
+        # Its own engine: every wait bounded by database.statement_timeout_seconds, and a pool the
+        # worker and sender cannot exhaust.
+        ingest_engine = make_engine(config.database, bounded=True)
         ingest = Ingest(
             spool,
-            make_session_factory(engine),
+            make_session_factory(ingest_engine),
             refuse_conflicts=config.listener.on_conflict == "refuse",
             chest_sop_classes=CHEST_SOP_CLASSES,
             queue_high_water=config.listener.queue_high_water,
             keep_mismatches=config.listener.on_mismatch == "keep",
             database_problem=lambda: guard.problem,
+            deadline_seconds=config.database.statement_timeout_seconds + ANSWER_MARGIN_SECONDS,
+            max_waiting=2 * config.listener.max_associations,
         )
         listener = Listener(config.listener, ingest, metrics)
         health.register("listener", listener.is_alive)
@@ -135,6 +142,8 @@ def serve(config: Config, stop: threading.Event | None = None, role: str = "all"
     finally:
         guard.stop()
         http.stop()
+        if ingest_engine is not None:
+            ingest_engine.dispose()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         engine.dispose()

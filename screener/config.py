@@ -139,6 +139,7 @@ class DatabaseConfig:
     auto_migrate: bool = True
     busy_timeout_ms: int = 5000
     pool_size: int = 10
+    statement_timeout_seconds: float = 5.0
 
     def validate(self) -> None:
         _require(
@@ -148,6 +149,11 @@ class DatabaseConfig:
         )
         _require(0 <= self.busy_timeout_ms <= 600_000, "busy_timeout_ms", "must be between 0 and 600000")
         _require(1 <= self.pool_size <= 200, "pool_size", "must be between 1 and 200")
+        _require(
+            0.1 <= self.statement_timeout_seconds <= 3600,
+            "statement_timeout_seconds",
+            "must be between 0.1 and 3600 seconds",
+        )
 
 
 @dataclass(frozen=True)

@@ -156,8 +156,10 @@ def render_tables() -> str:
                 (
                     "Refused: Out of Resources",
                     f"`0x{ingest.STATUS_OUT_OF_RESOURCES:04X}`",
-                    "Free spool space below `storage.min_free_bytes`, the database unreachable or locked, "
-                    "or the file could not be written; nothing half-written remains, the peer should retry",
+                    "Free spool space below `storage.min_free_bytes`, the database unreachable, locked or "
+                    "silent for longer than `database.statement_timeout_seconds` (+1 s), the database file "
+                    "lost while serving, or the file could not be written; nothing half-written remains, "
+                    "the peer should retry",
                 ),
                 (
                     "Warning / Failure: Duplicate SOP Instance",

@@ -17,6 +17,8 @@ import enum
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,6 +196,19 @@ def _class_text(uid: str) -> str:
     return f"(hash {uid_hash(uid)})" if name == uid else f"{uid} ({name})"
 
 
+def _log_late(done: Future[IngestResult], rx: Received, started: float) -> None:
+    """The outcome of a reception the association stopped waiting for (it answered 0xA700)."""
+    exc = done.exception()
+    log.warning(
+        "instance.late_outcome",
+        outcome=done.result().outcome.value if exc is None else Outcome.SPOOL_ERROR.value,
+        error=type(exc).__name__ if exc is not None else None,
+        seconds=round(time.monotonic() - started, 2),
+        sop_uid=uid_hash(rx.sop_instance_uid),
+        hint="answered 0xA700 already; a stored instance makes the peer's retry a duplicate (0x0000)",
+    )
+
+
 def upsert_study(session: Session, study_uid: str) -> int:
     """The id of the ``studies`` row of ``study_uid``, made if new; its last reception is now."""
     now = utcnow()
@@ -255,6 +270,8 @@ class Ingest:
         queue_high_water: int = 0,
         keep_mismatches: bool = False,
         database_problem: Callable[[], str | None] | None = None,
+        deadline_seconds: float | None = None,
+        max_waiting: int = 32,
     ) -> None:
         self.spool = spool
         self.sessions = sessions
@@ -262,9 +279,56 @@ class Ingest:
         self.keep_mismatches = keep_mismatches
         # Why the database is no longer this store's (deleted, replaced: screener.identity.DatabaseGuard).
         self.database_problem = database_problem
+        # receive_within: an answer within this many seconds, with at most max_waiting receptions at once.
+        self.deadline_seconds = deadline_seconds
+        self.max_waiting = max_waiting
+        self._slots = threading.BoundedSemaphore(max_waiting)
         self.chest_sop_classes = chest_sop_classes
         self.queue_high_water = queue_high_water
         self.queue = QueueGauge(sessions)
+
+    def receive_within(self, rx: Received) -> IngestResult:
+        """:meth:`receive`, answered within ``deadline_seconds``: 0xA700 when it takes longer.
+
+        A database that does not answer at all (stopped, frozen, a network partition) never returns from a
+        call: no server-side timeout can fire. So the reception runs in its own thread and the association
+        waits at most ``deadline_seconds``. What that thread does afterwards stays whole: the row is
+        committed with its file (the peer's retry is then a duplicate, answered 0x0000) or the file is
+        removed, exactly as for a database that is down. At most ``max_waiting`` receptions wait at once;
+        past that, 0xA700 at once, so a frozen database cannot pile up threads and open files.
+        """
+        if self.deadline_seconds is None:
+            return self.receive(rx)
+        if not self._slots.acquire(blocking=False):
+            rx.incoming.discard()
+            return IngestResult(
+                Outcome.DATABASE_UNAVAILABLE,
+                STATUS_OUT_OF_RESOURCES,
+                detail=f"{self.max_waiting} receptions still wait for the database; the peer should retry",
+            )
+        answer: Future[IngestResult] = Future()
+        started = time.monotonic()
+
+        def run() -> None:
+            try:
+                answer.set_result(self.receive(rx))
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting association thread
+                answer.set_exception(exc)
+            finally:
+                self._slots.release()
+
+        threading.Thread(target=run, name="ingest", daemon=True).start()
+        try:
+            return answer.result(timeout=self.deadline_seconds)
+        except FutureTimeout:
+            answer.add_done_callback(lambda done: _log_late(done, rx, started))
+            return IngestResult(
+                Outcome.DATABASE_UNAVAILABLE,
+                STATUS_OUT_OF_RESOURCES,
+                detail=f"no answer from the database within {self.deadline_seconds:g} s "
+                "(database.statement_timeout_seconds + 1); nothing is left half-written; the peer should "
+                "retry",
+            )
 
     def receive(self, rx: Received) -> IngestResult:
         """Commit ``rx.incoming`` into the spool with its ``instances`` row, or delete it; the answer.

@@ -395,7 +395,7 @@ class Listener:
         try:
             incoming = self._take_incoming(event)
             size = incoming.size
-            result = self.ingest.receive(
+            result = self.ingest.receive_within(
                 Received(
                     sop_instance_uid=sop_uid,
                     sop_class_uid=sop_class,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -14,26 +15,34 @@ from screener.config import DatabaseConfig
 from screener.errors import DatabaseUnavailableError
 
 
-def make_engine(config: DatabaseConfig, *, read_only: bool = False) -> Engine:
+def make_engine(config: DatabaseConfig, *, read_only: bool = False, bounded: bool = False) -> Engine:
     """An engine for SQLite (WAL, synchronous=FULL, busy timeout) or PostgreSQL (psycopg 3).
 
     ``read_only`` (the commands that only read): SQLite is opened through a ``mode=ro`` URI, so a missing
-    file raises DatabaseUnavailableError instead of being created, and nothing (not even the WAL) is
-    written; PostgreSQL sessions are read-only transactions.
+    file raises DatabaseUnavailableError instead of being created, and the database is never written (a
+    WAL reader may make the empty ``-wal``/``-shm`` files beside it); PostgreSQL sessions are read-only
+    transactions.
+
+    ``bounded`` (the listener's own engine, used while an association waits): every wait is bounded by
+    ``database.statement_timeout_seconds``: connection pool checkout, SQLite's busy timeout, PostgreSQL's
+    ``statement_timeout``, ``lock_timeout`` and connect timeout. Other engines (worker, reports,
+    migrations) are not, so a long report or migration is never cut short.
     """
     url = make_url(config.url)
     if read_only:
         return _make_read_only_engine(config, url)
+    pool_timeout = config.statement_timeout_seconds if bounded else 30.0
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        busy = busy_timeout_ms(config) if bounded else config.busy_timeout_ms
         engine = create_engine(
             url,
-            connect_args={"check_same_thread": False, "timeout": config.busy_timeout_ms / 1000},
+            connect_args={"check_same_thread": False, "timeout": busy / 1000},
             pool_size=config.pool_size,
+            pool_timeout=pool_timeout,
             pool_pre_ping=True,
         )
-        busy = config.busy_timeout_ms
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -50,9 +59,35 @@ def make_engine(config: DatabaseConfig, *, read_only: bool = False) -> Engine:
         url,
         pool_size=config.pool_size,
         max_overflow=config.pool_size,
+        pool_timeout=pool_timeout,
         pool_pre_ping=True,
-        connect_args={"connect_timeout": max(1, config.busy_timeout_ms // 1000)},
+        connect_args=(
+            postgresql_connect_args(config)
+            if bounded
+            else {"connect_timeout": max(1, config.busy_timeout_ms // 1000)}
+        ),
     )
+
+
+def busy_timeout_ms(config: DatabaseConfig) -> int:
+    """SQLite's lock wait: ``busy_timeout_ms``, but never past ``statement_timeout_seconds``."""
+    return int(min(config.busy_timeout_ms, config.statement_timeout_seconds * 1000))
+
+
+def postgresql_connect_args(config: DatabaseConfig) -> dict[str, Any]:
+    """libpq settings bounding every wait on the server (``database.statement_timeout_seconds``).
+
+    ``statement_timeout`` and ``lock_timeout`` end a statement the server runs too long or that waits for a
+    lock; ``connect_timeout`` bounds a connection attempt (libpq takes whole seconds, at least 2). A server
+    that is not running at all (stopped, frozen) is bounded on our side, see ``Ingest.receive_within``.
+    """
+    ms = max(1, int(config.statement_timeout_seconds * 1000))
+    return {
+        "connect_timeout": max(
+            2, math.ceil(config.statement_timeout_seconds), config.busy_timeout_ms // 1000
+        ),
+        "options": f"-c statement_timeout={ms} -c lock_timeout={ms}",
+    }
 
 
 def _make_read_only_engine(config: DatabaseConfig, url: URL) -> Engine:
