@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 from screener.config import Config
 from screener.engine import load_engine
-from screener.errors import ImagingError
-from screener.imaging import preprocess_file
-from screener.prepare import Prepared, prepare_instance
+from screener.errors import ImageDecodeError, ImagingError
+from screener.imaging import preprocess_file, read_dicom
+from screener.prepare import Prepared, prepare_dataset, prepare_instance
 from screener.verdict import instance_label
 
 
@@ -24,6 +25,7 @@ class FileResult:
     label: str | None
     probs: dict[str, float] | None
     reason: str | None
+    note: str | None = None  # how the file was read, where that was an assumption
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -32,6 +34,7 @@ class FileResult:
             "label": self.label,
             "probs": self.probs,
             "reason": self.reason,
+            "note": self.note,
         }
 
 
@@ -39,6 +42,24 @@ def _is_dicom(path: Path) -> bool:
     with path.open("rb") as f:
         head = f.read(132)
     return len(head) == 132 and head[128:] == b"DICM"
+
+
+def _bare_dataset(path: Path) -> Dataset | None:
+    """The file as a DICOM data set without preamble and file meta information (older modalities, raw
+    exports), or None where it is not one (a PNG, a JPEG). Its transfer syntax is the encoding it was read
+    in (:func:`screener.imaging.read_dicom`)."""
+    try:
+        ds = read_dicom(path)
+    except ImageDecodeError:
+        return None
+    return ds if "PixelData" in ds and "SOPClassUID" in ds else None
+
+
+def _assumed_encoding_note(ds: Dataset) -> str:
+    return (
+        f"no file meta information: read as {ds.file_meta.TransferSyntaxUID.name} "
+        "(assumed from the data set's encoding)"
+    )
 
 
 def classify_files(
@@ -61,11 +82,15 @@ def classify_files(
     card = loaded.card
     spec = card.preprocessing
     prepared: list[Prepared] = []
+    notes: dict[int, str] = {}
     for n, path in enumerate(files):
         if not path.is_file():
             prepared.append(Prepared(n, "failed", None, f"no such file: {path}", 0.0))
         elif _is_dicom(path):
             prepared.append(prepare_instance(n, str(path), spec, config.eligibility, inf.reduced_decode))
+        elif (bare := _bare_dataset(path)) is not None:
+            notes[n] = _assumed_encoding_note(bare)
+            prepared.append(prepare_dataset(n, bare, spec, config.eligibility, inf.reduced_decode))
         else:
             started = time.perf_counter()
             try:
@@ -89,6 +114,7 @@ def classify_files(
                     instance_label(probs, card.classes, card.thresholds),
                     dict(zip(card.classes, probs, strict=True)),
                     None,
+                    notes.get(p.instance_id),
                 )
     finally:
         engine.close()
@@ -100,5 +126,6 @@ def classify_files(
                 None,
                 None,
                 p.reason,
+                notes.get(p.instance_id),
             )
     return card.version, [results[n] for n in range(len(files))]

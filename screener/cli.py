@@ -156,11 +156,14 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         print(json.dumps(as_dict(config), indent=2))
         return 0
 
-    configure_logging(config.logging)
     if args.command == "serve":
         from screener.app import serve
 
+        configure_logging(config.logging)  # the daemon's JSON log lines are its output: stdout
         return serve(config, role=args.role)
+    # Every other command prints its result on stdout (`--json`, `--format csv|json` pipe into a parser):
+    # its log lines go to stderr.
+    configure_logging(config.logging, stream=sys.stderr)
 
     from screener.db.migrate import current_revision, ensure_at_head, head_revision, upgrade
     from screener.db.session import make_engine
@@ -306,6 +309,8 @@ def _classify(config: Config, model_dir: Path, files: list[Path], as_json: bool)
                 print(f"{r.path}: {r.label}  ({probs})")
             else:
                 print(f"{r.path}: {r.status}: {r.reason}")
+            if r.note:
+                print(f"{r.path}: note: {r.note}")
     return 0 if all(r.status != "failed" for r in results) else 1
 
 

@@ -178,14 +178,27 @@ def check_dimensions(ds: Dataset, max_pixels: int) -> None:
 def read_dicom(source: Path | bytes | BinaryIO) -> Dataset:
     """Parse a DICOM file (Part 10, or a bare dataset without preamble) without decoding its pixels.
 
+    A bare data set has no file meta information, so no Transfer Syntax UID: it gets the one of the
+    encoding it was read in (pydicom tells implicit from explicit VR by the first element; PS3.5 A.1 makes
+    Implicit VR Little Endian the default), as DCMTK does. Such data sets are never encapsulated.
+
     Raises:
         ImageDecodeError: the input is not a readable DICOM dataset.
     """
     fp: Path | BinaryIO = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
-        return pydicom.dcmread(fp, force=True)
+        ds = pydicom.dcmread(fp, force=True)
     except (InvalidDicomError, OSError, ValueError, KeyError, EOFError, TypeError) as exc:
         raise ImageDecodeError("<unknown>", f"not a readable DICOM file: {exc}") from exc
+    if not ds.file_meta.get("TransferSyntaxUID"):
+        implicit, little = ds.original_encoding
+        if little is False:
+            ds.file_meta.TransferSyntaxUID = uid.ExplicitVRBigEndian
+        elif implicit is False:
+            ds.file_meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian
+        else:
+            ds.file_meta.TransferSyntaxUID = uid.ImplicitVRLittleEndian
+    return ds
 
 
 def _decode_first_frame(ds: Dataset) -> np.ndarray:

@@ -1,4 +1,8 @@
-"""structlog set-up: JSON lines to stdout (console rendering on a TTY); PHI never logged.
+"""structlog set-up: JSON lines (console rendering on a TTY); PHI never logged.
+
+``screener serve`` logs to stdout (its log lines are its output); every other command of ``screener`` and
+``trainer`` passes ``sys.stderr``, so what it prints on stdout (``--json``, ``--format csv|json``) is
+nothing but its result.
 
 Patient names, IDs, birth dates and accession numbers must never reach a log line. We never pass
 them to a logger, log UIDs only as short hashes (:func:`uid_hash`), silence pynetdicom's dataset and
@@ -48,7 +52,8 @@ def _drop_phi(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
 
 
 def configure_logging(config: LoggingConfig, stream: TextIO | None = None) -> None:
-    """Route structlog and the standard library (pynetdicom, SQLAlchemy, Alembic) to one handler."""
+    """Route structlog and the standard library (pynetdicom, SQLAlchemy, Alembic) to one handler on
+    ``stream`` (default stdout: the daemon's)."""
     out = stream if stream is not None else sys.stdout
     use_console = config.format == "console" or (config.format == "auto" and out.isatty())
     shared: list[Any] = [

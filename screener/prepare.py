@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 from screener.config import EligibilityConfig
 from screener.eligibility import decide
@@ -52,6 +53,26 @@ def prepare_instance(
         ds = read_bounded(Path(path), rules.max_pixels)
     except Exception as exc:  # noqa: BLE001 - any unreadable header is this instance's failure, not the worker's
         return done("failed", None, f"DICOM header unreadable ({type(exc).__name__})")
+    return prepare_dataset(instance_id, ds, spec, rules, reduced_decode, started=started)
+
+
+def prepare_dataset(
+    instance_id: int,
+    ds: Dataset,
+    spec: PreprocessSpec,
+    rules: EligibilityConfig,
+    reduced_decode: bool = False,
+    *,
+    started: float | None = None,
+) -> Prepared:
+    """:func:`prepare_instance` for a data set already read (pixel data still encoded). Never raises."""
+    began = time.perf_counter() if started is None else started
+
+    def done(
+        kind: Literal["ok", "skipped", "failed"], array: np.ndarray | None, reason: str | None
+    ) -> Prepared:
+        return Prepared(instance_id, kind, array, reason, (time.perf_counter() - began) * 1000)
+
     decision = decide(ds, rules)
     if not decision.eligible:
         return done("skipped", None, decision.reason)
