@@ -303,9 +303,11 @@ class TrainerConfig:
     limit_per_class: int = 0
     pretrained_dir: Path | None = None
     gate_tolerance: float = 0.0
+    keep_runs: int = 5
 
     def validate(self) -> None:
         _require(self.min_new_labels >= 0, "min_new_labels", "must be zero or more")
+        _require(self.keep_runs >= 0, "keep_runs", "must be 0 (keep every run) or more")
         _require(self.epochs >= 0, "epochs", "must be 0 (the preset's) or more")
         _require(self.samples_per_epoch >= 0, "samples_per_epoch", "must be 0 (the preset's) or more")
         _require(self.limit_per_class >= 0, "limit_per_class", "must be 0 (all images) or more")

@@ -97,8 +97,12 @@ def test_train_register_activate_then_evaluate_with_report_and_plots(tmp_path: P
     assert "quick-cli promoted: no model was active" in res.stdout
     split_csv = out.with_name("quick-cli-test-split.csv")
     assert split_csv.is_file()
-    for name in ("metrics.csv", "curves.png"):
-        assert list((tmp_path / "training").rglob(name)), f"{name} missing from trainer.workdir"
+    run = out.with_name("quick-cli-run")  # the run lives beside --out, and says so first
+    assert res.stdout.startswith(f"training run folder: {run} "), res.stdout
+    for name in ("best.safetensors", "metrics.csv", "curves.png"):
+        assert len(list(run.glob(f"*/{name}"))) == 2, f"{name} missing from {run}"
+    assert not list(run.rglob("checkpoint.*")), "resumable checkpoints outlive the finished run"
+    assert not (tmp_path / "training").exists()  # nothing under trainer.workdir (formerly ./var/training)
     card = json.loads((out / "card.json").read_text())
     assert 0.0 <= card["fusion_weight"] <= 1.0 and card["metrics"]
     evaluated = _trainer(
@@ -124,6 +128,9 @@ def test_retrain_twice_then_nothing_to_do_and_a_held_lock_exits_0(tmp_path: Path
     first = _trainer(env, "retrain")
     assert first.returncode == 0, first.stdout + first.stderr  # nothing active before: promoted
     assert first.stdout.startswith("retrain: promoted"), first.stdout
+    runs = list((tmp_path / "training" / "models").glob("*-run"))
+    assert len(runs) == 1 and not list(runs[0].rglob("checkpoint.*")), runs
+    assert len(list(runs[0].glob("*/best.safetensors"))) == 2
     second = _trainer(env, "retrain")
     assert second.returncode == 3, second.stdout + second.stderr
     assert "kept the active model: 0 new confirmed labels" in second.stdout

@@ -24,13 +24,14 @@ from sqlalchemy.orm import Session
 from screener.config import Config
 from screener.db.migrate import open_database
 from screener.db.models import Label, TrainingRun, utcnow
-from screener.errors import DataError, ScreenerError
+from screener.errors import DataError, ScreenerError, TrainingError
 from screener.logs import get_logger
 from screener.modelcard import load_model_dir
 from screener.registry import active_version, register
 from trainer.data import Sample, confirmed_label_samples, limit_per_class, load_roots, load_samples
 from trainer.evaluate import evaluate_model
 from trainer.registry import promote, record_registration
+from trainer.runs import finish_run, open_run, prune_runs, run_dir_for
 
 log = get_logger("trainer.jobs")
 
@@ -75,10 +76,35 @@ def run_train(config: Config, args: argparse.Namespace) -> int:
 
 
 def _run_train(config: Config, args: argparse.Namespace) -> int:
-    """`trainer train`: train, fuse, export to ``--out``; register and activate on request (gated)."""
+    """`trainer train`: train, fuse, export to ``--out``; register and activate on request (gated).
+
+    The run trains in ``<out>-run/`` beside ``--out`` (:mod:`trainer.runs`), printed at the start; the same
+    command re-run after an interruption resumes it.
+    """
     from trainer.crossval import out_of_source_figures
     from trainer.pipeline import train_and_export
+    from trainer.train import barrier, distributed_rank_world
 
+    if args.out.exists():
+        raise TrainingError(f"{args.out} already exists: model directories are immutable; choose a new one")
+    run_dir = run_dir_for(args.out)
+    rank, _ = distributed_rank_world()
+    if rank == 0:
+        recipe = {
+            "preset": args.preset,
+            "data": [str(Path(d).resolve()) for d in args.data],
+            "limit": args.limit,
+            "seed": args.seed,
+            "epochs": args.epochs,
+            "samples_per_epoch": args.samples_per_epoch,
+            "pretrained_dir": args.pretrained_dir or config.trainer.pretrained_dir,
+            "segmentation_data": args.segmentation_data,
+            "segmenter_epochs": args.segmenter_epochs,
+        }
+        resumed = open_run(run_dir, kind="train", model_dir=args.out, recipe=recipe)
+        verb = "resuming the interrupted run in" if resumed else "training run folder:"
+        print(f"{verb} {run_dir} (checkpoints while training; best weights, metrics.csv, curves.png after)")
+    barrier()
     samples = load_roots(args.data)
     if args.limit:
         samples = limit_per_class(samples, args.limit, seed=args.seed)
@@ -93,7 +119,7 @@ def _run_train(config: Config, args: argparse.Namespace) -> int:
         pretrained_dir=args.pretrained_dir or config.trainer.pretrained_dir,
         fusion_method=args.fusion,
         version=version,
-        workdir=config.trainer.workdir / "runs" / version,  # per run: a re-run of the same version resumes
+        workdir=run_dir,
         segmentation_data=args.segmentation_data,
         segmenter_epochs=args.segmenter_epochs,
         out_of_source=out_of_source_figures(args.crossval, args.preset) if args.crossval else None,
@@ -103,6 +129,7 @@ def _run_train(config: Config, args: argparse.Namespace) -> int:
     if not is_main_process():  # under torchrun only rank 0 reports and registers
         return 0
     card = outcome.card
+    finish_run(run_dir, card.version)
     print(f"model {card.version} written to {outcome.model_dir}")
     split_csv = write_split_csv(
         outcome.test_samples, outcome.model_dir.with_name(f"{outcome.model_dir.name}-test-split.csv")
@@ -161,7 +188,11 @@ def write_split_csv(samples: list[Sample], path: Path) -> Path:
 
 
 def run_retrain(config: Config) -> int:
-    """The nightly job. Prints one summary line; returns the exit code (see module docstring)."""
+    """The nightly job. Prints one summary line; returns the exit code (see module docstring).
+
+    Each run trains in ``trainer.workdir/models/<version>-run/``; afterwards, whatever the outcome, only the
+    newest ``trainer.keep_runs`` of those folders are kept (:func:`trainer.runs.prune_runs`).
+    """
     with exclusive_lock(config.trainer.lock_file) as held:
         if not held:
             print(f"retrain: another run holds {config.trainer.lock_file}; nothing to do")
@@ -171,6 +202,7 @@ def run_retrain(config: Config) -> int:
             return _retrain_locked(config, engine)
         finally:
             engine.dispose()
+            prune_runs(config.trainer.workdir / "models", config.trainer.keep_runs)
 
 
 def _retrain_locked(config: Config, engine: Engine) -> int:
@@ -253,6 +285,9 @@ def _train_evaluate_promote(config: Config, engine: Engine, run_id: int) -> tupl
     parent = load_model_dir(Path(active.path)) if active is not None else None
     version = _version(config.trainer.preset)
     out = config.trainer.workdir / "models" / version
+    run_dir = run_dir_for(out)
+    open_run(run_dir, kind="retrain", model_dir=out, recipe={"version": version})
+    log.info("retrain.run", folder=str(run_dir))
     outcome = train_and_export(
         preset=config.trainer.preset,
         data=samples,
@@ -262,8 +297,9 @@ def _train_evaluate_promote(config: Config, engine: Engine, run_id: int) -> tupl
         pretrained_dir=config.trainer.pretrained_dir,
         version=version,
         parent=parent,
-        workdir=config.trainer.workdir / "runs" / version,
+        workdir=run_dir,
     )
+    finish_run(run_dir, version)
     eval_samples = (
         load_samples(config.trainer.eval_data) if config.trainer.eval_data else outcome.test_samples
     )
