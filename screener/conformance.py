@@ -205,7 +205,10 @@ def render_tables() -> str:
             ("Response", "Behaviour"),
             [
                 ("`0x0000` Success", "Delivered (`sent`)"),
-                (f"{delivered}", "Delivered (warnings; `0x0111`: the PACS already holds our UID)"),
+                (
+                    f"{delivered}, any other warning",
+                    "Delivered (warnings; `0x0111`: the PACS already holds our UID)",
+                ),
                 ("`0xA700`-`0xA7FF` Out of Resources", "Retried with exponential backoff"),
                 ("Association rejected, aborted, refused; timeout", "Retried with exponential backoff"),
                 ("`0xA900`-`0xA9FF` Data Set does not match SOP Class", "`dead` at once"),

@@ -90,3 +90,7 @@ class DatabaseNotMigratedError(ScreenerError):
         )
         self.current = current
         self.head = head
+
+
+class IncompatibleLibraryError(ScreenerError):
+    """An installed library lacks an internal we rely on (screener/pynetdicom_compat.py). At start-up."""

@@ -52,7 +52,9 @@ STATUS_SOP_CLASS_MISMATCH = 0xA900
 STATUS_INSTANCE_MISMATCH = 0xC001
 
 
-class Outcome(enum.StrEnum):
+class IngestOutcome(enum.StrEnum):
+    """What became of one received C-STORE (the ``outcome`` of its log line and metric label)."""
+
     STORED = "stored"
     DUPLICATE = "duplicate"
     CLASH_KEPT_FIRST = "clash_kept_first"
@@ -83,7 +85,7 @@ class Received:
 
 @dataclass(frozen=True)
 class IngestResult:
-    outcome: Outcome
+    outcome: IngestOutcome
     status: int
     study_instance_uid: str | None = None
     detail: str | None = None
@@ -201,7 +203,7 @@ def _log_late(done: Future[IngestResult], rx: Received, started: float) -> None:
     exc = done.exception()
     log.warning(
         "instance.late_outcome",
-        outcome=done.result().outcome.value if exc is None else Outcome.SPOOL_ERROR.value,
+        outcome=done.result().outcome.value if exc is None else IngestOutcome.SPOOL_ERROR.value,
         error=type(exc).__name__ if exc is not None else None,
         seconds=round(time.monotonic() - started, 2),
         sop_uid=uid_hash(rx.sop_instance_uid),
@@ -302,7 +304,7 @@ class Ingest:
         if not self._slots.acquire(blocking=False):
             rx.incoming.discard()
             return IngestResult(
-                Outcome.DATABASE_UNAVAILABLE,
+                IngestOutcome.DATABASE_UNAVAILABLE,
                 STATUS_OUT_OF_RESOURCES,
                 detail=f"{self.max_waiting} receptions still wait for the database; the peer should retry",
             )
@@ -323,7 +325,7 @@ class Ingest:
         except FutureTimeout:
             answer.add_done_callback(lambda done: _log_late(done, rx, started))
             return IngestResult(
-                Outcome.DATABASE_UNAVAILABLE,
+                IngestOutcome.DATABASE_UNAVAILABLE,
                 STATUS_OUT_OF_RESOURCES,
                 detail=f"no answer from the database within {self.deadline_seconds:g} s "
                 "(database.statement_timeout_seconds + 1); nothing is left half-written; the peer should "
@@ -344,7 +346,7 @@ class Ingest:
         lost = self.database_problem() if self.database_problem is not None else None
         if lost is not None:
             return IngestResult(
-                Outcome.DATABASE_UNAVAILABLE,
+                IngestOutcome.DATABASE_UNAVAILABLE,
                 STATUS_OUT_OF_RESOURCES,
                 detail=f"{lost}: nothing is acknowledged until the store is recovered; the peer should retry",
             )
@@ -355,7 +357,7 @@ class Ingest:
             if not uid or len(uid) > 64:
                 # Cannot be keyed or recorded; PS3.5 9.1 caps UIDs at 64 characters.
                 return IngestResult(
-                    Outcome.INVALID,
+                    IngestOutcome.INVALID,
                     STATUS_CANNOT_UNDERSTAND,
                     detail=f"{name} in the C-STORE request is "
                     f"{'empty' if not uid else f'{len(uid)} characters long'}; a UID has 1 to 64 "
@@ -386,7 +388,7 @@ class Ingest:
                 return self._db_down(exc)
             if queued >= self.queue_high_water:
                 return IngestResult(
-                    Outcome.QUEUE_FULL,
+                    IngestOutcome.QUEUE_FULL,
                     STATUS_OUT_OF_RESOURCES,
                     detail=f"{queued} instances wait for classification, at or above "
                     f"listener.queue_high_water = {self.queue_high_water}: the sender should retry later; "
@@ -439,7 +441,9 @@ class Ingest:
                 return self._db_down(exc)
             if kept is None:
                 return IngestResult(
-                    Outcome.DATABASE_UNAVAILABLE, STATUS_OUT_OF_RESOURCES, detail="integrity error, retry"
+                    IngestOutcome.DATABASE_UNAVAILABLE,
+                    STATUS_OUT_OF_RESOURCES,
+                    detail="integrity error, retry",
                 )
             return self._repeat(rx, kept, digest, mismatch)
         except SQLAlchemyError as exc:
@@ -449,19 +453,21 @@ class Ingest:
             self.queue.added()
         if mismatch is not None:
             return IngestResult(
-                Outcome.MISMATCH_KEPT,
+                IngestOutcome.MISMATCH_KEPT,
                 STATUS_SUCCESS,
                 study_instance_uid=header.study_instance_uid,
                 detail=f"{mismatch.detail}: kept under the data set's UIDs (listener.on_mismatch = keep)",
             )
-        return IngestResult(Outcome.STORED, STATUS_SUCCESS, study_instance_uid=header.study_instance_uid)
+        return IngestResult(
+            IngestOutcome.STORED, STATUS_SUCCESS, study_instance_uid=header.study_instance_uid
+        )
 
     def _keyed_by_data_set(
         self, rx: Received, header: _Header, mismatch: Mismatch
     ) -> Received | IngestResult:
         """The request re-keyed by its data set's own UIDs (``on_mismatch = keep``), or the refusal."""
         refusal = IngestResult(
-            Outcome.MISMATCH_REFUSED,
+            IngestOutcome.MISMATCH_REFUSED,
             mismatch.status,
             study_instance_uid=header.study_instance_uid,
             detail=f"{mismatch.detail}; the sender must send the command its data set's own UIDs",
@@ -523,11 +529,11 @@ class Ingest:
                 except SQLAlchemyError as exc:
                     return self._db_down(exc)
                 return IngestResult(
-                    Outcome.DUPLICATE,
+                    IngestOutcome.DUPLICATE,
                     STATUS_SUCCESS,
                     detail=f"{mismatch.detail}: the data set is already stored under its own UID",
                 )
-            return IngestResult(Outcome.DUPLICATE, STATUS_SUCCESS, detail="same bytes already stored")
+            return IngestResult(IngestOutcome.DUPLICATE, STATUS_SUCCESS, detail="same bytes already stored")
         action = ClashAction.REFUSED if self.refuse_conflicts else ClashAction.KEPT_FIRST
         try:
             self._record_clash(rx, kept_sha256, digest, action, mismatch)
@@ -535,12 +541,12 @@ class Ingest:
             return self._db_down(exc)
         if action is ClashAction.REFUSED:
             return IngestResult(
-                Outcome.CLASH_REFUSED,
+                IngestOutcome.CLASH_REFUSED,
                 STATUS_DUPLICATE_REFUSED,
                 detail="SOP Instance UID already stored with different bytes (listener.on_conflict = refuse)",
             )
         return IngestResult(
-            Outcome.CLASH_KEPT_FIRST,
+            IngestOutcome.CLASH_KEPT_FIRST,
             STATUS_SUCCESS,
             detail="SOP Instance UID already stored with different bytes",
         )
@@ -584,13 +590,13 @@ class Ingest:
 
     @staticmethod
     def _spool_failed(exc: SpoolError) -> IngestResult:
-        outcome = Outcome.SPOOL_FULL if isinstance(exc, SpoolFullError) else Outcome.SPOOL_ERROR
+        outcome = IngestOutcome.SPOOL_FULL if isinstance(exc, SpoolFullError) else IngestOutcome.SPOOL_ERROR
         return IngestResult(outcome, STATUS_OUT_OF_RESOURCES, detail=str(exc))
 
     @staticmethod
     def _db_down(exc: SQLAlchemyError) -> IngestResult:
         return IngestResult(
-            Outcome.DATABASE_UNAVAILABLE,
+            IngestOutcome.DATABASE_UNAVAILABLE,
             STATUS_OUT_OF_RESOURCES,
             detail=f"database unavailable ({type(exc).__name__}); the sender should retry",
         )

@@ -4,10 +4,11 @@ The C-STORE handler is thin (STYLE: pynetdicom): take the Part 10 file as receiv
 :class:`~screener.ingest.Ingest`, answer its status, and write one canonical log line. Nothing is
 decoded in the association thread beyond the study/series UIDs.
 
-Data sets are received straight into the spool: pynetdicom's chunked receive
-(``_config.STORE_RECV_CHUNKED_DATASET``) writes each C-STORE data set, behind a preamble and file meta
-group, to a file it opens while the PDUs arrive; we have it open that file in the spool's ``.tmp/``
-(hashing as it writes), so a received instance is renamed into place, never copied or decoded.
+Data sets are received straight into the spool: pynetdicom's chunked receive writes each C-STORE data
+set, behind a preamble and file meta group, to a file it opens while the PDUs arrive; we have it open that
+file in the spool's ``.tmp/`` (hashing as it writes), so a received instance is renamed into place, never
+copied or decoded. That hook and every other use of pynetdicom internals live in
+:mod:`screener.pynetdicom_compat`.
 """
 
 from __future__ import annotations
@@ -19,23 +20,20 @@ import tempfile
 import threading
 import time
 import typing
-import weakref
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pydicom.uid import UID
-from pynetdicom import AE, _config, dimse_messages, evt
-from pynetdicom.association import Association
-from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
 
 from screener.config import ListenerConfig
 from screener.errors import SpoolError
-from screener.ingest import STATUS_OUT_OF_RESOURCES, Ingest, IngestResult, Outcome, Received
+from screener.ingest import STATUS_OUT_OF_RESOURCES, Ingest, IngestOutcome, IngestResult, Received
 from screener.logs import get_logger, uid_hash
 from screener.metrics import Metrics
+from screener.pynetdicom_compat import end_unrequested, register_server, route_received_files
 from screener.spool import Incoming
 
 log = get_logger("screener.listener")
@@ -77,87 +75,6 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4.
 _REJECT_CALLING_AET = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
 _REJECT_BUSY = (0x02, 0x03, 0x01)  # transient, presentation provider, temporary congestion
-
-
-# AE -> opener of the file a C-STORE data set is received into, for the AEs of our listeners.
-_RECEIVE_ROUTES: weakref.WeakKeyDictionary[AE, Callable[[Any], Any]] = weakref.WeakKeyDictionary()
-_ROUTES_LOCK = threading.Lock()
-
-
-def _open_received_file(*args: Any, **kwargs: Any) -> Any:
-    """Stands in for ``NamedTemporaryFile`` in pynetdicom's chunked receive.
-
-    pynetdicom 3.0 (``dimse_messages.DIMSEMessage.decode_msg``) opens the file from the association's
-    reader thread, a ``DULServiceProvider`` whose ``assoc`` names the association: receptions of our
-    listeners go into their spool, anything else gets pynetdicom's own temporary file.
-    """
-    assoc = getattr(threading.current_thread(), "assoc", None)
-    route = _RECEIVE_ROUTES.get(assoc.ae) if assoc is not None else None
-    if route is None:
-        return tempfile.NamedTemporaryFile(*args, **kwargs)  # pynetdicom closes and deletes it
-    return route(assoc)
-
-
-def _route_received_files(ae: AE, opener: Callable[[Any], Any]) -> bool:
-    """Receive ``ae``'s C-STORE data sets through ``opener``; False when pynetdicom lacks the hook."""
-    if not hasattr(dimse_messages, "NamedTemporaryFile"):
-        return False
-    with _ROUTES_LOCK:
-        _RECEIVE_ROUTES[ae] = opener
-        dimse_messages.NamedTemporaryFile = _open_received_file
-        _config.STORE_RECV_CHUNKED_DATASET = True
-    return True
-
-
-def _serves_our_listener(thread: threading.Thread) -> bool:
-    """True in the reader (DUL) and association threads of our listeners' associations."""
-    assoc = thread if isinstance(thread, Association) else getattr(thread, "assoc", None)
-    return isinstance(assoc, Association) and assoc.is_acceptor and assoc.ae in _RECEIVE_ROUTES
-
-
-_PYNETDICOM_VALIDATE_UI: Callable[[Any], tuple[bool, str]] = _config.VALIDATORS["UI"]
-
-
-def _validate_ui(value: Any) -> tuple[bool, str]:
-    """pynetdicom's UID check, except on our listener's associations, where every value passes.
-
-    pynetdicom 3.0 checks the UIDs of a received command set while it turns the message into a primitive
-    (``DIMSEMessage.message_to_primitive``, in the reader thread); a UID over 64 characters
-    (PS3.5 9.1) fails there, the message is dropped as invalid (state machine Evt19) and the association
-    aborted, so the peer never learns why. Passing the value through lets :class:`~screener.ingest.Ingest`
-    answer it with 0xC000 and a reason, and the response carries the request's UID back (PS3.7 9.3.1.2).
-    Names in the spool never come from a UID, so no value is dangerous to take in.
-    """
-    if _serves_our_listener(threading.current_thread()):
-        return True, ""
-    return _PYNETDICOM_VALIDATE_UI(value)
-
-
-def _accept_any_uid_on_listeners() -> None:
-    with _ROUTES_LOCK:
-        _config.VALIDATORS["UI"] = _validate_ui
-
-
-def _end_unrequested(assoc: Any) -> None:
-    """End the wait of an acceptor whose connection closed before any A-ASSOCIATE indication.
-
-    pynetdicom 3.0 (``Association.run_reactor``) has the acceptor wait up to ``acse_timeout`` for the
-    A-ASSOCIATE-RQ on ``dul.to_user_queue``. When the peer closes first (a port scanner, a TLS scanner, a
-    load balancer's TCP health check: PS3.8 state machine Sta2 + Evt17, action AA-5) or after the DUL
-    itself refused the request (Sta13, AR-5 / AA-2), the DUL stops but puts nothing on that queue, so the
-    association thread lives on for ``acse_timeout`` and counts against ``maximum_associations``: a burst
-    of such connections locks real peers out with A-ASSOCIATE-RJ "local limit exceeded". ``None`` on the
-    queue is what ``receive_pdu`` returns on timeout, so the thread ends at once, down the path pynetdicom
-    takes for a timed-out request (kill, close the socket). Called from the DUL thread inside the state
-    machine action: it only puts on a queue, it never waits for that thread.
-    """
-    if not assoc.is_acceptor or assoc.requestor.primitive is not None:
-        return  # the request was delivered: the association ends through its own reactor
-    pending = list(assoc.dul.to_user_queue.queue)
-    if any(isinstance(primitive, A_ASSOCIATE) for primitive in pending):
-        return  # delivered, not yet taken
-    log.debug("connection.closed_before_association", peer=str(assoc.requestor.address))
-    assoc.dul.to_user_queue.put(None)
 
 
 def _sop_name(uid: str) -> str:
@@ -261,15 +178,15 @@ class Listener:
             (evt.EVT_ABORTED, self._on_ended),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
-        chunked = _route_received_files(self.ae, self._open_incoming)
-        _accept_any_uid_on_listeners()
+        # Checks pynetdicom's internals first: IncompatibleLibraryError names what is missing.
+        route_received_files(self.ae, self._open_incoming)
         server = self.ae.make_server(
             (self.config.host, self.config.port),
             ssl_context=build_ssl_context(self.config),
             evt_handlers=handlers,
             server_class=_Server,
         )
-        self.ae._servers.append(server)  # pynetdicom's shutdown() removes it from this list
+        register_server(self.ae, server)
         self._accept = threading.Thread(target=server.serve_forever, name="dicom-accept", daemon=True)
         self._accept.start()
         self._server = typing.cast(_Server, server)
@@ -285,7 +202,6 @@ class Listener:
             port=self.port,
             tls=self.config.tls.enabled,
             max_associations=self.config.max_associations,
-            receive_to_spool=chunked,
         )
 
     def is_alive(self) -> bool:
@@ -365,7 +281,7 @@ class Listener:
 
     def _on_conn_close(self, event: Any) -> None:
         """The connection is gone: free an acceptor still waiting for A-ASSOCIATE-RQ, clean up the rest."""
-        _end_unrequested(event.assoc)
+        end_unrequested(event.assoc)
         self._on_ended(event)
 
     def _take_incoming(self, event: Any) -> Incoming:
@@ -405,10 +321,12 @@ class Listener:
                 )
             )
         except SpoolError as exc:
-            result = IngestResult(Outcome.SPOOL_ERROR, STATUS_OUT_OF_RESOURCES, detail=str(exc))
+            result = IngestResult(IngestOutcome.SPOOL_ERROR, STATUS_OUT_OF_RESOURCES, detail=str(exc))
         except Exception as exc:
             log.exception("instance.handler_error", error=type(exc).__name__)
-            result = IngestResult(Outcome.SPOOL_ERROR, STATUS_OUT_OF_RESOURCES, detail=type(exc).__name__)
+            result = IngestResult(
+                IngestOutcome.SPOOL_ERROR, STATUS_OUT_OF_RESOURCES, detail=type(exc).__name__
+            )
         self.metrics.instance_received(result.outcome)
         fields: dict[str, Any] = {
             "calling_ae": calling,

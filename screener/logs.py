@@ -87,20 +87,12 @@ def configure_logging(config: LoggingConfig, stream: TextIO | None = None) -> No
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(config.level)
-    _quiet_pynetdicom(config.pynetdicom_level)
+    from screener.pynetdicom_compat import quiet_logging
+
+    quiet_logging(config.pynetdicom_level)  # no data set or identifier dumps (PHI)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)  # routine job runs; failures are logged by us
-
-
-def _quiet_pynetdicom(level: str) -> None:
-    """Turn off pynetdicom's dataset and identifier logging; keep its warnings and errors."""
-    from pynetdicom import _config as netconfig
-
-    netconfig.LOG_HANDLER_LEVEL = "none"
-    netconfig.LOG_REQUEST_IDENTIFIERS = False
-    netconfig.LOG_RESPONSE_IDENTIFIERS = False
-    logging.getLogger("pynetdicom").setLevel(level)
 
 
 def get_logger(name: str) -> Any:

@@ -41,7 +41,7 @@ from sqlalchemy import Engine, func, select, text
 from screener.config import Config
 from screener.db.models import Delivery, DeliveryStatus, Instance, InstanceStatus
 from screener.errors import ScreenerError
-from screener.ingest import Outcome
+from screener.ingest import IngestOutcome
 from screener.logs import get_logger
 
 log = get_logger("screener.metrics")
@@ -336,7 +336,7 @@ class Metrics:
         self.job_failures = Counter(
             "screener_job_failures", "Scheduled jobs that raised, by job.", ["job"], registry=r
         )
-        for outcome in Outcome:  # series exist from the start, so rate() sees the first increment
+        for outcome in IngestOutcome:  # series exist from the start, so rate() sees the first increment
             self.instances_received.labels(outcome.value)
         for status in _PROCESSED_STATUSES:
             self.instances_processed.labels(status)
@@ -348,7 +348,7 @@ class Metrics:
     # --- hooks (cheap; called from the listener, worker, sender and scheduler threads) ---
 
     def instance_received(self, outcome: str) -> None:
-        """One C-STORE answered with ``outcome`` (an :class:`~screener.ingest.Outcome` value)."""
+        """One C-STORE answered with ``outcome`` (an :class:`~screener.ingest.IngestOutcome` value)."""
         self.instances_received.labels(str(outcome)).inc()
 
     def batch_done(

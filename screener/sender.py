@@ -1,11 +1,13 @@
 """The sender: deliveries outbox -> C-STORE SCU to each PACS destination, with retry, backoff and dead-letter.
 
-Status handling (PS3.4 B.2.3): 0x0000 and warnings (0xB000, 0xB006, 0xB007) are delivered; 0x0111
+Status handling (PS3.4 B.2.3), read from pynetdicom's status tables (``pynetdicom.status``): success and
+every warning (0xB000, 0xB006, 0xB007 of the Storage Service Class, or any other) are delivered; 0x0111
 (the peer already holds this SOP Instance) counts as delivered too, because our UIDs are deterministic.
-Refused or aborted associations, timeouts and 0xA7xx (out of resources) are retried with exponential
-backoff up to ``pacs.backoff_max_seconds``; 0xA9xx (data set does not match SOP class) and 0xCxxx
-(cannot understand) are fatal, and so is running out of ``pacs.max_attempts``: the row becomes ``dead``
-until an operator runs ``screener deliveries retry``.
+Refused or aborted associations, timeouts and
+"Refused: Out of Resources" (0xA7xx) are retried with exponential backoff up to
+``pacs.backoff_max_seconds``; "Data Set Does Not Match SOP Class" (0xA9xx) and "Cannot Understand"
+(0xCxxx) are fatal, and so is running out of ``pacs.max_attempts``: the row becomes ``dead`` until an
+operator runs ``screener deliveries retry``. Any other failure is retried.
 """
 
 from __future__ import annotations
@@ -19,6 +21,12 @@ from typing import Any
 
 from pydicom import dcmread
 from pynetdicom import AE
+from pynetdicom.status import (
+    STATUS_SUCCESS,
+    STATUS_WARNING,
+    STORAGE_SERVICE_CLASS_STATUS,
+    code_to_category,
+)
 from sqlalchemy import Engine, and_, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -29,36 +37,52 @@ from screener.db.models import Delivery, DeliveryStatus, utcnow
 from screener.leases import owner_id, release_dead_leases
 from screener.logs import get_logger, uid_hash
 from screener.metrics import Metrics
-from screener.scu import keep_responses_for_caller
+from screener.pynetdicom_compat import keep_responses_for_caller
 from screener.spool import Spool
 
 log = get_logger("screener.sender")
 
-DELIVERED_WARNINGS = {0xB000, 0xB006, 0xB007, 0x0111}
+# 0x0111 "Duplicate SOP Instance" (a failure in pynetdicom.status.GENERAL_STATUS): the peer already holds
+# the object, and our UIDs are derived from (study, model version, revision), so it holds this result.
+STATUS_DUPLICATE_SOP_INSTANCE = 0x0111
+# Warnings of the Storage Service Class table (PS3.4 Table B.2-1 and the general ones of PS3.7 C): stored,
+# so delivered; with the duplicate.
+DELIVERED_WARNINGS = frozenset(
+    {code for code, (category, _) in STORAGE_SERVICE_CLASS_STATUS.items() if category == STATUS_WARNING}
+    | {STATUS_DUPLICATE_SOP_INSTANCE}
+)
+# What the failures of the Storage Service Class table mean for a delivery: (retryable, our wording).
+_STORAGE_FAILURES: dict[str, tuple[bool, str]] = {
+    "Refused: Out of Resources": (True, "peer out of resources"),
+    "Data Set Does Not Match SOP Class": (False, "peer says the data set does not match the SOP class"),
+    "Cannot Understand": (False, "peer cannot understand the data set"),
+}
 SENT_TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
 
 
 @dataclass(frozen=True)
-class Outcome:
+class DeliveryOutcome:
+    """What one send attempt means for its delivery row: sent, retried later, or dead."""
+
     delivered: bool
     retryable: bool
     error: str | None
 
 
-def classify_status(status: int | None, error: str | None = None) -> Outcome:
-    """What a C-STORE response (or its absence) means for a delivery."""
+def classify_status(status: int | None, error: str | None = None) -> DeliveryOutcome:
+    """What a C-STORE response status (or its absence) means for a delivery."""
     if status is None:
-        return Outcome(False, True, error or "no response (association refused, aborted or timed out)")
-    if status == 0x0000 or status in DELIVERED_WARNINGS:
-        return Outcome(True, False, None)
+        return DeliveryOutcome(
+            False, True, error or "no response (association refused, aborted or timed out)"
+        )
+    if code_to_category(status) in (STATUS_SUCCESS, STATUS_WARNING) or status in DELIVERED_WARNINGS:
+        return DeliveryOutcome(True, False, None)
     hexed = f"0x{status:04X}"
-    if 0xA700 <= status <= 0xA7FF:
-        return Outcome(False, True, f"peer out of resources ({hexed})")
-    if 0xA900 <= status <= 0xA9FF:
-        return Outcome(False, False, f"peer says the data set does not match the SOP class ({hexed})")
-    if 0xC000 <= status <= 0xCFFF:
-        return Outcome(False, False, f"peer cannot understand the data set ({hexed})")
-    return Outcome(False, True, f"failure status {hexed}")
+    _, meaning = STORAGE_SERVICE_CLASS_STATUS.get(status, ("", ""))
+    if meaning in _STORAGE_FAILURES:
+        retryable, wording = _STORAGE_FAILURES[meaning]
+        return DeliveryOutcome(False, retryable, f"{wording} ({hexed})")
+    return DeliveryOutcome(False, True, f"failure status {hexed}")
 
 
 def backoff_seconds(attempts: int, pacs: PacsConfig) -> float:
@@ -132,7 +156,7 @@ class Sender:
                     self._record(
                         delivery_id,
                         attempts,
-                        Outcome(False, False, f"destination {name} is no longer configured"),
+                        DeliveryOutcome(False, False, f"destination {name} is no longer configured"),
                     )
                 continue
             self._send(dest, items)
@@ -173,7 +197,9 @@ class Sender:
             try:
                 ds = dcmread(self.spool.path(spool_name))
             except (OSError, ValueError) as exc:
-                self._record(delivery_id, attempts, Outcome(False, False, f"result file unreadable: {exc}"))
+                self._record(
+                    delivery_id, attempts, DeliveryOutcome(False, False, f"result file unreadable: {exc}")
+                )
                 continue
             datasets.append((delivery_id, ds, sop_uid, attempts))
         if not datasets:
@@ -182,14 +208,17 @@ class Sender:
             ae.add_requested_context(sop_class, SENT_TRANSFER_SYNTAXES)
         ctx = _ssl_context(dest)
         tls_args = (ctx, dest.host) if ctx is not None else None
-        # The guard keeps a fast C-STORE response from being taken by pynetdicom's reactor (screener.scu).
+        # The guard keeps a fast C-STORE response from being taken by pynetdicom's reactor
+        # (screener.pynetdicom_compat.keep_responses_for_caller).
         assoc = keep_responses_for_caller(
             ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
         )
         if not assoc.is_established:
             why = "association rejected" if assoc.is_rejected else "association refused or aborted"
             for delivery_id, _, _, attempts in datasets:
-                self._record(delivery_id, attempts, Outcome(False, True, f"{why} by {dest.name}"), dest)
+                self._record(
+                    delivery_id, attempts, DeliveryOutcome(False, True, f"{why} by {dest.name}"), dest
+                )
             return
         try:
             for delivery_id, ds, sop_uid, attempts in datasets:
@@ -212,7 +241,7 @@ class Sender:
         self,
         delivery_id: int,
         attempts: int,
-        outcome: Outcome,
+        outcome: DeliveryOutcome,
         dest: PacsDestination | None = None,
         *,
         sop_uid: str | None = None,

@@ -25,7 +25,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from sqlalchemy import create_engine, text
 
-from screener.scu import keep_responses_for_caller
+from screener.pynetdicom_compat import keep_responses_for_caller
 
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 REPO = Path(__file__).resolve().parents[1]
@@ -138,7 +138,7 @@ def store(
     assoc = ae.associate("127.0.0.1", port, ae_title=called)
     if not assoc.is_established:
         return [None] * len(items)
-    keep_responses_for_caller(assoc)  # else pynetdicom's reactor may drop a fast response (screener/scu.py)
+    keep_responses_for_caller(assoc)  # else pynetdicom's reactor may drop a fast response (pynetdicom_compat)
     statuses: list[int | None] = []
     try:
         for ds in items:

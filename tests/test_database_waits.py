@@ -18,7 +18,7 @@ import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
-from screener.scu import keep_responses_for_caller
+from screener.pynetdicom_compat import keep_responses_for_caller
 from tests.helpers import ThrowawayCluster, assert_spool_consistent, rg1_pixels, small_cr, wait_for
 
 BOUND = 2.0  # database.statement_timeout_seconds

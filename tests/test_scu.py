@@ -1,4 +1,4 @@
-"""C-STORE responses reach the call that waits for them (screener.scu, a pynetdicom 3.0 race).
+"""C-STORE responses reach the call that waits for them (screener.pynetdicom_compat, a pynetdicom 3.0 race).
 
 The race needs two threads descheduled at the wrong moment; the test makes that moment certain instead of
 rare: the association's reactor, once woken, is held back until DCMTK ``storescp``'s response is queued,
@@ -23,7 +23,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.association import Association
 
-from screener.scu import keep_responses_for_caller
+from screener.pynetdicom_compat import keep_responses_for_caller
 from tests.helpers import CR_STORAGE, free_port, rg1_pixels, small_cr
 
 pytestmark = pytest.mark.skipif(shutil.which("storescp") is None, reason="DCMTK storescp not installed")
@@ -112,7 +112,7 @@ def _statuses(port: int, guard: bool, n: int) -> list[int | None]:
 def test_every_c_store_response_reaches_the_sender_when_the_reactor_wakes_late(storescp, caplog):
     with caplog.at_level(logging.WARNING, logger="pynetdicom"):
         unguarded = _statuses(storescp, guard=False, n=4)
-    # If this fails, pynetdicom no longer drops the response here: screener.scu may be retired.
+    # If this fails, pynetdicom no longer drops the response here: keep_responses_for_caller may be retired.
     assert None in unguarded, f"pynetdicom as installed kept every response: {unguarded}"
     assert "Received unexpected C-STORE service message" in caplog.text
     caplog.clear()
