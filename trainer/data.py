@@ -13,7 +13,7 @@ import hashlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -61,8 +61,8 @@ class Sample:
     path: Path
     label: str
     key: str
-    source: str = ""
-    patient: str = ""
+    source: str = field(default="", compare=False)  # metadata: identity is path, label and key
+    patient: str = field(default="", compare=False)
 
 
 # --- readers -------------------------------------------------------------------------------------------
