@@ -643,6 +643,18 @@ def evaluate_model(
             },
         }
     )
+    if card.calibration:
+        from trainer.fuse import apply_temperature
+
+        raw_a = apply_temperature(probs_a, 1.0 / card.temperature("a"))
+        raw_b = apply_temperature(probs_b, 1.0 / card.temperature("b"))
+        raw = card.fusion_weight * raw_a + (1.0 - card.fusion_weight) * raw_b
+        report["calibration"] = {
+            "temperature_a": card.temperature("a"),
+            "temperature_b": card.temperature("b"),
+            "ece_before": calibration_bins(y, raw)[0],
+            "ece_after": report["ece"],
+        }
     if crop is not None:
         missed = np.array([not f for f in found])
         report["lung_crop"] = {
@@ -905,6 +917,19 @@ def format_summary(report: Mapping[str, Any]) -> str:
         f"macro-F1 {_pct(report.get('macro_f1'))} {_ci(report.get('macro_f1_ci95'))}   "
         f"macro AUC {_pct(report.get('macro_auc'))}   ECE {_pct(report.get('ece'))}  (percent)"
     )
+    calibration = report.get("calibration")
+    if calibration:
+        lines.append(
+            f"calibration: ECE {_pct(calibration.get('ece_before'))} before, "
+            f"{_pct(calibration.get('ece_after'))} after temperature scaling "
+            f"(T = {calibration.get('temperature_a')}, {calibration.get('temperature_b')})"
+        )
+    lung = report.get("lung_crop")
+    if lung:
+        lines.append(
+            f"lung crop: no lungs found in {lung.get('not_found')} of {lung.get('n')} images "
+            "(the whole image was used there)"
+        )
     width = max([len(c) for c in report.get("classes", [])] + [5])
     lines.append(f"{'class':<{width}}  support  sensitivity [95% CI]   PPV [95% CI]           AUC")
     aucs = report.get("auc_per_class") or {}

@@ -186,6 +186,25 @@ def parent_backbone_states(parent: LoadedModel) -> list[tuple[str, dict[str, tor
     return out
 
 
+REFERENCE_EDGES: tuple[float, ...] = tuple(round(i / 10, 1) for i in range(11))
+"""Bin edges of the mean grey level ([0, 1] decoded image) in the card's drift reference."""
+
+
+def _reference(val_ds: ImageDataset, probs: np.ndarray) -> dict[str, Any]:
+    """The card's ``metrics.reference`` for ``screener report drift``: the validation split's prediction
+    mix (share of each predicted class) and the histogram of its images' mean grey level (decoded
+    ``[0, 1]`` image, before contrast enhancement, as the worker records it)."""
+    predicted = probs.argmax(axis=1)
+    means = [float(val_ds.load(i).mean()) for i in range(len(val_ds))]
+    counts, _ = np.histogram(np.clip(means, 0.0, 1.0), bins=np.array(REFERENCE_EDGES))
+    return {
+        "source": "validation split",
+        "n": len(means),
+        "prediction_mix": {c: float(np.mean(predicted == i)) for i, c in enumerate(CLASSES)},
+        "intensity_histogram": {"edges": list(REFERENCE_EDGES), "counts": [int(c) for c in counts]},
+    }
+
+
 def _loader(ds: ImageDataset, batch_size: int, workers: int) -> DataLoader[tuple[torch.Tensor, torch.Tensor]]:
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)  # type: ignore[arg-type]
 
@@ -422,6 +441,7 @@ def train_and_export(
         metrics["calibration"] = calibration
     if out_of_source:
         metrics["out_of_source"] = dict(out_of_source)
+    metrics["reference"] = _reference(val_ds, fused_probs(fusion.weight, probs_a, probs_b))
     if version is None:
         version = f"{preset}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-seed{seed}"
     if rank == 0:
