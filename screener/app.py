@@ -107,7 +107,8 @@ def serve(config: Config, stop: threading.Event | None = None, role: str = "all"
     if "worker" in roles and config.inference.precision == "int8":
         _require_int8(config, engine)
     worker = Worker(config, engine, spool, stop, metrics) if "worker" in roles else None
-    sender = Sender(config.pacs, engine, spool, stop, metrics) if "sender" in roles else None
+    shadow = config.results.mode == "shadow"
+    sender = Sender(config.pacs, engine, spool, stop, metrics, shadow=shadow) if "sender" in roles else None
     if worker is not None:
         health.register("worker", worker.thread.is_alive)
     if sender is not None:
@@ -129,7 +130,17 @@ def serve(config: Config, stop: threading.Event | None = None, role: str = "all"
         for part in (listener, worker, sender, scheduler):
             if part is not None:
                 part.start()
-        log.info("serve.ready", config=config.source, roles=sorted(roles))
+        destinations = [d.name for d in config.pacs.destinations]
+        if shadow:
+            log.warning(
+                "results.mode",
+                mode="shadow",
+                destinations=destinations,
+                note="every instance is classified and recorded; no result is delivered to any destination",
+            )
+        else:
+            log.info("results.mode", mode="live", destinations=destinations)
+        log.info("serve.ready", config=config.source, roles=sorted(roles), results_mode=config.results.mode)
         stop.wait()
         if scheduler is not None:
             scheduler.shutdown(wait=False)

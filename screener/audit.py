@@ -13,6 +13,7 @@ from screener.db.models import AuditEvent
 INSTANCE_RECEIVED = "instance.received"
 RESULT_PRODUCED = "result.produced"
 RESULT_DELIVERED = "result.delivered"
+RESULT_WITHHELD = "result.withheld"  # results.mode = "shadow": recorded, not sent to the destinations named
 MODEL_PROMOTED = "model.promoted"
 MODEL_ROLLED_BACK = "model.rolled_back"
 

@@ -88,17 +88,35 @@ def _parser() -> argparse.ArgumentParser:
     add_config_option(msub.add_parser("list", help="registered models and their status"), top=False)
 
     p = sub.add_parser(
-        "report", help="reporting views: daily, positives, turnaround, performance, deliveries"
+        "report",
+        help="reports: daily, positives, turnaround, performance, deliveries, site-performance, drift",
     )
     add_config_option(p, top=False)
     p.add_argument(
         "report_name",
         metavar="REPORT",
-        choices=["daily", "positives", "turnaround", "performance", "deliveries"],
+        choices=[
+            "daily",
+            "positives",
+            "turnaround",
+            "performance",
+            "deliveries",
+            "site-performance",
+            "drift",
+        ],
     )
     p.add_argument("--since", type=date.fromisoformat, metavar="DATE", help="first day (YYYY-MM-DD, UTC)")
     p.add_argument("--until", type=date.fromisoformat, metavar="DATE", help="last day (YYYY-MM-DD, UTC)")
     p.add_argument("--format", dest="fmt", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--model", metavar="VERSION", help="site-performance, drift: only this model version")
+    p.add_argument(
+        "--baseline-days",
+        type=int,
+        default=7,
+        metavar="N",
+        help="drift: reference = the first N days of the version's predictions, where its card has none",
+    )
+    p.add_argument("--plot", type=Path, metavar="FILE.png", help="site-performance, drift: also draw a PNG")
 
     p = sub.add_parser("deliveries", help="results outbox: list and re-drive sends to the PACS")
     add_config_option(p, top=False)
@@ -203,9 +221,17 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         if args.command == "deliveries":
             return _deliveries(engine, args)
         if args.command == "report":
-            from screener.reporting import run_report
+            from screener.reporting import ReportOptions, run_report
 
-            print(run_report(engine, args.report_name, args.since, args.until, args.fmt))
+            options = ReportOptions(
+                model=args.model,
+                baseline_days=args.baseline_days,
+                spool_root=config.storage.spool_dir,
+                plot=args.plot,
+            )
+            print(run_report(engine, args.report_name, args.since, args.until, args.fmt, options))
+            if args.plot is not None:
+                print(f"screener: plot written to {args.plot}", file=sys.stderr)
             return 0
         if args.command == "classify":
             from sqlalchemy.orm import Session
@@ -220,7 +246,7 @@ def _run(args: argparse.Namespace, config: Config) -> int:
                     "no active model: pass --model DIR or run `screener models register DIR --activate`"
                 )
             return _classify(config, Path(row.path), args.files, args.json)
-        status = collect_status(engine)
+        status = collect_status(engine, config.results.mode)
         print(json.dumps(status, indent=2) if args.json else render_status(status))
         return 0
     finally:

@@ -270,6 +270,19 @@ class PacsConfig:
 
 
 @dataclass(frozen=True)
+class ResultsConfig:
+    """What happens to a study verdict once it is recorded.
+
+    ``live``: an SR (and SC) is built and queued for every ``pacs.destinations`` entry. ``shadow``: every
+    instance is still classified and every prediction and verdict recorded (reports, site performance,
+    drift), but nothing is built or queued for any destination; each verdict that would have gone out is
+    recorded as withheld (audit action ``result.withheld``), and deliveries already queued stay pending.
+    """
+
+    mode: Literal["live", "shadow"] = "live"
+
+
+@dataclass(frozen=True)
 class SchedulerConfig:
     enabled: bool = True
     retrain_cron: str = ""
@@ -344,6 +357,7 @@ class Config:
     eligibility: EligibilityConfig = field(default_factory=EligibilityConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     pacs: PacsConfig = field(default_factory=PacsConfig)
+    results: ResultsConfig = field(default_factory=ResultsConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

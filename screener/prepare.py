@@ -13,8 +13,20 @@ from pydicom.dataset import Dataset
 from screener.config import EligibilityConfig
 from screener.eligibility import decide
 from screener.errors import ImagingError
-from screener.imaging import PreprocessSpec, preprocess_dataset
+from screener.imaging import PreprocessSpec, dicom_to_unit, reduced_side, to_model_input
 from screener.part10 import read_bounded
+
+MANUFACTURER_LENGTH = 64  # PS3.5 6.2: LO, and the instances.manufacturer column
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What the drift report compares over time: header facts (never PHI) and the decoded image's mean."""
+
+    manufacturer: str | None = None
+    rows: int | None = None
+    columns: int | None = None
+    mean_intensity: float | None = None  # mean of the decoded [0, 1] image, before resizing
 
 
 @dataclass(frozen=True)
@@ -26,6 +38,26 @@ class Prepared:
     array: np.ndarray | None
     reason: str | None
     ms: float
+    facts: ImageFacts = ImageFacts()
+
+
+def header_facts(ds: Dataset) -> ImageFacts:
+    """Manufacturer, Rows and Columns from the header; None for any that is absent or unreadable."""
+
+    def read(keyword: str) -> object:
+        try:
+            return ds.get(keyword)
+        except Exception:  # noqa: BLE001 - a malformed element is a missing fact, never the worker's failure
+            return None
+
+    maker = read("Manufacturer")
+    rows, columns = read("Rows"), read("Columns")
+    text = str(maker).strip()[:MANUFACTURER_LENGTH] if maker is not None else ""
+    return ImageFacts(
+        manufacturer=text or None,
+        rows=rows if isinstance(rows, int) and rows > 0 else None,
+        columns=columns if isinstance(columns, int) and columns > 0 else None,
+    )
 
 
 def prepare_instance(
@@ -67,22 +99,32 @@ def prepare_dataset(
 ) -> Prepared:
     """:func:`prepare_instance` for a data set already read (pixel data still encoded). Never raises."""
     began = time.perf_counter() if started is None else started
+    facts = header_facts(ds)
 
     def done(
         kind: Literal["ok", "skipped", "failed"], array: np.ndarray | None, reason: str | None
     ) -> Prepared:
-        return Prepared(instance_id, kind, array, reason, (time.perf_counter() - began) * 1000)
+        return Prepared(instance_id, kind, array, reason, (time.perf_counter() - began) * 1000, facts)
 
     decision = decide(ds, rules)
     if not decision.eligible:
         return done("skipped", None, decision.reason)
     try:
-        array = preprocess_dataset(ds, spec, rules.max_pixels, reduced_decode=reduced_decode)
+        # screener.imaging.preprocess_dataset, in its two steps: the drift report needs the decoded image.
+        unit = dicom_to_unit(
+            ds,
+            max_pixels=rules.max_pixels,
+            window_percentiles=spec.window_percentiles,
+            reduce_for=reduced_side(spec) if reduced_decode else 0,
+        )
+        array = to_model_input(unit, spec)
     except ImagingError as exc:
         return done("failed", None, str(exc))
     except Exception as exc:  # noqa: BLE001 - a decoder bug must not take the worker down
         return done("failed", None, f"unexpected error while decoding ({type(exc).__name__})")
-    return done("ok", array, None)
+    mean = float(np.mean(unit))
+    seen = ImageFacts(facts.manufacturer, facts.rows, facts.columns, mean if np.isfinite(mean) else None)
+    return Prepared(instance_id, "ok", array, None, (time.perf_counter() - began) * 1000, seen)
 
 
 def init_pool_process() -> None:

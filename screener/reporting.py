@@ -16,6 +16,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Date, DateTime, Engine, bindparam, text
@@ -25,7 +26,9 @@ from sqlalchemy.types import TypeEngine
 from screener.errors import ScreenerError
 from screener.modelcard import CLASSES
 
-REPORTS: tuple[str, ...] = ("daily", "positives", "turnaround", "performance", "deliveries")
+VIEW_REPORTS: tuple[str, ...] = ("daily", "positives", "turnaround", "performance", "deliveries")
+SITE_REPORTS: tuple[str, ...] = ("site-performance", "drift")  # computed from tables, with ReportOptions
+REPORTS: tuple[str, ...] = (*VIEW_REPORTS, *SITE_REPORTS)
 FORMATS: tuple[str, ...] = ("table", "csv", "json")
 PERCENTILES: tuple[float, ...] = (50.0, 90.0, 99.0)
 VERDICTS: tuple[str, ...] = (*CLASSES, "not_analysed")
@@ -35,6 +38,21 @@ Row = dict[str, Any]
 
 class ReportError(ScreenerError):
     """A report was asked for with an unknown name or format, or an impossible date range."""
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """Options of the site reports (``site-performance``, ``drift``); the view reports take none.
+
+    ``model``: only this model version. ``baseline_days``: drift's baseline window when the card has no
+    reference. ``spool_root``: where accession-number labels are matched against headers. ``plot``: also
+    write a PNG figure there.
+    """
+
+    model: str | None = None
+    baseline_days: int = 7
+    spool_root: Path | None = None
+    plot: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -344,18 +362,87 @@ _BUILDERS = {
 }
 
 
-def build_report(
-    engine: Engine, name: str, since: date | None = None, until: date | None = None
-) -> list[Table]:
-    """The tables of report ``name`` over days [since, until] (inclusive, UTC). Raises ReportError for an
-    unknown name or since > until."""
+def _site_performance(
+    engine: Engine, since: date | None, until: date | None, options: ReportOptions
+) -> tuple[list[Table], dict[str, Any]]:
+    from screener.site_performance import class_rows, site_performance, summary_rows
+
+    result = site_performance(engine, since, until, model=options.model, spool_root=options.spool_root)
+    if options.plot is not None:
+        from screener.report_plots import plot_site_performance
+
+        plot_site_performance(result, options.plot)
+    summary, per_class = summary_rows(result), class_rows(result)
+    tables = [
+        Table(
+            "Site performance per model version (instances with a confirmed label)", _cols(summary), summary
+        ),
+        Table(
+            "Per-class sensitivity, specificity and PPV with 95% Wilson intervals (one-vs-rest)",
+            _cols(per_class),
+            per_class,
+        ),
+    ]
+    return tables, {"labels_ignored": result.labels_ignored, "ece_bins": 15, "interval": "wilson 95%"}
+
+
+def _drift(
+    engine: Engine, since: date | None, until: date | None, options: ReportOptions
+) -> tuple[list[Table], dict[str, Any]]:
+    from screener.drift import THRESHOLDS, bin_rows, drift, psi_rows
+
+    if options.baseline_days < 1:
+        raise ReportError(f"--baseline-days {options.baseline_days}: must be 1 or more days")
+    results = drift(engine, since, until, model=options.model, baseline_days=options.baseline_days)
+    if options.plot is not None:
+        from screener.report_plots import plot_drift
+
+        plot_drift(results, options.plot)
+    psi, bins = psi_rows(results), bin_rows(results)
+    tables = [
+        Table(
+            "Population stability index per feature (< 0.1 stable, 0.1-0.25 moderate, >= 0.25 major shift)",
+            _cols(psi),
+            psi,
+        ),
+        Table("Shares per bin: reference and recent window", _cols(bins), bins),
+    ]
+    return tables, {"thresholds": THRESHOLDS, "baseline_days": options.baseline_days}
+
+
+_SITE_BUILDERS = {"site-performance": _site_performance, "drift": _drift}
+
+
+def _check(name: str, since: date | None, until: date | None, options: ReportOptions | None) -> None:
     if name not in REPORTS:
         raise ReportError(f"unknown report {name!r}; choose one of: {', '.join(REPORTS)}")
     if since is not None and until is not None and since > until:
         raise ReportError(
             f"--since {since.isoformat()} is after --until {until.isoformat()}: the range would be empty"
         )
-    return _BUILDERS[name](engine, since, until)
+    if name in VIEW_REPORTS and options is not None and (options.model or options.plot):
+        raise ReportError(f"--model and --plot apply to {' and '.join(SITE_REPORTS)} only, not to {name}")
+
+
+def _build(
+    engine: Engine, name: str, since: date | None, until: date | None, options: ReportOptions | None
+) -> tuple[list[Table], dict[str, Any]]:
+    _check(name, since, until, options)
+    if name in _SITE_BUILDERS:
+        return _SITE_BUILDERS[name](engine, since, until, options or ReportOptions())
+    return _BUILDERS[name](engine, since, until), {}
+
+
+def build_report(
+    engine: Engine,
+    name: str,
+    since: date | None = None,
+    until: date | None = None,
+    options: ReportOptions | None = None,
+) -> list[Table]:
+    """The tables of report ``name`` over days [since, until] (inclusive, UTC). Raises ReportError for an
+    unknown name, since > until, or site-report options given to a view report."""
+    return _build(engine, name, since, until, options)[0]
 
 
 # --- rendering -----------------------------------------------------------------------------------------
@@ -410,26 +497,42 @@ def render_csv(tables: Sequence[Table]) -> str:
     return out.getvalue()
 
 
-def render_json(name: str, since: date | None, until: date | None, tables: Sequence[Table]) -> str:
-    """``{"report", "since", "until", "tables": [{"title", "columns", "rows"}]}`` as indented JSON."""
-    doc = {
+def render_json(
+    name: str,
+    since: date | None,
+    until: date | None,
+    tables: Sequence[Table],
+    extra: Mapping[str, Any] | None = None,
+) -> str:
+    """``{"report", "since", "until", "tables": [{"title", "columns", "rows"}]}`` as indented JSON, plus
+    the keys of ``extra`` (the site reports' settings: thresholds, baseline days...)."""
+    doc: dict[str, Any] = {
         "report": name,
         "since": since.isoformat() if since else None,
         "until": until.isoformat() if until else None,
+        **(extra or {}),
         "tables": [{"title": t.title, "columns": list(t.columns), "rows": t.rows} for t in tables],
     }
     return json.dumps(doc, indent=2) + "\n"
 
 
-def run_report(engine: Engine, name: str, since: date | None, until: date | None, fmt: str) -> str:
+def run_report(
+    engine: Engine,
+    name: str,
+    since: date | None,
+    until: date | None,
+    fmt: str,
+    options: ReportOptions | None = None,
+) -> str:
     """Report ``name`` (one of :data:`REPORTS`) over days [since, until] (inclusive, UTC; None: open)
-    rendered as ``fmt`` (one of :data:`FORMATS`). Raises ReportError for an unknown name or format or
-    since > until; the database must be at revision 0006 or later."""
+    rendered as ``fmt`` (one of :data:`FORMATS`); the site reports take ``options`` (and write
+    ``options.plot`` when set). Raises ReportError for an unknown name or format, since > until, or
+    options a view report does not take; the database must be at head."""
     if fmt not in FORMATS:
         raise ReportError(f"unknown report format {fmt!r}; choose one of: {', '.join(FORMATS)}")
-    tables = build_report(engine, name, since, until)
+    tables, extra = _build(engine, name, since, until, options)
     if fmt == "csv":
         return render_csv(tables)
     if fmt == "json":
-        return render_json(name, since, until, tables)
+        return render_json(name, since, until, tables, extra)
     return render_table(tables)

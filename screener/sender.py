@@ -109,8 +109,11 @@ class Sender:
         spool: Spool,
         stop: threading.Event,
         metrics: Metrics | None = None,
+        *,
+        shadow: bool = False,
     ) -> None:
         self.pacs = pacs
+        self.shadow = shadow  # results.mode = "shadow": deliver nothing; queued deliveries wait for live
         self.metrics = metrics or Metrics()
         self.sessions: sessionmaker[Session] = sessionmaker(db, expire_on_commit=False)
         self.db = db
@@ -135,6 +138,12 @@ class Sender:
                 log.warning("leases.released", deliveries=released, why="their sender on this host is gone")
         except SQLAlchemyError as exc:
             log.warning("sender.database_unavailable", error=type(exc).__name__)
+        if self.shadow:
+            log.warning(
+                "sender.shadow_mode",
+                note="results.mode is shadow: nothing is sent; deliveries already queued wait for live mode",
+            )
+            self.stop.wait()
         while not self.stop.is_set():
             try:
                 self.sweep()

@@ -395,7 +395,9 @@ class Worker:
                     pa = [float(x) for x in output.probs_a[k]]
                     pb = [float(x) for x in output.probs_b[k]]
                     k += 1
-                    if not self._mark(session, p.instance_id, InstanceStatus.CLASSIFIED, None):
+                    if not self._mark(
+                        session, p.instance_id, InstanceStatus.CLASSIFIED, None, seen=_seen(p, model)
+                    ):
                         counts["lost_lease"] += 1
                         continue
                     by_class = dict(zip(model.classes, probs, strict=True))
@@ -419,7 +421,7 @@ class Worker:
                     counts["classified"] += 1
                 else:
                     status = InstanceStatus.SKIPPED if p.kind == "skipped" else InstanceStatus.FAILED
-                    if self._mark(session, p.instance_id, status, p.reason):
+                    if self._mark(session, p.instance_id, status, p.reason, seen=_seen(p, model)):
                         counts[p.kind] += 1
                     else:
                         counts["lost_lease"] += 1
@@ -450,9 +452,14 @@ class Worker:
         reason: str | None,
         *,
         attempts: int | None = None,
+        seen: dict[str, Any] | None = None,
     ) -> bool:
-        """Move a row we lease to its final status; False when our lease was lost to another worker."""
-        extra = {} if attempts is None else {"attempts": attempts}
+        """Move a row we lease to its final status; False when our lease was lost to another worker.
+
+        ``seen``: the image facts and serving model recorded with it (see :func:`_seen`)."""
+        extra: dict[str, Any] = dict(seen or {})
+        if attempts is not None:
+            extra["attempts"] = attempts
         result = session.execute(
             update(Instance)
             .where(
@@ -565,8 +572,8 @@ class Worker:
             )
             session.add(result)
             session.flush()
-            deliveries = self._enqueue_results(session, result)
             study_uid = session.scalar(select(Study.study_instance_uid).where(Study.id == study_id))
+            deliveries = self._enqueue_results(session, result, study_uid)
             audit.record(
                 session,
                 audit.RESULT_PRODUCED,
@@ -583,12 +590,31 @@ class Worker:
             skipped=verdict.skipped,
             failed=verdict.failed,
             deliveries=deliveries,
+            results_mode=self.config.results.mode,
+            withheld=len(self.config.pacs.destinations) if self.config.results.mode == "shadow" else 0,
         )
 
-    def _enqueue_results(self, session: Session, result: StudyResult) -> int:
-        """Build the SR (+SC) for a new verdict and queue one delivery per destination, in its transaction."""
+    def _enqueue_results(self, session: Session, result: StudyResult, study_uid: str | None) -> int:
+        """Build the SR (+SC) for a new verdict and queue one delivery per destination, in its transaction.
+
+        In shadow mode (``results.mode``) nothing is built or queued: the verdict is recorded as withheld
+        from the destinations it would have gone to (audit ``result.withheld``)."""
         pacs = self.config.pacs
         if not pacs.destinations:
+            return 0
+        if self.config.results.mode == "shadow":
+            audit.record(
+                session,
+                audit.RESULT_WITHHELD,
+                actor=self.owner,
+                subject=study_uid or str(result.study_id),
+                detail={
+                    "mode": "shadow",
+                    "revision": result.revision,
+                    "study_result_id": result.id,
+                    "destinations": [d.name for d in pacs.destinations],
+                },
+            )
             return 0
         try:
             objects = build_objects(session, self.spool, pacs, result)
@@ -597,6 +623,18 @@ class Worker:
             log.exception("sr.build_failed", study_result=result.id, error=f"{type(exc).__name__}: {exc}")
             return 0
         return enqueue(session, pacs, result, objects)
+
+
+def _seen(prepared: Prepared, model: _Model) -> dict[str, Any]:
+    """The ``instances`` columns the drift and site-performance reports read (migration 0010)."""
+    facts = prepared.facts
+    return {
+        "manufacturer": facts.manufacturer,
+        "image_rows": facts.rows,
+        "image_columns": facts.columns,
+        "mean_intensity": facts.mean_intensity,
+        "model_version_id": model.row_id,
+    }
 
 
 def _aware(value: Any) -> Any:

@@ -33,6 +33,7 @@ NAMED_KEYS = {
     "inference.max_wait_ms": (10, "50", 50),
     "inference.study_settle_seconds": (1, "45", 45.0),
     "models.dir": ("/srv/models", "/opt/models", Path("/opt/models")),
+    "results.mode": ("shadow", "live", "live"),
     "metrics.port": (9000, "9200", 9200),
     "logging.level": ("DEBUG", "WARNING", "WARNING"),
     "logging.format": ("console", "json", "json"),

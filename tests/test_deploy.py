@@ -379,6 +379,7 @@ def test_config_example_loads() -> None:
     assert config.listener.allowed_calling_aets
     assert config.pacs.destinations
     assert config.trainer.preset == "paper"
+    assert config.results.mode == "shadow"  # a new site starts in shadow mode
     assert not config.listener.tls.enabled  # TLS lines are commented until the files exist
 
 

@@ -92,6 +92,13 @@ class Instance(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     spool_deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Recorded by the worker when it finishes the instance (migration 0010), for the drift and
+    # site-performance reports: header facts, the decoded [0, 1] image's mean, and the model then serving.
+    manufacturer: Mapped[str | None] = mapped_column(String(64))
+    image_rows: Mapped[int | None] = mapped_column(Integer)
+    image_columns: Mapped[int | None] = mapped_column(Integer)
+    mean_intensity: Mapped[float | None] = mapped_column(Float)
+    model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
 
 
 class InstanceClash(Base):
