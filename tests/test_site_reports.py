@@ -106,8 +106,9 @@ def test_psi_and_its_flags() -> None:
 
 
 def test_card_reference_schema_and_size_bins() -> None:
-    card = {"metrics": {"reference": {"prediction_mix": {"normal": 1}, "intensity_histogram": None}}}
-    assert card_reference(json.dumps(card)) == {"prediction_mix": {"normal": 1.0}}
+    reference = {"source": "validation split", "n": 3, "prediction_mix": {"normal": 1, "covid19": 0}}
+    card = {"metrics": {"reference": reference}}  # as trainer.pipeline writes it
+    assert card_reference(json.dumps(card)) == {"prediction_mix": {"normal": 1.0, "covid19": 0.0}}
     assert card_reference(json.dumps({"metrics": {}})) == {}
     bad = {"metrics": {"reference": {"intensity_histogram": {"edges": [0, 1], "counts": [1, 2]}}}}
     with pytest.raises(CardReferenceError, match="intensity_histogram"):
