@@ -242,6 +242,19 @@ def test_a_model_with_lung_crop_and_temperatures_exports_exactly(segmenter: Lung
     for ours, theirs in zip(got, expected, strict=True):
         assert np.abs(ours - theirs.numpy()).max() < 1e-4
 
+    # INT8 keeps the whole lung crop FP32 and finds the ResNet stems behind it, not the U-Net's pools.
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from trainer.quantize import early_nodes, lung_crop_nodes
+
+    prepared = tmp_path / "prepared.onnx"
+    quant_pre_process(str(loaded.onnx_path), str(prepared), skip_symbolic_shape=True)
+    crop_nodes = lung_crop_nodes(prepared)
+    assert any("GridSample" in n for n in crop_nodes) and any("/lung_crop/unet/" in n for n in crop_nodes)
+    early = early_nodes(prepared, 1)
+    assert early and not set(early) & set(crop_nodes)
+    assert any(n.startswith("/net_a/") for n in early) and any(n.startswith("/net_b/") for n in early)
+
 
 def test_robust_train_evaluate_by_source_and_crossval(
     small_roots: tuple[Path, Path], jsrt_lungs_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]

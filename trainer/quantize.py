@@ -333,6 +333,29 @@ def head_nodes(path: Path) -> list[str]:
     return sorted(names)
 
 
+def lung_crop_nodes(path: Path) -> list[str]:
+    """Names of the lung crop's nodes (:mod:`screener.lungs`): every node the ``GridSample`` depends on,
+    and the ``GridSample`` itself; empty for a model without a lung crop. They stay FP32: quantised, the
+    U-Net's mask (and so the crop box) would move, and they cost a few percent of the graph.
+    Raises :class:`ModelError` when such a node has no name."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    frontier = [node for node in graph.node if node.op_type == "GridSample"]
+    seen: dict[int, Any] = {}
+    while frontier:
+        node = frontier.pop()
+        if id(node) in seen:
+            continue
+        seen[id(node)] = node
+        frontier.extend(producer[name] for name in node.input if name in producer)
+    names = [node.name for node in seen.values()]
+    if not all(names):
+        raise ModelError(f"{path}: a node of the lung crop has no name; re-export the model")
+    return sorted(names)
+
+
 def early_nodes(path: Path, stages: int) -> list[str]:
     """Names of the nodes of the stem and the first ``stages`` ResNet stages of every network in ``path``.
 
@@ -353,7 +376,8 @@ def early_nodes(path: Path, stages: int) -> list[str]:
         dims = value.type.tensor_type.shape.dim
         if len(dims) == 4 and dims[2].HasField("dim_value") and dims[3].HasField("dim_value"):
             sizes[value.name] = dims[2].dim_value * dims[3].dim_value
-    pools = [node for node in graph.node if node.op_type == "MaxPool"]
+    crop = set(lung_crop_nodes(path))  # the lung crop's U-Net pools are not a ResNet stem
+    pools = [node for node in graph.node if node.op_type == "MaxPool" and node.name not in crop]
     if not pools or pools[0].output[0] not in sizes:
         raise ModelError(
             f"{path}: no max pool with a known output size, so the ResNet stem and stages to keep in FP32 "
@@ -361,7 +385,9 @@ def early_nodes(path: Path, stages: int) -> list[str]:
         )
     smallest = sizes[pools[0].output[0]] // 4 ** (stages - 1)
     names = [
-        node.name for node in graph.node if sizes.get(node.output[0] if node.output else "", 0) >= smallest
+        node.name
+        for node in graph.node
+        if node.name not in crop and sizes.get(node.output[0] if node.output else "", 0) >= smallest
     ]
     if not all(names):
         raise ModelError(f"{path}: a node of the stem or an early stage has no name; re-export the model")
@@ -418,7 +444,7 @@ def quantize_graph(
         prepared = Path(work) / "prepared.onnx"
         try:
             quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
-            head = head_nodes(prepared)
+            head = head_nodes(prepared) + lung_crop_nodes(prepared)
             early = early_nodes(prepared, settings.fp32_stages)
             quantize_static(
                 str(prepared),
