@@ -26,6 +26,7 @@ class FileResult:
     probs: dict[str, float] | None
     reason: str | None
     note: str | None = None  # how the file was read, where that was an assumption
+    novelty: float | None = None  # the image-content gate's score, where the model has a gate
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -35,6 +36,7 @@ class FileResult:
             "probs": self.probs,
             "reason": self.reason,
             "note": self.note,
+            "novelty": self.novelty,
         }
 
 
@@ -65,7 +67,9 @@ def _assumed_encoding_note(ds: Dataset) -> str:
 def classify_files(
     config: Config, model_dir: Path, files: list[Path], batch: int = 8
 ) -> tuple[str, list[FileResult]]:
-    """Classify ``files``; DICOM files go through the same eligibility and preprocessing as the worker.
+    """Classify ``files``; DICOM files go through the same eligibility and preprocessing as the worker,
+    and, where the card has an image-content gate, the same gate (a refused image is ``skipped`` with the
+    worker's reason, and no label).
 
     Returns (model version, one result per file in order). Raises ModelError on a bad model directory.
     """
@@ -108,6 +112,19 @@ def classify_files(
             out = engine.infer(np.stack([p.array for p in chunk if p.array is not None]).astype(np.float32))
             for k, p in enumerate(chunk):
                 probs = [float(x) for x in out.probs[k]]
+                novelty = float(out.novelty[k]) if out.novelty is not None else None
+                if card.gate is not None and card.gate.refuses(novelty):
+                    assert novelty is not None
+                    results[p.instance_id] = FileResult(
+                        str(files[p.instance_id]),
+                        "skipped",
+                        None,
+                        None,
+                        card.gate.reason(novelty),
+                        notes.get(p.instance_id),
+                        novelty,
+                    )
+                    continue
                 results[p.instance_id] = FileResult(
                     str(files[p.instance_id]),
                     "classified",
@@ -115,6 +132,7 @@ def classify_files(
                     dict(zip(card.classes, probs, strict=True)),
                     None,
                     notes.get(p.instance_id),
+                    novelty,
                 )
     finally:
         engine.close()

@@ -332,7 +332,8 @@ def _classify(config: Config, model_dir: Path, files: list[Path], as_json: bool)
         for r in results:
             if r.status == "classified" and r.probs:
                 probs = "  ".join(f"{k}={v:.3f}" for k, v in r.probs.items())
-                print(f"{r.path}: {r.label}  ({probs})")
+                gate = f"  novelty {r.novelty:.1f}" if r.novelty is not None else ""
+                print(f"{r.path}: {r.label}  ({probs}){gate}")
             else:
                 print(f"{r.path}: {r.status}: {r.reason}")
             if r.note:

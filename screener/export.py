@@ -23,11 +23,20 @@ from torch import nn
 from screener.errors import ModelError
 from screener.fused import FusedResNet
 from screener.imaging import PreprocessSpec
-from screener.modelcard import CARD_FILE, CLASSES, ONNX_FILE, WEIGHTS_FILE, ModelCard, sha256_file
+from screener.modelcard import (
+    CARD_FILE,
+    CLASSES,
+    ONNX_FILE,
+    WEIGHTS_FILE,
+    GateSpec,
+    ModelCard,
+    sha256_file,
+)
 
 OPSET = 17
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("probs", "probs_a", "probs_b")
+NOVELTY_OUTPUT = "novelty"
 RANDOM_NOTES = "random weights, not trained: for plumbing only"
 
 
@@ -44,6 +53,7 @@ def export_model_dir(
     notes: str = "",
     opset: int = OPSET,
     sources: Mapping[str, Mapping[str, int]] | None = None,
+    gate: GateSpec | None = None,
 ) -> ModelCard:
     """Write ``out/`` with ``weights.safetensors``, ``model.onnx`` and ``card.json``; return the card.
 
@@ -51,13 +61,23 @@ def export_model_dir(
     dynamic batch axis, outputs ``probs``, ``probs_a``, ``probs_b`` ``[N, 3]``. ``S`` is
     ``preprocessing.input_size``. The caller's model is not modified (a CPU copy is exported). The card
     takes the model's temperatures (``calibration``) and lung crop; ``sources`` is the class x source
-    table of the training data.
-    Raises :class:`ModelError` when ``out`` already exists, the card is invalid, or the exported graph
-    fails ``onnx.checker``.
+    table of the training data. A model with a fitted image-content gate (``model.novelty_gate``) needs
+    its card section ``gate``; the graph then has a fourth output ``novelty`` ``[N]``.
+    Raises :class:`ModelError` when ``out`` already exists, the card is invalid, the model's gate and
+    ``gate`` disagree, or the exported graph fails ``onnx.checker``.
     """
     out = Path(out)
     if out.exists():
         raise ModelError(f"{out} already exists: model directories are immutable; choose a new directory")
+    if (model.novelty_gate is None) != (gate is None):
+        raise ModelError(
+            "the model's image-content gate and the card's gate section must come together "
+            f"(model gate: {model.novelty_gate is not None}, card gate: {gate is not None})"
+        )
+    if gate is not None and tuple(gate.feature_dims) != model.feature_dims:
+        raise ModelError(
+            f"card gate.feature_dims {gate.feature_dims} differ from the model's {model.feature_dims}"
+        )
     temperature_a, temperature_b = model.temperatures
     calibration = (
         {"temperature_a": round(temperature_a, 6), "temperature_b": round(temperature_b, 6)}
@@ -82,6 +102,7 @@ def export_model_dir(
         calibration=calibration,
         lung_crop=model.lung_crop_spec,
         sources={k: dict(v) for k, v in (sources or {}).items()},
+        gate=gate,
     )
     card.validate()  # fail before the expensive export
 
@@ -118,7 +139,8 @@ def _export_onnx(model: FusedResNet, path: Path, input_size: int, opset: int) ->
     import onnx
 
     dummy = torch.zeros(2, 3, input_size, input_size, dtype=torch.float32)
-    dynamic_axes = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)}
+    outputs = (*OUTPUT_NAMES, NOVELTY_OUTPUT) if model.novelty_gate is not None else OUTPUT_NAMES
+    dynamic_axes = {name: {0: "batch"} for name in (INPUT_NAME, *outputs)}
     # The TorchScript exporter: one self-contained file, and (unlike the dynamo exporter in this torch)
     # it needs no onnxscript and exports ResNet-101 + ResNet-152 in seconds.
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
@@ -131,7 +153,7 @@ def _export_onnx(model: FusedResNet, path: Path, input_size: int, opset: int) ->
             (dummy,),
             str(path),
             input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES),
+            output_names=list(outputs),
             dynamic_axes=dynamic_axes,
             opset_version=opset,
             do_constant_folding=True,

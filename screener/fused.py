@@ -15,7 +15,8 @@ from torch import nn
 from torchvision import models
 
 from screener.errors import ModelError
-from screener.modelcard import ARCHITECTURE_NAMES, CLASSES, LungCropSpec, ModelCard
+from screener.modelcard import ARCHITECTURE_NAMES, CLASSES, GateSpec, LungCropSpec, ModelCard
+from screener.novelty import MahalanobisGate, backbone_features
 
 if TYPE_CHECKING:
     from torchvision.models import ResNet
@@ -56,7 +57,9 @@ class FusedResNet(nn.Module):
     ``probs_x = softmax(logits_x / T_x)``: each network's temperature ``T`` (1 by default) comes from the
     card's ``calibration`` and is not part of the weights file. With ``lung_crop`` the input first goes
     through :class:`screener.lungs.LungCrop` (its U-Net weights are part of the state dict, under
-    ``lung_crop.``) and the backbones see the crop.
+    ``lung_crop.``) and the backbones see the crop. With ``gate_dims`` (the two networks' feature sizes)
+    the model holds a :class:`screener.novelty.MahalanobisGate` (``novelty_gate.``, its statistics in the
+    state dict) and :meth:`forward` returns a fourth tensor, ``novelty`` ``[N]`` float32.
     """
 
     fusion_weight: torch.Tensor
@@ -72,6 +75,7 @@ class FusedResNet(nn.Module):
         num_classes: int = len(CLASSES),
         lung_crop: LungCropSpec | None = None,
         temperatures: tuple[float, float] = (1.0, 1.0),
+        gate_dims: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.arch_a = arch_a
@@ -90,6 +94,24 @@ class FusedResNet(nn.Module):
         self.register_buffer("temperature_a", torch.tensor(1.0), persistent=False)
         self.register_buffer("temperature_b", torch.tensor(1.0), persistent=False)
         self.set_temperatures(*temperatures)
+        self.novelty_gate: MahalanobisGate | None = None
+        if gate_dims is not None:
+            self.add_gate(gate_dims)
+
+    @property
+    def feature_dims(self) -> tuple[int, int]:
+        """The pooled feature size of each network (the input size of its ``fc`` head)."""
+        return int(self.net_a.fc.in_features), int(self.net_b.fc.in_features)
+
+    def add_gate(self, gate_dims: tuple[int, int] | None = None) -> MahalanobisGate:
+        """Give the model an (unfitted) image-content gate and return it. Raises :class:`ModelError`
+        when ``gate_dims`` (default: the networks' own) differ from the networks' feature sizes."""
+        dims = tuple(gate_dims) if gate_dims is not None else self.feature_dims
+        if dims != self.feature_dims:
+            raise ModelError(f"gate feature sizes {dims} differ from the networks' {self.feature_dims}")
+        num_classes = int(self.net_a.fc.out_features)
+        self.novelty_gate = MahalanobisGate(sum(self.feature_dims), num_classes)
+        return self.novelty_gate
 
     def set_temperatures(self, temperature_a: float, temperature_b: float) -> None:
         """Set each network's softmax temperature (calibration). Raises :class:`ModelError` unless both
@@ -111,14 +133,21 @@ class FusedResNet(nn.Module):
         """
         self.fusion_weight.fill_(_checked_weight(weight))
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.lung_crop is not None:
             image = self.lung_crop(image)
-        probs_a = torch.softmax(self.net_a(image) / self.temperature_a.to(image.dtype), dim=1)
-        probs_b = torch.softmax(self.net_b(image) / self.temperature_b.to(image.dtype), dim=1)
+        if self.novelty_gate is None:
+            logits_a, logits_b = self.net_a(image), self.net_b(image)
+        else:
+            features_a, logits_a = backbone_features(self.net_a, image)
+            features_b, logits_b = backbone_features(self.net_b, image)
+        probs_a = torch.softmax(logits_a / self.temperature_a.to(image.dtype), dim=1)
+        probs_b = torch.softmax(logits_b / self.temperature_b.to(image.dtype), dim=1)
         w = self.fusion_weight.to(probs_a.dtype)
         probs = w * probs_a + (1.0 - w) * probs_b
-        return probs, probs_a, probs_b
+        if self.novelty_gate is None:
+            return probs, probs_a, probs_b
+        return probs, probs_a, probs_b, self.novelty_gate(torch.cat((features_a, features_b), dim=1))
 
 
 def _checked_weight(weight: float) -> float:
@@ -128,11 +157,17 @@ def _checked_weight(weight: float) -> float:
     return value
 
 
+def _gate_dims(gate: GateSpec | None) -> tuple[int, int] | None:
+    return None if gate is None else (int(gate.feature_dims[0]), int(gate.feature_dims[1]))
+
+
 def load_fused_from_safetensors(path: Path, card: ModelCard) -> FusedResNet:
     """Build the card's :class:`FusedResNet` and load its state dict from a safetensors file (eval mode, CPU).
 
-    Only safetensors is read (no pickle). Raises :class:`ModelError` when the file is unreadable, its
-    tensors do not fit the card's architectures, or its stored fusion weight disagrees with the card.
+    Only safetensors is read (no pickle). A card with a ``gate`` section needs the gate's statistics in
+    the file (and a card without one refuses a file that has them). Raises :class:`ModelError` when the
+    file is unreadable, its tensors do not fit the card's architectures (and gate), or its stored
+    fusion weight disagrees with the card.
     Digests are not checked here: call :func:`screener.modelcard.load_model_dir` first.
     """
     from safetensors import SafetensorError
@@ -146,6 +181,7 @@ def load_fused_from_safetensors(path: Path, card: ModelCard) -> FusedResNet:
         num_classes=len(card.classes),
         lung_crop=card.lung_crop,
         temperatures=(card.temperature("a"), card.temperature("b")),
+        gate_dims=_gate_dims(card.gate),
     )
     try:
         state = load_file(str(path), device="cpu")

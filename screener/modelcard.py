@@ -162,6 +162,70 @@ class LungCropSpec:
             raise _bad("lung_crop.segmenter", self.segmenter, "must be an object")
 
 
+GATE_METHODS: tuple[str, ...] = ("mahalanobis",)
+"""Novelty scores the card's ``gate`` may name (the graph computes it; see :mod:`screener.novelty`)."""
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """The card's ``gate`` section: the image-content gate computed inside ``model.onnx``.
+
+    The graph's extra output ``novelty`` [N] is the squared Mahalanobis distance (tied covariance,
+    smallest over the classes) of the two networks' concatenated pooled features from the training
+    split's class means (:mod:`screener.novelty`); the means and the whitening matrix are buffers in
+    ``weights.safetensors``, so the card's sha256 list covers them. An image whose novelty exceeds
+    ``threshold`` (or is not a finite number) is not classified: it is skipped with :meth:`reason`.
+    ``feature_dims`` are the two networks' feature sizes; ``fitted_on`` says which images the statistics
+    came from (split, counts per class, digest, shrinkage); ``validation`` how the threshold was chosen
+    (the share of validation images that pass); ``checks`` the scores of real non-chest radiographs and
+    transformed chests at fitting time; ``alternatives`` the other scores measured beside it (energy).
+    """
+
+    method: str
+    threshold: float
+    feature_dims: tuple[int, int]
+    fitted_on: dict[str, Any] = field(default_factory=dict)
+    validation: dict[str, Any] = field(default_factory=dict)
+    checks: dict[str, Any] = field(default_factory=dict)
+    alternatives: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def feature_size(self) -> int:
+        """Length of the concatenated feature vector the gate scores."""
+        return int(self.feature_dims[0]) + int(self.feature_dims[1])
+
+    def validate(self) -> None:
+        """Check every field; raises :class:`ModelError` naming the offending key and value."""
+        if self.method not in GATE_METHODS:
+            raise _bad("gate.method", self.method, f"unknown method; known: {', '.join(GATE_METHODS)}")
+        value = self.threshold
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise _bad("gate.threshold", value, "must be a finite number")
+        if value <= 0:
+            raise _bad("gate.threshold", value, "must be > 0 (a squared distance)")
+        if not isinstance(self.feature_dims, tuple) or len(self.feature_dims) != 2:
+            raise _bad("gate.feature_dims", self.feature_dims, "must list the two networks' feature sizes")
+        for dim in self.feature_dims:
+            if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= 65536:
+                raise _bad("gate.feature_dims", self.feature_dims, "must be two integers between 1 and 65536")
+        for key in ("fitted_on", "validation", "checks", "alternatives"):
+            if not isinstance(getattr(self, key), dict):
+                raise _bad(f"gate.{key}", getattr(self, key), "must be an object")
+
+    def refuses(self, novelty: float | None) -> bool:
+        """True when an image with this novelty score must not be classified (NaN included)."""
+        if novelty is None:
+            return False
+        return not (math.isfinite(novelty) and novelty <= self.threshold)
+
+    def reason(self, novelty: float) -> str:
+        """The ``skipped`` reason for an image the gate refuses: names the score and the threshold."""
+        return (
+            f"image-content gate: novelty {novelty:.1f} > threshold {self.threshold:.1f}: not like the "
+            "frontal chest radiographs the model was trained on"
+        )
+
+
 CALIBRATION_KEYS: tuple[str, ...] = ("temperature_a", "temperature_b")
 """Keys of the card's ``calibration`` section: each network's softmax temperature (1 where absent)."""
 
@@ -174,7 +238,8 @@ class ModelCard:
     "argmax". ``files`` maps each file name in the model directory to its sha256 (lower-case hex).
     ``calibration`` holds each network's softmax temperature (fitted on validation data, built into the
     graph), ``lung_crop`` the lung-field crop the graph applies first (None: the whole image), and
-    ``sources`` the class x source counts of the training data.
+    ``sources`` the class x source counts of the training data, ``gate`` the image-content gate the
+    graph computes (None: the graph has no ``novelty`` output and every image is classified).
     Construct through :meth:`from_json` or call :meth:`validate`; :meth:`to_json` validates first.
     """
 
@@ -196,6 +261,7 @@ class ModelCard:
     calibration: dict[str, float] = field(default_factory=dict)
     lung_crop: LungCropSpec | None = None
     sources: dict[str, dict[str, int]] = field(default_factory=dict)
+    gate: GateSpec | None = None
 
     def temperature(self, which: str) -> float:
         """The softmax temperature of network ``"a"`` or ``"b"`` (1.0: uncalibrated)."""
@@ -282,6 +348,8 @@ class ModelCard:
             self.lung_crop.validate()
         if not isinstance(self.sources, dict):
             raise _bad("sources", self.sources, "must map source names to class counts")
+        if self.gate is not None:
+            self.gate.validate()
         if self.int8 is not None:
             self.int8.validate()
             if self.files.get(INT8_FILE) != self.int8.sha256:
@@ -298,7 +366,7 @@ class ModelCard:
         self.validate()
         data = asdict(self)
         # Cards without these sections stay as they were written before the sections existed.
-        for optional in ("int8", "lung_crop"):
+        for optional in ("int8", "lung_crop", "gate"):
             if data[optional] is None:
                 del data[optional]
         for optional in ("calibration", "sources"):
@@ -348,6 +416,7 @@ class ModelCard:
             calibration=_as_dict("calibration", data.get("calibration", {})),
             lung_crop=_lung_crop_from_dict(data["lung_crop"]) if data.get("lung_crop") is not None else None,
             sources=_as_dict("sources", data.get("sources", {})),
+            gate=_gate_from_dict(data["gate"]) if data.get("gate") is not None else None,
         )
         card.validate()
         return card
@@ -403,6 +472,28 @@ def _lung_crop_from_dict(value: object) -> LungCropSpec:
         spec = LungCropSpec(**data)
     except TypeError as exc:
         raise _bad("lung_crop", data, str(exc)) from None
+    spec.validate()
+    return spec
+
+
+def _gate_from_dict(value: object) -> GateSpec:
+    data = _as_dict("gate", value)
+    _refuse_unknown_keys("gate", data, GateSpec.__dataclass_fields__)
+    for key in ("method", "threshold", "feature_dims"):
+        if key not in data:
+            raise _bad(f"gate.{key}", None, "is required")
+    dims = data["feature_dims"]
+    if not isinstance(dims, list | tuple) or len(dims) != 2:
+        raise _bad("gate.feature_dims", dims, "must list the two networks' feature sizes")
+    spec = GateSpec(
+        method=data["method"],
+        threshold=data["threshold"],
+        feature_dims=(dims[0], dims[1]),
+        fitted_on=_as_dict("gate.fitted_on", data.get("fitted_on", {})),
+        validation=_as_dict("gate.validation", data.get("validation", {})),
+        checks=_as_dict("gate.checks", data.get("checks", {})),
+        alternatives=_as_dict("gate.alternatives", data.get("alternatives", {})),
+    )
     spec.validate()
     return spec
 

@@ -14,6 +14,7 @@ succeed on their own.
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import threading
@@ -48,7 +49,7 @@ from screener.imaging import PreprocessSpec
 from screener.leases import owner_id, release_dead_leases
 from screener.logs import get_logger, uid_hash
 from screener.metrics import Metrics
-from screener.modelcard import load_model_dir, read_card
+from screener.modelcard import GateSpec, load_model_dir, read_card
 from screener.outbox import build_objects, enqueue
 from screener.prepare import Prepared, init_pool_process, prepare_instance
 from screener.registry import active_version, verify_registered
@@ -69,6 +70,7 @@ class _Model:
     spec: PreprocessSpec
     classes: tuple[str, ...]
     thresholds: dict[str, float]
+    gate: GateSpec | None = None  # the card's image-content gate (None: every decoded image is classified)
 
 
 @dataclass
@@ -234,7 +236,13 @@ class Worker:
         previous = self.model
         card = loaded.card
         self.model = _Model(
-            row.id, row.version, engine, card.preprocessing, tuple(card.classes), dict(card.thresholds)
+            row.id,
+            row.version,
+            engine,
+            card.preprocessing,
+            tuple(card.classes),
+            dict(card.thresholds),
+            card.gate,
         )
         if previous is not None:
             self._to_close.append(previous.engine)  # a batch prepared for it may still be pending
@@ -386,6 +394,7 @@ class Worker:
         infer_ms = (time.perf_counter() - started) * 1000
         per_image_ms = infer_ms / max(1, len(ok))
         counts = {"classified": 0, "skipped": 0, "failed": 0, "lost_lease": 0}
+        gated = 0
         with self.sessions.begin() as session:
             k = 0
             for p in prepared:
@@ -394,10 +403,21 @@ class Worker:
                     probs = [float(x) for x in output.probs[k]]
                     pa = [float(x) for x in output.probs_a[k]]
                     pb = [float(x) for x in output.probs_b[k]]
+                    novelty = float(output.novelty[k]) if output.novelty is not None else None
                     k += 1
-                    if not self._mark(
-                        session, p.instance_id, InstanceStatus.CLASSIFIED, None, seen=_seen(p, model)
-                    ):
+                    seen = _seen(p, model, novelty)
+                    if model.gate is not None and model.gate.refuses(novelty):
+                        # Not like the training images: no label, no prediction row; the score is kept
+                        # on the instance and named in the reason (the SR's "not analysed").
+                        assert novelty is not None
+                        reason = model.gate.reason(novelty)
+                        if self._mark(session, p.instance_id, InstanceStatus.SKIPPED, reason, seen=seen):
+                            counts["skipped"] += 1
+                            gated += 1
+                        else:
+                            counts["lost_lease"] += 1
+                        continue
+                    if not self._mark(session, p.instance_id, InstanceStatus.CLASSIFIED, None, seen=seen):
                         counts["lost_lease"] += 1
                         continue
                     by_class = dict(zip(model.classes, probs, strict=True))
@@ -441,6 +461,7 @@ class Worker:
             infer_ms=round(infer_ms, 1),
             images_per_s=round(len(ok) / (infer_ms / 1000), 2) if ok and infer_ms > 0 else None,
             wall_ms=round(wall_s * 1000, 1),
+            gated=gated,
             **counts,
         )
 
@@ -625,10 +646,12 @@ class Worker:
         return enqueue(session, pacs, result, objects)
 
 
-def _seen(prepared: Prepared, model: _Model) -> dict[str, Any]:
-    """The ``instances`` columns the drift and site-performance reports read (migration 0010)."""
+def _seen(prepared: Prepared, model: _Model, novelty: float | None = None) -> dict[str, Any]:
+    """The ``instances`` columns the drift and site-performance reports read (migration 0010), and the
+    image-content gate's score where the model has a gate (migration 0011; None: no score)."""
     facts = prepared.facts
     return {
+        "novelty": novelty if novelty is None or math.isfinite(novelty) else None,
         "manufacturer": facts.manufacturer,
         "image_rows": facts.rows,
         "image_columns": facts.columns,

@@ -126,6 +126,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--replace", action="store_true", help="replace an existing INT8 model")
 
+    p = command("gate", "the image-content gate (novelty of an image against the model's training data)")
+    gsub = p.add_subparsers(dest="gate_command", required=True, metavar="ACTION")
+    gp = gsub.add_parser(
+        "fit",
+        help="fit the gate on an existing model's training split and write a NEW model directory with it",
+    )
+    add_config_option(gp, top=False)
+    gp.add_argument("--model", type=Path, required=True, help="model directory made by `trainer train`")
+    gp.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        help="the data the model was trained on, exactly as given to `trainer train` (repeated as there)",
+    )
+    gp.add_argument("--out", type=Path, required=True, help="new model directory (must not exist)")
+    gp.add_argument("--seed", type=int, default=0, help="the seed given to `trainer train` (default 0)")
+    gp.add_argument("--limit", type=int, help="the --limit given to `trainer train`, if any")
+    gp.add_argument(
+        "--version", dest="model_version", default=None, help="new model version (default: VERSION+gate)"
+    )
+
     p = command("crossval", "validation by source: train without each source (group) and test on it")
     p.add_argument(
         "--data",
@@ -400,6 +421,30 @@ def _export(config: Config, args: argparse.Namespace) -> int:
     return 0 if int8.passed else 3
 
 
+def _gate(config: Config, args: argparse.Namespace) -> int:
+    from trainer.data import load_roots
+    from trainer.gate import add_gate, gate_with_checks_summary
+
+    card = add_gate(
+        args.model,
+        load_roots(args.data),
+        args.out,
+        seed=args.seed,
+        limit=args.limit,
+        version=args.model_version,
+    )
+    assert card.gate is not None
+    print(f"{args.out}: model {card.version} (from {card.parent_version}) with an image-content gate")
+    print(gate_with_checks_summary(card.gate))
+    for case in card.gate.checks.get("cases", []):
+        if "novelty" in case:
+            verdict = "refused" if case["refused"] else "PASSED"
+            print(f"  {case['name']} ({case['kind']}): novelty {case['novelty']:.1f} {verdict}")
+        else:
+            print(f"  {case['name']} ({case['kind']}): refused by {case['refused_by']}")
+    return 0
+
+
 def _train(config: Config, args: argparse.Namespace) -> int:
     from trainer.jobs import run_train
 
@@ -425,6 +470,7 @@ _COMMANDS = {
     "models": _models,
     "train": _train,
     "export": _export,
+    "gate": _gate,
     "retrain": _retrain,
     "crossval": _crossval,
 }

@@ -1,4 +1,5 @@
-"""The body of ``trainer train``: split, train the candidate backbones, keep the best two, fuse, export.
+"""The body of ``trainer train``: split, train the candidate backbones, keep the best two, fuse, fit the
+image-content gate (:mod:`trainer.gate`), export.
 
 Paper recipe (Wang, Liu & Xu 2020): transfer-learn several ResNets, choose the two best by validation
 accuracy (ties: lower validation loss), freeze them, learn the output weight of each from validation
@@ -88,6 +89,7 @@ class Preset:
     crop_jitter: float = 0.0
     segmenter_epochs: int = 25
     calibrate: bool = False
+    gate: bool = True
 
 
 PRESETS: dict[str, Preset] = {
@@ -434,6 +436,12 @@ def train_and_export(
     if crop is not None and model.lung_crop is not None:
         model.lung_crop.load_state_dict(crop.state_dict())
     model.eval()
+    gate = None
+    if recipe.gate:
+        from trainer.gate import fit_gate
+
+        gate = fit_gate(model, splits, spec, device=target)
+        model.to("cpu")
     metrics = _card_metrics(
         preset, results, (first, second), fusion, test, splits, time.perf_counter() - started
     )
@@ -455,6 +463,7 @@ def train_and_export(
             parent_version=parent.card.version if parent is not None else None,
             notes=f"trainer preset {preset}: {first.arch}+{second.arch}, fusion {fusion_method}",
             sources=sources,
+            gate=gate,
         )
         log.info(
             "model_exported",

@@ -48,7 +48,7 @@ from screener.modelcard import (
     sha256_file,
 )
 from screener.progress import Progress
-from trainer.data import Sample, limit_per_class, load_samples, split_samples
+from trainer.data import Sample, Splits, limit_per_class, load_samples, split_samples
 from trainer.evaluate import metrics_from_probs, predict_labels
 
 log = get_logger("trainer.quantize")
@@ -231,23 +231,22 @@ def _is_sha256(value: str) -> bool:
     return len(value) == 64 and set(value) <= _HEX64
 
 
-def model_splits(
+def model_split(
     model: LoadedModel, data: Sequence[Sample] | Path | str, *, seed: int = 0, limit: int | None = None
-) -> tuple[list[Sample], list[Sample]]:
-    """``(training split, evaluation split)`` of ``data`` exactly as ``trainer train`` split it.
+) -> Splits:
+    """The train / validation / test split of ``data`` exactly as ``trainer train`` made it.
 
     ``seed`` and ``limit`` (images per class) must be those given to ``trainer train``. Raises
     :class:`DataError` when the card has no training-data digest (an untrained, random-weight model has
-    none: there is no training data to calibrate on) or when the split of ``data`` does not reproduce
-    it (another dataset, a subset such as the test-split CSV, or another seed or limit): calibration
-    then refuses, since its images would not be the model's training images.
+    none: there are no training images) or when the split of ``data`` does not reproduce it (another
+    dataset, a subset such as the test-split CSV, or another seed or limit).
     """
     card = model.card
     if not _is_sha256(card.training_data_digest):
         raise DataError(
             f"model {card.version} has no training-data digest ({card.training_data_digest!r}; "
-            f"notes: {card.notes!r}): INT8 calibration uses only the model's own training images, and a "
-            "random or synthetic model has none. Quantise a model made by `trainer train`"
+            f"notes: {card.notes!r}): INT8 calibration and the image-content gate use only the model's own "
+            "training images, and a random or synthetic model has none. Use a model made by `trainer train`"
         )
     samples = load_samples(data) if isinstance(data, Path | str) else list(data)
     if limit is not None:
@@ -259,8 +258,19 @@ def model_splits(
             f"the split of the data given (digest {digest[:12]}, {len(samples)} images, seed {seed}"
             f"{f', limit {limit}' if limit is not None else ''}) is not the one model {card.version} was "
             f"trained on (card digest {card.training_data_digest[:12]}): give the same --data, --seed and "
-            "--limit as `trainer train`, so that calibration sees training images only"
+            "--limit as `trainer train`, so that only training images are used"
         )
+    return splits
+
+
+def model_splits(
+    model: LoadedModel, data: Sequence[Sample] | Path | str, *, seed: int = 0, limit: int | None = None
+) -> tuple[list[Sample], list[Sample]]:
+    """``(training split, evaluation split)`` of ``data`` exactly as ``trainer train`` split it
+    (:func:`model_split`), for INT8 calibration and its gate. Raises :class:`DataError` as
+    :func:`model_split` does, and when either split is empty.
+    """
+    splits = model_split(model, data, seed=seed, limit=limit)
     if not splits.train or not splits.test:
         raise DataError(
             f"the split has {len(splits.train)} training and {len(splits.test)} evaluation images: "

@@ -99,6 +99,9 @@ class Instance(Base):
     image_columns: Mapped[int | None] = mapped_column(Integer)
     mean_intensity: Mapped[float | None] = mapped_column(Float)
     model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    # The image-content gate's novelty score (migration 0011), for images the model ran on when its
+    # card has a gate: classified ones and those the gate refused (skipped, the score in the reason).
+    novelty: Mapped[float | None] = mapped_column(Float)
 
 
 class InstanceClash(Base):

@@ -16,11 +16,14 @@ class EngineOutput:
     """Per-image class probabilities, each float32 ``[N, num_classes]`` in the card's class order.
 
     ``probs`` is the fused result; ``probs_a`` and ``probs_b`` are the two networks' own softmax outputs.
+    ``novelty`` (float32 ``[N]``) is the image-content gate's score where the model has a gate (card
+    section ``gate``), else None.
     """
 
     probs: FloatArray
     probs_a: FloatArray
     probs_b: FloatArray
+    novelty: FloatArray | None = None
 
 
 @runtime_checkable
@@ -51,10 +54,24 @@ def check_batch(batch: object, input_size: int) -> FloatArray:
     return np.ascontiguousarray(batch)
 
 
-def as_output(probs: object, probs_a: object, probs_b: object) -> EngineOutput:
-    """Wrap three array-likes as float32 :class:`EngineOutput`."""
+def as_output(probs: object, probs_a: object, probs_b: object, novelty: object = None) -> EngineOutput:
+    """Wrap three (four, with the gate's novelty) array-likes as float32 :class:`EngineOutput`."""
     return EngineOutput(
         probs=np.asarray(probs, dtype=np.float32),
         probs_a=np.asarray(probs_a, dtype=np.float32),
         probs_b=np.asarray(probs_b, dtype=np.float32),
+        novelty=None if novelty is None else np.asarray(novelty, dtype=np.float32).reshape(-1),
+    )
+
+
+def concat_outputs(parts: list[EngineOutput]) -> EngineOutput:
+    """One :class:`EngineOutput` from the outputs of consecutive chunks of a batch."""
+    if len(parts) == 1:
+        return parts[0]
+    novelty = [p.novelty for p in parts]
+    return as_output(
+        np.concatenate([p.probs for p in parts]),
+        np.concatenate([p.probs_a for p in parts]),
+        np.concatenate([p.probs_b for p in parts]),
+        None if any(n is None for n in novelty) else np.concatenate([n for n in novelty if n is not None]),
     )

@@ -11,6 +11,7 @@ from screener.errors import ModelError
 from screener.modelcard import LoadedModel
 
 OUTPUT_NAMES = ["probs", "probs_a", "probs_b"]
+NOVELTY_OUTPUT = "novelty"
 
 
 class OnnxRuntimeEngine:
@@ -23,7 +24,7 @@ class OnnxRuntimeEngine:
     (:func:`screener.engine.load_engine`). ``graph`` overrides the file opened, for the INT8 export,
     which evaluates a graph before the card lists it. Raises :class:`ModelError` when the graph's inputs
     or outputs do not match the contract (input ``image`` [N, 3, S, S], outputs ``probs``, ``probs_a``,
-    ``probs_b``).
+    ``probs_b``, and ``novelty`` exactly when the card has a ``gate`` section).
     """
 
     name = "onnxruntime"
@@ -63,14 +64,14 @@ class OnnxRuntimeEngine:
         if len(inputs) != 1 or inputs[0].name != "image" or list(inputs[0].shape[1:]) != [3, size, size]:
             got = [(i.name, i.shape) for i in inputs]
             raise ModelError(f"{path} inputs {got} are not image [N, 3, {size}, {size}]")
-        if sorted(outputs) != sorted(OUTPUT_NAMES):
-            raise ModelError(f"{path} outputs {outputs} are not {OUTPUT_NAMES}")
+        self._outputs = OUTPUT_NAMES + ([NOVELTY_OUTPUT] if model.card.gate is not None else [])
+        if sorted(outputs) != sorted(self._outputs):
+            raise ModelError(f"{path} outputs {outputs} are not {self._outputs}")
 
     def infer(self, batch: FloatArray) -> EngineOutput:
         """Classify a float32 ``[N, 3, S, S]`` batch; raises ``ValueError`` for a malformed batch."""
         x = check_batch(batch, self._input_size)
-        probs, probs_a, probs_b = self._session.run(OUTPUT_NAMES, {"image": x})
-        return as_output(probs, probs_a, probs_b)
+        return as_output(*self._session.run(self._outputs, {"image": x}))
 
     def close(self) -> None:
         """Drop the session (ONNX Runtime frees it when the last reference goes)."""

@@ -19,15 +19,16 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import numpy as np
 import torch
 
-from screener.engine.base import EngineOutput, FloatArray, as_output, check_batch
+from screener.engine.base import EngineOutput, FloatArray, as_output, check_batch, concat_outputs
 from screener.errors import EngineUnavailableError, ModelError
 from screener.modelcard import ONNX_FILE, LoadedModel
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("probs", "probs_a", "probs_b")
+NOVELTY_OUTPUT = "novelty"
+GATE_SCOPE = "novelty_gate"  # the gate's ONNX node names start /novelty_gate/ (screener.fused.FusedResNet)
 WORKSPACE_BYTES = 4 << 30
 
 
@@ -64,6 +65,7 @@ def plan_key(
         "tensorrt_version": trt_version,
         "onnx_sha256": onnx_sha256,
         "precision": "fp16",
+        "fp32_layers": GATE_SCOPE,
         **profile,
     }
     key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
@@ -74,7 +76,9 @@ class TensorRTEngine:
     """Runs an FP16 TensorRT engine built (or loaded from cache) for ``model.onnx``.
 
     The optimisation profile covers batch 1 to ``max_batch`` (optimum ``min(32, max_batch)``); larger
-    batches are split. ``cache_hit`` says whether the plan came from ``cache_dir``.
+    batches are split. ``cache_hit`` says whether the plan came from ``cache_dir``. With the card's
+    ``gate`` the engine also returns ``novelty``; the gate's layers (and the cast of the pooled features
+    into it) are constrained to FP32, since its scores overflow FP16.
     Raises :class:`EngineUnavailableError` without TensorRT 10 or a CUDA GPU, and :class:`ModelError`
     when the ONNX graph cannot be parsed or built.
     """
@@ -126,11 +130,12 @@ class TensorRTEngine:
             self._context = self._engine.create_execution_context()
             self._stream = torch.cuda.Stream(device=self._device)  # type: ignore[no-untyped-call]
         names = {self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)}
-        if names != {INPUT_NAME, *OUTPUT_NAMES}:
-            raise ModelError(
-                f"TensorRT engine tensors {sorted(names)} are not image, probs, probs_a, probs_b"
-            )
-        for name in OUTPUT_NAMES:
+        self._gated = model.card.gate is not None
+        outputs = (*OUTPUT_NAMES, NOVELTY_OUTPUT) if self._gated else OUTPUT_NAMES
+        if names != {INPUT_NAME, *outputs}:
+            expected = ", ".join((INPUT_NAME, *outputs))
+            raise ModelError(f"TensorRT engine tensors {sorted(names)} are not {expected}")
+        for name in outputs:
             if self._engine.get_tensor_dtype(name) != trt.DataType.FLOAT:
                 raise ModelError(
                     f"TensorRT output {name} is {self._engine.get_tensor_dtype(name)}, not FLOAT"
@@ -147,6 +152,9 @@ class TensorRTEngine:
         self._host_out = torch.empty(
             (len(OUTPUT_NAMES), max_batch, classes), dtype=torch.float32
         ).pin_memory()
+        if self._gated:
+            self._dev_novelty = torch.empty((max_batch,), dtype=torch.float32, device=self._device)
+            self._host_novelty = torch.empty((max_batch,), dtype=torch.float32).pin_memory()
 
     def _build(self, onnx_path: Path, profile: dict[str, int]) -> bytes:
         trt = self._trt
@@ -159,6 +167,9 @@ class TensorRTEngine:
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
         config.set_flag(trt.BuilderFlag.FP16)  # layers without FP16 kernels stay FP32
+        gate_layers = _constrain_gate_to_fp32(trt, network)
+        if gate_layers:
+            config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
         size = profile["input_size"]
         opt_profile = builder.create_optimization_profile()
         opt_profile.set_shape(
@@ -177,9 +188,7 @@ class TensorRTEngine:
         """Classify a float32 ``[N, 3, S, S]`` batch; raises ``ValueError`` for a malformed batch."""
         x_np = check_batch(batch, self._input_size)
         parts = [self._infer_chunk(x_np[i : i + self.max_batch]) for i in range(0, len(x_np), self.max_batch)]
-        if len(parts) == 1:
-            return parts[0]
-        return as_output(*(np.concatenate([getattr(p, f) for p in parts]) for f in OUTPUT_NAMES))
+        return concat_outputs(parts)
 
     def _infer_chunk(self, x_np: FloatArray) -> EngineOutput:
         n = int(x_np.shape[0])
@@ -195,20 +204,51 @@ class TensorRTEngine:
             ctx.set_tensor_address(INPUT_NAME, x.data_ptr())
             for name, tensor in self._dev_out.items():
                 ctx.set_tensor_address(name, tensor.data_ptr())  # rows 0..n-1 of a row-major [max, C]
+            if self._gated:
+                ctx.set_tensor_address(NOVELTY_OUTPUT, self._dev_novelty.data_ptr())
             if not ctx.execute_async_v3(self._stream.cuda_stream):
                 raise ModelError("TensorRT execute_async_v3 failed; see its log above")
             for k, name in enumerate(OUTPUT_NAMES):
                 self._host_out[k, :n].copy_(self._dev_out[name][:n], non_blocking=True)
+            if self._gated:
+                self._host_novelty[:n].copy_(self._dev_novelty[:n], non_blocking=True)
         self._stream.synchronize()
         host = self._host_out[:, :n].numpy().copy()
-        return as_output(host[0], host[1], host[2])
+        novelty = self._host_novelty[:n].numpy().copy() if self._gated else None
+        return as_output(host[0], host[1], host[2], novelty)
 
     def close(self) -> None:
         """Free the execution context, engine and runtime (in that order)."""
-        for attr in ("_context", "_engine", "_runtime", "_dev_in", "_dev_out", "_host_in", "_host_out"):
+        for attr in (
+            "_context",
+            "_engine",
+            "_runtime",
+            "_dev_in",
+            "_dev_out",
+            "_host_in",
+            "_host_out",
+            "_dev_novelty",
+            "_host_novelty",
+        ):
             if hasattr(self, attr):
                 delattr(self, attr)
         torch.cuda.empty_cache()
+
+
+def _constrain_gate_to_fp32(trt: Any, network: Any) -> int:
+    """Pin every layer of the image-content gate (ONNX nodes under ``/novelty_gate/``) to FP32 inputs and
+    outputs; return how many there are (0: the model has no gate)."""
+    count = 0
+    for index in range(network.num_layers):
+        layer = network.get_layer(index)
+        if GATE_SCOPE not in layer.name:
+            continue
+        layer.precision = trt.float32
+        for output in range(layer.num_outputs):
+            if layer.get_output(output).dtype in (trt.float32, trt.float16):
+                layer.set_output_type(output, trt.float32)
+        count += 1
+    return count
 
 
 def _read_cached_plan(plan_path: Path, meta_path: Path) -> bytes | None:

@@ -13,18 +13,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
-from screener.engine.base import EngineOutput, FloatArray, as_output, check_batch
+from screener.engine.base import EngineOutput, FloatArray, as_output, check_batch, concat_outputs
 from screener.fused import FusedResNet, load_fused_from_safetensors
 from screener.logs import get_logger
 from screener.modelcard import LoadedModel
+from screener.novelty import backbone_features
 
 log = get_logger("screener.engine.torch")
 
-_Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+_Outputs = tuple[torch.Tensor, ...]  # probs, probs_a, probs_b[, novelty]
 _Forward = Callable[[torch.Tensor], _Outputs]
 
 GRAPH_WARMUP_CALLS = 3  # eager calls on the capture stream before capture (cuDNN autotuning, allocator)
@@ -59,7 +59,8 @@ class HalfFused(nn.Module):
     """The fused model with FP16 backbones: logits are cast back to FP32 before softmax and fusion.
 
     Takes a float32 ``[N, 3, S, S]`` batch in any memory format; the cast to FP16 and to ``memory_format``
-    happens inside (so it is part of a captured CUDA graph).
+    happens inside (so it is part of a captured CUDA graph). The image-content gate, where the model has
+    one, stays FP32: it gets the FP16 pooled features cast to FP32 (its scores overflow FP16).
     """
 
     fusion_weight: torch.Tensor
@@ -74,16 +75,26 @@ class HalfFused(nn.Module):
         self.register_buffer("fusion_weight", fused.fusion_weight.detach().float().clone())
         self.register_buffer("temperature_a", fused.temperature_a.detach().float().clone())
         self.register_buffer("temperature_b", fused.temperature_b.detach().float().clone())
+        self.novelty_gate = fused.novelty_gate.float() if fused.novelty_gate is not None else None
         self.memory_format = memory_format
 
     def forward(self, image: torch.Tensor) -> _Outputs:
         if self.lung_crop is not None:
             image = self.lung_crop(image)
         x = image.to(dtype=torch.float16, memory_format=self.memory_format)
-        probs_a = torch.softmax(self.net_a(x).float() / self.temperature_a, dim=1)
-        probs_b = torch.softmax(self.net_b(x).float() / self.temperature_b, dim=1)
+        if self.novelty_gate is None:
+            logits_a, logits_b = self.net_a(x), self.net_b(x)
+        else:
+            features_a, logits_a = backbone_features(self.net_a, x)
+            features_b, logits_b = backbone_features(self.net_b, x)
+        probs_a = torch.softmax(logits_a.float() / self.temperature_a, dim=1)
+        probs_b = torch.softmax(logits_b.float() / self.temperature_b, dim=1)
         w = self.fusion_weight
-        return w * probs_a + (1.0 - w) * probs_b, probs_a, probs_b
+        probs = w * probs_a + (1.0 - w) * probs_b
+        if self.novelty_gate is None:
+            return probs, probs_a, probs_b
+        features = torch.cat((features_a.float(), features_b.float()), dim=1)
+        return probs, probs_a, probs_b, self.novelty_gate(features)
 
 
 @dataclass
@@ -152,6 +163,7 @@ class TorchEngine:
             size = self._input_size
             self._host_in = torch.empty((max_batch, 3, size, size), dtype=torch.float32).pin_memory()
             self._host_out = torch.empty((3, max_batch, self._num_classes), dtype=torch.float32).pin_memory()
+            self._host_novelty = torch.empty((max_batch,), dtype=torch.float32).pin_memory()
 
     def infer(self, batch: FloatArray) -> EngineOutput:
         """Classify a float32 ``[N, 3, S, S]`` batch; raises ``ValueError`` for a malformed batch."""
@@ -161,17 +173,12 @@ class TorchEngine:
         if self.device.type != "cuda":
             return self._infer_cpu(x_np)
         parts = [self._infer_cuda(x_np[i : i + self.max_batch]) for i in range(0, len(x_np), self.max_batch)]
-        if len(parts) == 1:
-            return parts[0]
-        return as_output(
-            *(np.concatenate([getattr(p, f) for p in parts]) for f in ("probs", "probs_a", "probs_b"))
-        )
+        return concat_outputs(parts)
 
     def _infer_cpu(self, x_np: FloatArray) -> EngineOutput:
         with torch.inference_mode():
             x = torch.from_numpy(x_np).contiguous(memory_format=self._memory_format)
-            probs, probs_a, probs_b = self._forward(x)
-            return as_output(probs.numpy(), probs_a.numpy(), probs_b.numpy())
+            return as_output(*(out.numpy() for out in self._forward(x)))
 
     def _infer_cuda(self, x_np: FloatArray) -> EngineOutput:
         n = int(x_np.shape[0])
@@ -188,11 +195,14 @@ class TorchEngine:
             else:
                 x = host_in.to(self.device, non_blocking=True)
                 outs = self._forward(x.contiguous(memory_format=self._memory_format))
-            for k, out in enumerate(outs):
+            for k, out in enumerate(outs[:3]):
                 self._host_out[k, :n].copy_(out[:n].float(), non_blocking=True)
+            if len(outs) > 3:
+                self._host_novelty[:n].copy_(outs[3][:n].float(), non_blocking=True)
         self._stream.synchronize()
         host = self._host_out[:, :n].numpy().copy()
-        return as_output(host[0], host[1], host[2])
+        novelty = self._host_novelty[:n].numpy().copy() if len(outs) > 3 else None
+        return as_output(host[0], host[1], host[2], novelty)
 
     def _graph_for(self, n: int) -> _Graph | None:
         """The captured graph for ``n``'s bucket, capturing it on first use; None when capture failed."""
@@ -222,6 +232,6 @@ class TorchEngine:
         self._graphs.clear()
         del self._forward
         if self.device.type == "cuda":
-            del self._host_in, self._host_out
+            del self._host_in, self._host_out, self._host_novelty
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
