@@ -70,8 +70,8 @@ def _copy_subset(root: Path, dest: Path, per_label: int, sources: tuple[str, ...
 
 @pytest.fixture
 def small_roots(cxr3_dir: Path, cxrx_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
-    """cxr3 (4 per class) and cxrx (4 JSRT normals, 4 each from two Cohen hospitals) as two roots."""
-    first = _copy_subset(cxr3_dir, tmp_path / "cxr3", 4)
+    """cxr3 (10 per class) and cxrx (4 JSRT normals, 4 each from two Cohen hospitals) as two roots."""
+    first = _copy_subset(cxr3_dir, tmp_path / "cxr3", 10)
     second = _copy_subset(cxrx_dir, tmp_path / "cxrx", 4, sources=("jsrt", "cohen-italy", "cohen-hong-kong"))
     return first, second
 
