@@ -127,15 +127,25 @@ def macro_auc(truth: Sequence[str], probs: npt.ArrayLike, classes: Sequence[str]
 def calibration(
     truth: Sequence[str], probs: npt.ArrayLike, classes: Sequence[str], n_bins: int = ECE_BINS
 ) -> tuple[float | None, list[dict[str, Any]]]:
-    """Expected calibration error over the top-class probability, and its bins, as trainer.evaluate:
-    ``n_bins`` equal-width bins ``(lo, hi]`` (the first also holds 0); a prediction is correct when its
-    most probable class is the true one; ECE = sum of (bin share) x |bin accuracy - bin mean confidence|.
-    Each bin is ``{low, high, count, accuracy, confidence}``. ECE is None for no predictions."""
+    """Expected calibration error over the top-class probability, and its bins (see
+    :func:`calibration_of_indices`), for labels given by name. ECE is None for no predictions."""
     p = np.asarray(probs, dtype=np.float64).reshape(len(truth), len(classes))
     index_of = {c: i for i, c in enumerate(classes)}
     y = np.array([index_of[t] for t in truth], dtype=np.int64)
-    confidence = p.max(axis=1) if len(truth) else np.zeros(0)
-    correct = (p.argmax(axis=1) == y).astype(np.float64) if len(truth) else np.zeros(0)
+    return calibration_of_indices(y, p, n_bins)
+
+
+def calibration_of_indices(
+    y: npt.NDArray[np.int64], p: npt.NDArray[np.float64], n_bins: int = ECE_BINS
+) -> tuple[float | None, list[dict[str, Any]]]:
+    """ECE and its bins for true class indices ``y`` [n] and probabilities ``p`` [n, k] (the one
+    implementation, shared with ``trainer.evaluate``): ``n_bins`` equal-width bins ``(lo, hi]`` (the first
+    also holds 0); a prediction is correct when its most probable class is the true one; ECE = sum of
+    (bin share) x |bin accuracy - bin mean confidence|. Each bin is ``{low, high, count, accuracy,
+    confidence}``; accuracy and confidence are None for an empty bin. ECE is None for no predictions."""
+    n_total = int(y.size)
+    confidence = p.max(axis=1) if n_total else np.zeros(0)
+    correct = (p.argmax(axis=1) == y).astype(np.float64) if n_total else np.zeros(0)
     index = np.clip(np.ceil(confidence * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
     counts = np.bincount(index, minlength=n_bins)
     conf_sum = np.bincount(index, weights=confidence, minlength=n_bins)
@@ -147,11 +157,11 @@ def calibration(
         acc = float(correct_sum[b] / n) if n else None
         conf = float(conf_sum[b] / n) if n else None
         if acc is not None and conf is not None:
-            ece += n / len(truth) * abs(acc - conf)
+            ece += n / n_total * abs(acc - conf)
         bins.append(
             {"low": b / n_bins, "high": (b + 1) / n_bins, "count": n, "accuracy": acc, "confidence": conf}
         )
-    return (float(ece) if len(truth) else None), bins
+    return (float(ece) if n_total else None), bins
 
 
 def shares(counts: Mapping[str, float]) -> dict[str, float]:

@@ -28,6 +28,7 @@ import numpy.typing as npt
 
 from screener.errors import DataError, ImagingError
 from screener.imaging import preprocess_file
+from screener.site_metrics import calibration_of_indices
 from screener.verdict import instance_label
 from trainer.data import Sample
 
@@ -175,30 +176,8 @@ def calibration_bins(
     p = np.asarray(probs, dtype=np.float64)
     if y.size == 0:
         raise ValueError("calibration needs at least one image")
-    confidence = p.max(axis=1)
-    correct = (p.argmax(axis=1) == y).astype(np.float64)
-    index = np.clip(np.ceil(confidence * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
-    counts = np.bincount(index, minlength=n_bins)
-    conf_sum = np.bincount(index, weights=confidence, minlength=n_bins)
-    correct_sum = np.bincount(index, weights=correct, minlength=n_bins)
-    ece = 0.0
-    bins: list[dict[str, Any]] = []
-    for b in range(n_bins):
-        n = int(counts[b])
-        acc = correct_sum[b] / n if n else None
-        conf = conf_sum[b] / n if n else None
-        if acc is not None and conf is not None:
-            ece += n / y.size * abs(acc - conf)
-        bins.append(
-            {
-                "low": b / n_bins,
-                "high": (b + 1) / n_bins,
-                "count": n,
-                "accuracy": None if acc is None else float(acc),
-                "confidence": None if conf is None else float(conf),
-            }
-        )
-    return float(ece), bins
+    ece, bins = calibration_of_indices(y, p, n_bins)
+    return float(ece or 0.0), bins
 
 
 # --- metrics ------------------------------------------------------------------------------------------
