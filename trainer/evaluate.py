@@ -628,7 +628,7 @@ def evaluate_model(
         raw_a = apply_temperature(probs_a, 1.0 / card.temperature("a"))
         raw_b = apply_temperature(probs_b, 1.0 / card.temperature("b"))
         raw = card.fusion_weight * raw_a + (1.0 - card.fusion_weight) * raw_b
-        report["calibration"] = {
+        report["temperature_scaling"] = {
             "temperature_a": card.temperature("a"),
             "temperature_b": card.temperature("b"),
             "ece_before": calibration_bins(y, raw)[0],
@@ -896,8 +896,8 @@ def format_summary(report: Mapping[str, Any]) -> str:
         f"macro-F1 {_pct(report.get('macro_f1'))} {_ci(report.get('macro_f1_ci95'))}   "
         f"macro AUC {_pct(report.get('macro_auc'))}   ECE {_pct(report.get('ece'))}  (percent)"
     )
-    calibration = report.get("calibration")
-    if calibration:
+    calibration = report.get("temperature_scaling")
+    if isinstance(calibration, Mapping):
         lines.append(
             f"calibration: ECE {_pct(calibration.get('ece_before'))} before, "
             f"{_pct(calibration.get('ece_after'))} after temperature scaling "
