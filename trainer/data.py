@@ -19,16 +19,15 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pydicom
 import sqlalchemy as sa
 import torch
-from pydicom.errors import InvalidDicomError
 from torch.utils.data import Dataset, WeightedRandomSampler
 
 from screener.db.models import Instance, InstanceStatus, Label, Study
 from screener.errors import DataError, ImagingError
 from screener.imaging import FloatImage, PreprocessSpec, load_unit, to_model_input
 from screener.modelcard import CLASSES
+from screener.site_performance import accession_of
 from trainer.labels import canonical_label, describe_label
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom"})
@@ -376,16 +375,6 @@ def _chunks(values: Sequence[str]) -> Iterator[Sequence[str]]:
         yield values[start : start + _SQL_CHUNK]
 
 
-def _accession_of(path: Path) -> str | None:
-    """The Accession Number in a spooled file's header, read without its pixel data; None if unreadable."""
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["AccessionNumber"], force=True)
-    except (InvalidDicomError, OSError, ValueError, KeyError, EOFError, TypeError):
-        return None
-    value = ds.get("AccessionNumber")
-    return (str(value).strip() or None) if value is not None else None
-
-
 def confirmed_label_samples(
     engine: sa.Engine, spool_root: Path, since: datetime | None = None
 ) -> list[Sample]:
@@ -451,7 +440,7 @@ def confirmed_label_samples(
     present = {iid for iid, (_, spool_name, _) in instances.items() if (spool_root / spool_name).is_file()}
     if wants_accession:
         for instance_id in sorted(present):
-            accession = _accession_of(spool_root / instances[instance_id][1])
+            accession = accession_of(spool_root / instances[instance_id][1])
             if accession:
                 by_accession[accession].append(instance_id)
 
