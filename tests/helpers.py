@@ -565,3 +565,32 @@ def self_signed_certificate(key: Path, pem: Path, subject: str) -> None:
         "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", subject,
         "-keyout", str(key), "-out", str(pem),
     )  # fmt: skip
+
+
+def train_tiny_model(root: Path, cxr3: Path, per_class: int, version: str) -> tuple[Path, Path]:
+    """Train and export a tiny fused model (resnet18 + resnet18 at 64 px, one epoch of 16 draws) on the
+    first ``per_class`` real cxr3 images of each class, linked into ``root/data``; return
+    ``(model directory, data folder)``."""
+    from screener.modelcard import CLASSES
+    from trainer.pipeline import train_and_export
+
+    data = root / "data"
+    for cls in CLASSES:
+        (data / cls).mkdir(parents=True)
+        for png in sorted((cxr3 / cls).glob("*.png"))[:per_class]:
+            (data / cls / png.name).symlink_to(png)
+    out = root / "model"
+    train_and_export(
+        preset="quick",
+        data=data,
+        out=out,
+        archs=("resnet18", "resnet18"),
+        input_size=64,
+        epochs=1,
+        batch_size=8,
+        samples_per_epoch=16,
+        version=version,
+        workdir=root / "work",
+        progress=False,
+    )
+    return out, data

@@ -38,7 +38,7 @@ from screener.modelcard import CARD_FILE, CLASSES, GateSpec, ModelCard, load_mod
 from screener.registry import register
 from screener.spool import Spool
 from screener.worker import Worker
-from tests.helpers import rg1_dir
+from tests.helpers import rg1_dir, train_tiny_model
 from trainer.gate import energy_scores, fit_mahalanobis, ledoit_wolf, pass_threshold
 from trainer.quantize import head_nodes
 
@@ -51,29 +51,7 @@ def gated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     value = os.environ.get("CXR3_DIR")
     if not value or not Path(value).is_dir():
         pytest.skip("CXR3_DIR not set to the cxr3 dataset folder")
-    from trainer.pipeline import train_and_export
-
-    root = tmp_path_factory.mktemp("gate")
-    data = root / "data"
-    for cls in CLASSES:
-        (data / cls).mkdir(parents=True)
-        for png in sorted((Path(value) / cls).glob("*.png"))[:PER_CLASS]:
-            (data / cls / png.name).symlink_to(png)
-    out = root / "model"
-    train_and_export(
-        preset="quick",
-        data=data,
-        out=out,
-        archs=("resnet18", "resnet18"),
-        input_size=64,
-        epochs=1,
-        batch_size=8,
-        samples_per_epoch=16,
-        version="gate-test",
-        workdir=root / "work",
-        progress=False,
-    )
-    return out, data
+    return train_tiny_model(tmp_path_factory.mktemp("gate"), Path(value), PER_CLASS, "gate-test")
 
 
 def _with_threshold(model: Path, dest: Path, threshold: float, version: str) -> Path:

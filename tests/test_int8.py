@@ -22,7 +22,7 @@ import pytest
 from screener.engine import load_engine
 from screener.errors import DataError, ModelError, ModelIntegrityError
 from screener.modelcard import CARD_FILE, CLASSES, INT8_FILE, load_model_dir, read_card, sha256_file
-from tests.helpers import cli, wait_for
+from tests.helpers import cli, train_tiny_model, wait_for
 from trainer.data import load_samples
 from trainer.quantize import (
     GateThresholds,
@@ -44,29 +44,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     value = os.environ.get("CXR3_DIR")
     if not value or not Path(value).is_dir():
         pytest.skip("CXR3_DIR not set to the cxr3 dataset folder")
-    from trainer.pipeline import train_and_export
-
-    root = tmp_path_factory.mktemp("int8")
-    data = root / "data"
-    for cls in CLASSES:
-        (data / cls).mkdir(parents=True)
-        for png in sorted((Path(value) / cls).glob("*.png"))[:PER_CLASS]:
-            (data / cls / png.name).symlink_to(png)
-    out = root / "model"
-    train_and_export(
-        preset="quick",
-        data=data,
-        out=out,
-        archs=("resnet18", "resnet18"),
-        input_size=64,
-        epochs=1,
-        batch_size=8,
-        samples_per_epoch=16,
-        version="int8-test",
-        workdir=root / "work",
-        progress=False,
-    )
-    return out, data
+    return train_tiny_model(tmp_path_factory.mktemp("int8"), Path(value), PER_CLASS, "int8-test")
 
 
 def _copy(model: Path, tmp_path: Path) -> Path:
