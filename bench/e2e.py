@@ -59,7 +59,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import create_engine, text
 
-from screener.progress import Progress
+from screener.core.progress import Progress
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
 MODES = {
@@ -304,7 +304,7 @@ def run_once(args: argparse.Namespace, mode: str, model: Path, files: list[Path]
         }
     )
     # The interpreter itself, not the console script: a venv moved to another path keeps working.
-    screener = [sys.executable, "-c", "import sys; from screener.cli import main; sys.exit(main())"]
+    screener = [sys.executable, "-c", "import sys; from screener.ops.cli import main; sys.exit(main())"]
     subprocess.run(
         [*screener, "models", "register", str(model), "--activate"],
         env=env,
@@ -450,7 +450,7 @@ def main() -> int:
     try:
         model = args.model.resolve() if args.model is not None else None  # serve runs in the work dir
         if model is None:
-            from screener.export import create_random_model_dir
+            from screener.model.export import create_random_model_dir
 
             model = work / "model"
             create_random_model_dir(model, seed=0, version="bench-e2e")

@@ -4,9 +4,9 @@ Each example is a seed file with mutations applied, run through exactly what the
 do with received bytes:
 
 1. ``Spool.put`` into a scratch spool (the listener's durable write);
-2. ``screener.ingest.read_header`` (study/series UIDs, in the listener's association thread);
-3. ``screener.prepare.prepare_instance`` on the spooled file (the worker's pool task: eligibility from
-   the header, then decode and preprocess to the model input).
+2. ``screener.ingest.receive.read_header`` (study/series UIDs, in the listener's association thread);
+3. ``screener.inference.prepare.prepare_instance`` on the spooled file (the worker's pool task: eligibility
+from    the header, then decode and preprocess to the model input).
 
 What must hold for every input (an *escape* when it does not):
 
@@ -14,7 +14,7 @@ What must hold for every input (an *escape* when it does not):
   (it answers a problem string); ``prepare_instance`` never raises and answers ``ok`` with a finite
   ``3 x S x S`` float32 array, or ``skipped``/``failed`` with a reason. A ``failed`` reason of
   ``unexpected error while decoding (...)`` is an escape too: it means an untyped exception got past
-  ``screener.imaging`` to prepare's last-resort net, so the user gets a class name instead of a reason.
+  ``screener.imaging.pixels`` to prepare's last-resort net, so the user gets a class name instead of a reason.
 - No reason or header problem carries the seeds' patient name or ID (PHI never reaches a status reason).
 - Time and memory per input are bounded (see :class:`Bounds`): peak resident memory is measured per input
   by resetting the kernel's high-water mark (``/proc/self/clear_refs``) and reading ``VmHWM``, so memory
@@ -79,12 +79,12 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from screener.config import EligibilityConfig
-from screener.errors import SpoolError
-from screener.imaging import PreprocessSpec
-from screener.ingest import read_header
-from screener.prepare import Prepared, prepare_instance
-from screener.spool import Spool
+from screener.core.config import EligibilityConfig
+from screener.core.errors import SpoolError
+from screener.core.spool import Spool
+from screener.imaging.pixels import PreprocessSpec
+from screener.inference.prepare import Prepared, prepare_instance
+from screener.ingest.receive import read_header
 
 CANARY_NAME = "FUZZCANARY^PATIENT"
 CANARY_ID = "FUZZCANARYID"

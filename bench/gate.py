@@ -4,8 +4,8 @@
         --data ../shared/data/cxr3 --data ../shared/data/cxrx [--limit 300] [--json var/gate.json]
 
 Runs the model directory's own ``model.onnx`` (ONNX Runtime, CPU) on every image as the screener would
-(``screener.imaging``, reduced JPEG 2000 decoding), reads the graph's ``novelty`` output and compares it
-with the card's ``gate.threshold``. Prints:
+(``screener.imaging.pixels``, reduced JPEG 2000 decoding), reads the graph's ``novelty`` output and compares
+it with the card's ``gate.threshold``. Prints:
 - the pass rate of the real frontal chests of each ``--data`` root, and per split (train / val / test)
   where the roots reproduce the model's training split (same ``--data`` as ``trainer train``): the test
   split is the honest figure, training images are what the gate was fitted on;
@@ -29,10 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from screener.engine.onnx_backend import OnnxRuntimeEngine
-from screener.errors import DataError, ImagingError
-from screener.imaging import preprocess_file
-from screener.modelcard import load_model_dir
+from screener.core.errors import DataError, ImagingError
+from screener.imaging.pixels import preprocess_file
+from screener.model.engine.onnx_backend import OnnxRuntimeEngine
+from screener.model.modelcard import load_model_dir
 from trainer.data import Sample, load_roots
 from trainer.gate import CheckCase, non_chest_cases, transformed_chest_cases
 from trainer.quantize import model_split

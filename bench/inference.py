@@ -8,14 +8,14 @@ Backends are timed in rotating order within each batch size (medians of several 
 model's FLOPs per image are printed and, on a GPU, the compute-bound ceiling and each result's share.
 The last line is ``ratio=<onnxruntime / torch eager images/s at batch 8>`` (on a GPU host, TensorRT FP16
 or the best torch CUDA FP16 variant over torch eager FP32 at the largest batch; with ``--parity`` the
-share of identical labels). See ``screener/benchmark.py`` for every option.
+share of identical labels). See ``screener/ops/benchmark.py`` for every option.
 """
 
 from __future__ import annotations
 
 import sys
 
-from screener.benchmark import main
+from screener.ops.benchmark import main
 
 if __name__ == "__main__":
     sys.exit(main())

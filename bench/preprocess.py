@@ -1,4 +1,4 @@
-"""Benchmark: DICOM file -> model input (screener.imaging.preprocess_file), full vs reduced JPEG 2000.
+"""Benchmark: DICOM file -> model input (screener.imaging.pixels.preprocess_file), full vs reduced JPEG 2000.
 
 Builds 15-bit MONOCHROME1 CRs of 2,000 x 2,000 and 2,500 x 2,500 pixels from the real pixels of
 pydicom-data's RG1_UNCR (centre square crop, resized), stored uncompressed (2,000 only) and as lossless
@@ -38,8 +38,8 @@ import numpy as np
 import pydicom
 from pydicom.uid import JPEG2000Lossless, generate_uid
 
-from screener.config import EligibilityConfig
-from screener.imaging import PreprocessSpec, preprocess_file
+from screener.core.config import EligibilityConfig
+from screener.imaging.pixels import PreprocessSpec, preprocess_file
 
 SIZES = (2000, 2500)
 T = TypeVar("T")

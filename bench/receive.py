@@ -38,7 +38,7 @@ from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import PYDICOM_ROOT_UID, ExplicitVRLittleEndian
 
-from screener.progress import Progress
+from screener.core.progress import Progress
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
 CALLED = "CXRSCREENER"

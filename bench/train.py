@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from screener.fused import make_backbone
-from screener.progress import Progress
+from screener.core.progress import Progress
+from screener.model.fused import make_backbone
 
 
 @dataclass(frozen=True)

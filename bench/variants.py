@@ -21,7 +21,7 @@ import json
 import os
 from pathlib import Path
 
-from screener.modelcard import LungCropSpec
+from screener.model.modelcard import LungCropSpec
 from trainer.crossval import CROSSVAL_JSON, run_crossval
 from trainer.pipeline import PRESETS, Preset
 

@@ -93,7 +93,7 @@ MODEL_FUSION_WEIGHT = 0.3  # not 0.5, so swapping the two networks would be noti
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real fused resnet101 + resnet152 (random weights, seeded), exported once per test session."""
-    from screener.export import create_random_model_dir
+    from screener.model.export import create_random_model_dir
 
     out = tmp_path_factory.mktemp("models") / "fused-random"
     create_random_model_dir(
@@ -111,7 +111,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small fused resnet18 + resnet34 at 64 px (random weights): for tests about plumbing, not accuracy."""
-    from screener.export import create_random_model_dir
+    from screener.model.export import create_random_model_dir
 
     out = tmp_path_factory.mktemp("models") / "fused-tiny"
     create_random_model_dir(

@@ -25,7 +25,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from sqlalchemy import create_engine, text
 
-from screener.pynetdicom_compat import keep_responses_for_caller
+from screener.core.pynetdicom_compat import keep_responses_for_caller
 
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 REPO = Path(__file__).resolve().parents[1]
@@ -571,7 +571,7 @@ def train_tiny_model(root: Path, cxr3: Path, per_class: int, version: str) -> tu
     """Train and export a tiny fused model (resnet18 + resnet18 at 64 px, one epoch of 16 draws) on the
     first ``per_class`` real cxr3 images of each class, linked into ``root/data``; return
     ``(model directory, data folder)``."""
-    from screener.modelcard import CLASSES
+    from screener.model.modelcard import CLASSES
     from trainer.pipeline import train_and_export
 
     data = root / "data"

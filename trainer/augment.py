@@ -6,8 +6,8 @@ once per draw, and the class imbalance is handled by :func:`trainer.data.balance
 each class equally often: together they are the online equivalent of storing augmented copies of the
 minority class.
 
-Augmentation acts on the ``[0, 1]`` image that :func:`screener.imaging.load_unit` returns, before the
-shared :func:`screener.imaging.to_model_input`, so training sees exactly the serving pipeline.
+Augmentation acts on the ``[0, 1]`` image that :func:`screener.imaging.pixels.load_unit` returns, before the
+shared :func:`screener.imaging.pixels.to_model_input`, so training sees exactly the serving pipeline.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from screener.imaging import FloatImage
+from screener.imaging.pixels import FloatImage
 
 
 @dataclass(frozen=True)

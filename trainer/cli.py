@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from screener import __version__
-from screener.cli import add_config_option, load_from_args
-from screener.config import Config, as_dict
-from screener.db.migrate import open_database
-from screener.errors import ConfigError, ScreenerError
-from screener.modelcard import CARD_FILE
+from screener.core.cliargs import add_config_option, load_from_args
+from screener.core.config import Config, as_dict
+from screener.core.db.migrate import open_database
+from screener.core.errors import ConfigError, ScreenerError
+from screener.model.modelcard import CARD_FILE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -221,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "config":
         print(json.dumps(as_dict(config), indent=2))
         return 0
-    from screener.logs import configure_logging
+    from screener.core.logs import configure_logging
 
     configure_logging(config.logging, stream=sys.stderr)
     try:
@@ -233,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _init_model(config: Config, args: argparse.Namespace) -> int:
-    from screener.export import create_random_model_dir
+    from screener.model.export import create_random_model_dir
 
     card = create_random_model_dir(
         args.out,
@@ -286,7 +286,7 @@ def _evaluate(config: Config, args: argparse.Namespace) -> int:
 def _models(config: Config, args: argparse.Namespace) -> int:
     from sqlalchemy.orm import Session
 
-    from screener.registry import list_versions
+    from screener.model.registry import list_versions
     from trainer.registry import promote, rollback
 
     engine = open_database(config.database)
@@ -329,7 +329,7 @@ def _cpu_precision(model_dir: Path) -> str:
     """What the screener would run on CPU with inference.precision = auto: ``cpu=int8``, ``cpu=fp32`` or
     ``cpu=fp32*`` (an INT8 graph exists but failed its gate), read from the card on disk (INT8 may be
     added after registration); ``cpu=?`` when the card cannot be read."""
-    from screener.modelcard import read_card
+    from screener.model.modelcard import read_card
 
     try:
         int8 = read_card(model_dir).int8
@@ -344,8 +344,8 @@ def _gate_reports(config: Config, session: Any, args: argparse.Namespace) -> tup
     """Evaluate candidate and active model on the same data (only when the gate needs it)."""
     from sqlalchemy import select
 
-    from screener.db.models import ModelVersion
-    from screener.registry import active_version
+    from screener.core.db.models import ModelVersion
+    from screener.model.registry import active_version
 
     active = active_version(session)
     data = args.data or config.trainer.eval_data

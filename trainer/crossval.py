@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from screener.errors import DataError, TrainingError
-from screener.logs import get_logger
-from screener.modelcard import CLASSES
+from screener.core.errors import DataError, TrainingError
+from screener.core.logs import get_logger
+from screener.model.modelcard import CLASSES
 from trainer.data import Sample, limit_per_class, load_roots
 from trainer.evaluate import LABELS_NPY, PROBS_NPY
 
@@ -299,8 +299,8 @@ def _segmenter(out: Path, args: argparse.Namespace, recipe: Any) -> Any:
 
     from safetensors.torch import load_file, save_file
 
-    from screener.imaging import PreprocessSpec
-    from screener.lungs import LungCrop
+    from screener.imaging.pixels import PreprocessSpec
+    from screener.model.lungs import LungCrop
     from trainer.segment import train_segmenter
 
     spec = PreprocessSpec(input_size=recipe.input_size, working_size=recipe.working_size)

@@ -2,7 +2,7 @@
 
 Every reader returns :class:`Sample` values sorted by key; :func:`split_samples` makes the reproducible,
 stratified, leak-free train / validation / test split; :class:`ImageDataset` turns samples into network
-input with exactly the serving preprocessing of :mod:`screener.imaging`; :func:`balanced_sampler` draws
+input with exactly the serving preprocessing of :mod:`screener.imaging.pixels`; :func:`balanced_sampler` draws
 classes equally often.
 """
 
@@ -23,11 +23,11 @@ import sqlalchemy as sa
 import torch
 from torch.utils.data import Dataset, WeightedRandomSampler
 
-from screener.db.models import Instance, InstanceStatus, Label, Study
-from screener.errors import DataError, ImagingError
-from screener.imaging import FloatImage, PreprocessSpec, load_unit, to_model_input
-from screener.modelcard import CLASSES
-from screener.site_performance import accession_of
+from screener.core.db.models import Instance, InstanceStatus, Label, Study
+from screener.core.errors import DataError, ImagingError
+from screener.imaging.part10 import accession_of
+from screener.imaging.pixels import FloatImage, PreprocessSpec, load_unit, to_model_input
+from screener.model.modelcard import CLASSES
 from trainer.labels import canonical_label, describe_label
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom"})
@@ -49,7 +49,8 @@ CONFIRMED_SOURCE = "site-confirmed"
 
 @dataclass(frozen=True)
 class Sample:
-    """One labelled image. ``label`` is one of ``screener.modelcard.CLASSES``; ``key`` is a stable identity
+    """One labelled image. ``label`` is one of ``screener.model.modelcard.CLASSES``; ``key`` is a stable
+    identity
     (the SOP Instance UID for DICOM and confirmed labels, else the path relative to the dataset root).
 
     ``source`` names where the image came from (a hospital, a collection): the manifest's ``source``
@@ -484,7 +485,7 @@ def confirmed_label_samples(
 
 def image_hash(path: Path, spec: PreprocessSpec, max_pixels: int = _DEFAULT_MAX_PIXELS) -> int:
     """64-bit DCT perceptual hash (pHash) of the image's ``[0, 1]`` grey rendering by
-    :func:`screener.imaging.load_unit`.
+    :func:`screener.imaging.pixels.load_unit`.
 
     The image is area-averaged to 32 x 32, transformed by a 2-D DCT, and the 8 x 8 lowest frequencies
     (DC term included, bit 63 first in row order) are compared with their median: one bit each. The hash
@@ -757,7 +758,7 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
     ``np.random.default_rng((seed, epoch, i))``: reproducible whatever the worker, worker count or order.
     The epoch lives in shared memory, so :meth:`set_epoch` reaches DataLoader workers, persistent ones
     included. With ``cache=True`` decoded ``[0, 1]`` images are kept in memory (per worker process).
-    With ``crop`` (a :class:`screener.lungs.LungCrop`, the module the exported graph runs first) the
+    With ``crop`` (a :class:`screener.model.lungs.LungCrop`, the module the exported graph runs first) the
     tensor is cropped to its lung fields, the box jittered by ``crop_jitter`` when augmenting.
 
     Raises:

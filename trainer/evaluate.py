@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from screener.errors import DataError, ImagingError
-from screener.imaging import preprocess_file
-from screener.site_metrics import calibration_of_indices
-from screener.verdict import instance_label
+from screener.core.errors import DataError, ImagingError
+from screener.core.stats import calibration_of_indices
+from screener.imaging.pixels import preprocess_file
+from screener.model.verdict import instance_label
 from trainer.data import Sample
 
 FloatArray = npt.NDArray[np.float64]
@@ -203,7 +203,8 @@ def _check_inputs(y_true: npt.ArrayLike, probs: npt.ArrayLike, k: int) -> tuple[
 
 
 def predict_labels(probs: npt.ArrayLike, classes: Sequence[str], thresholds: Mapping[str, float]) -> IntArray:
-    """Class index per row, decided by :func:`screener.verdict.instance_label` as the screener decides."""
+    """Class index per row, decided by :func:`screener.model.verdict.instance_label` as the screener
+    decides."""
     index = {name: i for i, name in enumerate(classes)}
     rows = np.asarray(probs, dtype=np.float64).tolist()
     return np.array([index[instance_label(row, classes, thresholds)] for row in rows], dtype=np.int64)
@@ -279,7 +280,7 @@ def metrics_from_probs(
     """The evaluation report of class probabilities against true class indices.
 
     ``y_true`` holds indices into ``classes``; ``probs`` is ``[N, K]`` in the same order. Labels are
-    decided with :func:`screener.verdict.instance_label` (``thresholds`` from the model card; argmax
+    decided with :func:`screener.model.verdict.instance_label` (``thresholds`` from the model card; argmax
     without), exactly as the screener labels an image. The report holds:
 
     - ``n``, ``classes``, ``confusion`` (rows true, columns predicted), ``accuracy``, ``macro_f1``
@@ -501,8 +502,8 @@ def evaluate_model(
     model is judged per hospital or collection, not only on the pooled images.
 
     The directory is verified (every file's sha256) and opened with
-    :func:`screener.engine.load_engine`; each image goes through
-    :func:`screener.imaging.preprocess_file` with the card's preprocessing, exactly as the screener
+    :func:`screener.model.engine.load_engine`; each image goes through
+    :func:`screener.imaging.pixels.preprocess_file` with the card's preprocessing, exactly as the screener
     does, and is labelled with the card's thresholds. An image that cannot be read or decoded is listed
     under ``data.skipped`` with its reason, never a crash. The report is that of
     :func:`metrics_from_probs` (per-network figures named after the card's architectures) plus
@@ -518,8 +519,8 @@ def evaluate_model(
         EngineUnavailableError: ``backend`` is unknown or cannot run here.
         ValueError: ``batch_size`` < 1 or a negative ``bootstrap``.
     """
-    from screener.engine import load_engine
-    from screener.progress import Progress
+    from screener.core.progress import Progress
+    from screener.model.engine import load_engine
 
     if batch_size < 1:
         raise ValueError(f"batch_size {batch_size} must be at least 1")
@@ -665,7 +666,7 @@ def _lung_crop_of(model: Any) -> Any:
     """The model's lung crop as a torch module (to report where it finds no lungs), or None."""
     if model.card.lung_crop is None:
         return None
-    from screener.lungs import load_lung_crop
+    from screener.model.lungs import load_lung_crop
 
     return load_lung_crop(model.weights_path, model.card.lung_crop)
 

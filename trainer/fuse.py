@@ -1,6 +1,7 @@
 """Model integration (Wang, Liu & Xu 2020, sections II.C and III.B): two frozen nets, one output weight.
 
-``p = w * softmax(z_a) + (1 - w) * softmax(z_b)``, exactly what :class:`screener.fused.FusedResNet` computes.
+``p = w * softmax(z_a) + (1 - w) * softmax(z_b)``, exactly what :class:`screener.model.fused.FusedResNet`
+computes.
 Both nets are frozen; only ``w`` is learnt, from the validation set. The nets' probabilities are computed
 once (inference is the expensive part) and every round reuses them.
 
@@ -27,8 +28,8 @@ from numpy.typing import NDArray
 from torch import nn
 from torch.utils.data import DataLoader
 
-from screener.errors import TrainingError
-from screener.logs import get_logger
+from screener.core.errors import TrainingError
+from screener.core.logs import get_logger
 
 log = get_logger("trainer.fuse")
 

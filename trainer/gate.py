@@ -32,13 +32,13 @@ import numpy.typing as npt
 import torch
 from torch.utils.data import DataLoader
 
-from screener.errors import DataError, ImagingError, ModelError
-from screener.export import export_model_dir
-from screener.fused import FusedResNet, load_fused_from_safetensors
-from screener.imaging import PreprocessSpec, load_unit, to_model_input
-from screener.logs import get_logger
-from screener.modelcard import CLASSES, GateSpec, ModelCard, load_model_dir
-from screener.novelty import backbone_features
+from screener.core.errors import DataError, ImagingError, ModelError
+from screener.core.logs import get_logger
+from screener.imaging.pixels import PreprocessSpec, load_unit, to_model_input
+from screener.model.export import export_model_dir
+from screener.model.fused import FusedResNet, load_fused_from_safetensors
+from screener.model.modelcard import CLASSES, GateSpec, ModelCard, load_model_dir
+from screener.model.novelty import backbone_features
 from trainer.data import ImageDataset, Sample, Splits
 
 log = get_logger("trainer.gate")
@@ -322,7 +322,8 @@ def fit_gate(
     quantile: float = PASS_QUANTILE,
 ) -> GateSpec:
     """Fit ``model``'s image-content gate on ``splits.train`` and choose its threshold on ``splits.val``;
-    the model gets the fitted :class:`screener.novelty.MahalanobisGate` and the card section is returned.
+    the model gets the fitted :class:`screener.model.novelty.MahalanobisGate` and the card section is
+    returned.
 
     The features come from the model itself on unaugmented images through the serving preprocessing.
     The non-chest and transformed-chest check images are scored too and recorded (the gate is not

@@ -21,13 +21,13 @@ from typing import Any
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from screener.config import Config
-from screener.db.migrate import open_database
-from screener.db.models import Label, TrainingRun, utcnow
-from screener.errors import DataError, ScreenerError, TrainingError
-from screener.logs import get_logger
-from screener.modelcard import load_model_dir
-from screener.registry import active_version, register
+from screener.core.config import Config
+from screener.core.db.migrate import open_database
+from screener.core.db.models import Label, TrainingRun, utcnow
+from screener.core.errors import DataError, ScreenerError, TrainingError
+from screener.core.logs import get_logger
+from screener.model.modelcard import load_model_dir
+from screener.model.registry import active_version, register
 from trainer.data import Sample, confirmed_label_samples, limit_per_class, load_roots, load_samples
 from trainer.evaluate import evaluate_model
 from trainer.registry import promote, record_registration

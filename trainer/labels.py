@@ -16,9 +16,9 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from screener.db.models import UID_LENGTH, Label
-from screener.errors import DataError
-from screener.modelcard import CLASSES
+from screener.core.db.models import UID_LENGTH, Label
+from screener.core.errors import DataError
+from screener.model.modelcard import CLASSES
 
 LABEL_ALIASES: dict[str, str] = {
     "normal": "normal",
@@ -31,8 +31,8 @@ LABEL_ALIASES: dict[str, str] = {
     "viral": "viral_pneumonia",
     "pneumoniaviral": "viral_pneumonia",
 }
-"""Aliases of :data:`screener.modelcard.CLASSES`, keyed by the lower-cased name without ``-``, ``_``, ``.``
-or spaces (so ``"COVID-19"``, ``"Viral Pneumonia"`` and ``"NORMAL"`` all resolve). Plain "pneumonia" is
+"""Aliases of :data:`screener.model.modelcard.CLASSES`, keyed by the lower-cased name without ``-``, ``_``,
+``.`` or spaces (so ``"COVID-19"``, ``"Viral Pneumonia"`` and ``"NORMAL"`` all resolve). Plain "pneumonia" is
 deliberately absent: in most public sets it includes bacterial pneumonia (see the COVIDx reader in
 :mod:`trainer.data` for the one place it is accepted)."""
 
@@ -45,7 +45,7 @@ _MAX_ECHO = 32
 
 
 def canonical_label(value: str) -> str | None:
-    """The class in :data:`~screener.modelcard.CLASSES` that ``value`` names (directly or as an alias of
+    """The class in :data:`~screener.model.modelcard.CLASSES` that ``value`` names (directly or as an alias of
     :data:`LABEL_ALIASES`), or None if it names none."""
     return LABEL_ALIASES.get(_ALIAS_STRIP_RE.sub("", value.strip().lower()))
 

@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from screener.errors import TrainingError
-from screener.export import export_model_dir
-from screener.fused import ARCHITECTURES, FusedResNet
-from screener.imaging import PreprocessSpec
-from screener.logs import get_logger
-from screener.lungs import LungCrop, load_lung_crop
-from screener.modelcard import CLASSES, LoadedModel, LungCropSpec, ModelCard, read_card
+from screener.core.errors import TrainingError
+from screener.core.logs import get_logger
+from screener.imaging.pixels import PreprocessSpec
+from screener.model.export import export_model_dir
+from screener.model.fused import ARCHITECTURES, FusedResNet
+from screener.model.lungs import LungCrop, load_lung_crop
+from screener.model.modelcard import CLASSES, LoadedModel, LungCropSpec, ModelCard, read_card
 from trainer.augment import Augmenter, Chain, SiteAugmenter
 from trainer.data import (
     ImageDataset,
@@ -281,8 +281,8 @@ def train_and_export(
     metrics and the training time.
 
     Raises :class:`TrainingError` for an unknown preset or architecture, fewer than two candidates, or a
-    failed training; :class:`screener.errors.DataError` for unusable data; :class:`ModelError` when ``out``
-    exists or the export fails.
+    failed training; :class:`screener.core.errors.DataError` for unusable data; :class:`ModelError` when
+    ``out`` exists or the export fails.
     """
     started = time.perf_counter()
     try:

@@ -3,12 +3,12 @@
 Calibration uses real images of the model's own TRAINING split only: the data source is split again with
 the trainer's seeded, leak-free :func:`trainer.data.split_samples` and the split's digest must equal the
 card's ``training_data_digest``, so neither another dataset nor the held-out images can calibrate. Every
-image goes through the serving preprocessing (:func:`screener.imaging.preprocess_file`, driven by the
+image goes through the serving preprocessing (:func:`screener.imaging.pixels.preprocess_file`, driven by the
 card). The graph is quantised with ONNX Runtime's ``quantize_static`` (QDQ format, per-channel symmetric
 INT8 weights, MinMax activation ranges; ONNX Runtime's quantisation guide,
 https://onnxruntime.ai/docs/performance/model-optimizations/quantization.html). The INT8 graph is then
 compared with the FP32 graph on the EVALUATION (held-out test) split of the same split, and the card gets
-an ``int8`` section (:class:`screener.modelcard.Int8Card`) with the file's sha256, the calibration count
+an ``int8`` section (:class:`screener.model.modelcard.Int8Card`) with the file's sha256, the calibration count
 and digest, the gate figures and whether the gate passed. The screener serves INT8 only when it passed.
 
 Gate (defaults): labels identical on >= 99% of images, macro-F1 drop <= 0.01, COVID-19 sensitivity drop
@@ -34,11 +34,12 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from screener.errors import DataError, ImagingError, ModelError
-from screener.export import fsync_path
-from screener.imaging import PreprocessSpec, preprocess_file
-from screener.logs import get_logger
-from screener.modelcard import (
+from screener.core.errors import DataError, ImagingError, ModelError
+from screener.core.logs import get_logger
+from screener.core.progress import Progress
+from screener.imaging.pixels import PreprocessSpec, preprocess_file
+from screener.model.export import fsync_path
+from screener.model.modelcard import (
     CARD_FILE,
     INT8_FILE,
     Int8Card,
@@ -47,7 +48,6 @@ from screener.modelcard import (
     load_model_dir,
     sha256_file,
 )
-from screener.progress import Progress
 from trainer.data import Sample, Splits, limit_per_class, load_samples, split_samples
 from trainer.evaluate import metrics_from_probs, predict_labels
 
@@ -170,7 +170,7 @@ def gate_figures(
     """Compare INT8 with FP32 on the same images; return ``(figures, passed, failures)``.
 
     Labels are decided as the screener decides them (the card's thresholds, else argmax). ``figures``
-    holds every key of :data:`screener.modelcard.INT8_GATE_FIGURES` (drops are FP32 minus INT8) plus
+    holds every key of :data:`screener.model.modelcard.INT8_GATE_FIGURES` (drops are FP32 minus INT8) plus
     ``disagreements`` and ``thresholds``; ``failures`` says in words which threshold was missed. A
     COVID-19 sensitivity that cannot be measured (no COVID-19 image) fails the gate.
     Raises ``ValueError`` for malformed arrays.
@@ -344,7 +344,7 @@ def head_nodes(path: Path) -> list[str]:
 
 
 def lung_crop_nodes(path: Path) -> list[str]:
-    """Names of the lung crop's nodes (:mod:`screener.lungs`): every node the ``GridSample`` depends on,
+    """Names of the lung crop's nodes (:mod:`screener.model.lungs`): every node the ``GridSample`` depends on,
     and the ``GridSample`` itself; empty for a model without a lung crop. They stay FP32: quantised, the
     U-Net's mask (and so the crop box) would move, and they cost a few percent of the graph.
     Raises :class:`ModelError` when such a node has no name."""
@@ -513,7 +513,7 @@ def _quantize_and_run(
 ) -> tuple[FloatArray, FloatArray, list[str]]:
     """Quantise to ``tmp``, then run the evaluation images through FP32 and ``tmp``:
     ``(fp32, int8, early nodes kept FP32)``."""
-    from screener.engine.onnx_backend import OnnxRuntimeEngine
+    from screener.model.engine.onnx_backend import OnnxRuntimeEngine
 
     spec = model.card.preprocessing
     early = quantize_graph(model.onnx_path, tmp, calibration, spec, settings, bar=bar)

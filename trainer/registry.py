@@ -17,10 +17,10 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from screener import audit
-from screener.db.models import ModelEvent, ModelStatus, ModelVersion, utcnow
-from screener.errors import ModelError
-from screener.registry import activate_version, active_version
+from screener.core import audit
+from screener.core.db.models import ModelEvent, ModelStatus, ModelVersion, utcnow
+from screener.core.errors import ModelError
+from screener.model.registry import activate_version, active_version
 from trainer.evaluate import gate_passes, out_of_source_gate
 
 

@@ -21,8 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from screener.errors import TrainingError
-from screener.logs import get_logger
+from screener.core.errors import TrainingError
+from screener.core.logs import get_logger
 from trainer.train import CHECKPOINT_JSON, CHECKPOINT_TENSORS
 
 log = get_logger("trainer.runs")

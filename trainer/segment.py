@@ -1,9 +1,9 @@
-"""Train the lung-field segmenter of :class:`screener.lungs.LungCrop` on radiographs with lung masks.
+"""Train the lung-field segmenter of :class:`screener.model.lungs.LungCrop` on radiographs with lung masks.
 
 The data is a folder like ``jsrt-lungs``: ``MANIFEST.csv`` with ``file``, ``mask`` and (optionally)
 ``split`` columns, 8-bit images and masks (255 = lung). Every image goes through the classifier's own
-preprocessing (:func:`screener.imaging.to_model_input` with the model's spec) and every mask through the
-same geometry (working size, letterbox), so the segmenter learns on exactly the input it will meet inside
+preprocessing (:func:`screener.imaging.pixels.to_model_input` with the model's spec) and every mask through
+the same geometry (working size, letterbox), so the segmenter learns on exactly the input it will meet inside
 the graph. The manifest's ``test`` split is never trained on: the Dice score reported on it is the
 segmenter's held-out figure. Augmentation: random affine (the same for image and mask), gamma, blur and
 noise, so that films and detectors of other sites still find their lungs.
@@ -23,12 +23,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from screener.errors import DataError, ImagingError
-from screener.imaging import FloatImage, PreprocessSpec, letterbox, load_unit, to_model_input, to_working_size
-from screener.logs import get_logger
-from screener.lungs import LungCrop
-from screener.modelcard import LungCropSpec
-from screener.progress import Progress
+from screener.core.errors import DataError, ImagingError
+from screener.core.logs import get_logger
+from screener.core.progress import Progress
+from screener.imaging.pixels import (
+    FloatImage,
+    PreprocessSpec,
+    letterbox,
+    load_unit,
+    to_model_input,
+    to_working_size,
+)
+from screener.model.lungs import LungCrop
+from screener.model.modelcard import LungCropSpec
 
 log = get_logger("trainer.segment")
 

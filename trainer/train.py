@@ -31,10 +31,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from screener.errors import TrainingError
-from screener.fused import ARCHITECTURES, make_backbone
-from screener.logs import get_logger
-from screener.progress import Progress
+from screener.core.errors import TrainingError
+from screener.core.logs import get_logger
+from screener.core.progress import Progress
+from screener.model.fused import ARCHITECTURES, make_backbone
 
 if TYPE_CHECKING:
     from torchvision.models import ResNet

@@ -49,7 +49,7 @@ def host_facts() -> dict[str, Any]:
         facts["tensorrt_missing"] = str(exc)
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        from screener.benchmark import gpu_peak_tflops
+        from screener.ops.benchmark import gpu_peak_tflops
 
         facts["gpu"] = {
             "name": props.name,
@@ -92,7 +92,7 @@ def sample_cxr3(src: Path, out: Path, n: int) -> int:
 
 
 def make_model(out: Path, archs: str) -> None:
-    from screener.export import create_random_model_dir
+    from screener.model.export import create_random_model_dir
 
     arch_a, arch_b = archs.split(",")
     size = 224 if arch_a == "resnet101" else 64
@@ -101,8 +101,8 @@ def make_model(out: Path, archs: str) -> None:
 
 def build_plan(model_dir: Path, cache: Path, max_batch: int) -> dict[str, Any]:
     """Build (or find) the TensorRT FP16 plan; returns its path, cache hit and seconds taken."""
-    from screener.engine import load_engine
-    from screener.engine.tensorrt_backend import TensorRTEngine
+    from screener.model.engine import load_engine
+    from screener.model.engine.tensorrt_backend import TensorRTEngine
 
     start = time.perf_counter()
     engine, _ = load_engine(model_dir, "tensorrt", trt_cache_dir=cache, max_batch=max_batch, precision="fp32")
@@ -165,8 +165,8 @@ def dry_run() -> int:
         check(
             f"{script} --help lists {' '.join(flags)}", res.returncode == 0 and not missing, " ".join(missing)
         )
-    from screener.benchmark import default_backends, gpu_peak_tflops, open_engine
-    from screener.engine.torch_backend import HalfFused, TorchEngine, batch_buckets, bucket_for
+    from screener.model.engine.torch_backend import HalfFused, TorchEngine, batch_buckets, bucket_for
+    from screener.ops.benchmark import default_backends, gpu_peak_tflops, open_engine
 
     check("H100 SXM peak", gpu_peak_tflops("NVIDIA H100 80GB HBM3") == 989.4)
     check("H100 PCIe peak", gpu_peak_tflops("NVIDIA H100 PCIe") == 756.5)
@@ -190,7 +190,7 @@ def dry_run() -> int:
     import numpy as np
     import torch
 
-    from screener.fused import FusedResNet
+    from screener.model.fused import FusedResNet
 
     torch.manual_seed(0)
     fused = FusedResNet("resnet18", "resnet34", fusion_weight=0.3).eval()

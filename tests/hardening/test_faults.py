@@ -21,7 +21,7 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
-from screener.pynetdicom_compat import keep_responses_for_caller
+from screener.core.pynetdicom_compat import keep_responses_for_caller
 from tests.hardening.conftest import Figure, percentile, rounds
 from tests.helpers import (
     CR_STORAGE,
@@ -177,8 +177,8 @@ def _kill_round(server: Server, rng: random.Random) -> dict[str, float]:
     refused = [(i, s) for i, s in enumerate(resent) if s not in (0x0000, None)]
     assert not refused, f"resend after restart refused: {refused[:3]}; server said {_trouble(server)}"
     # A store left without any answer is sent again, as a PACS would (reported as its own figure). It was a
-    # race in pynetdicom's requesting side that dropped a response (screener/pynetdicom_compat.py); with its
-    # guard on every association here, this figure should stay 0.
+    # race in pynetdicom's requesting side that dropped a response (screener/core/pynetdicom_compat.py); with
+    # its guard on every association here, this figure should stay 0.
     unanswered = [d for d, s in zip(instances, resent, strict=True) if s is None]
     if unanswered:
         assert store(server.port, unanswered) == [0x0000] * len(unanswered), _trouble(server)

@@ -29,11 +29,11 @@ from bench.fuzz import (
     run_one,
     seed_corpus,
 )
-from screener.config import EligibilityConfig
-from screener.imaging import PreprocessSpec
-from screener.ingest import read_header
-from screener.prepare import prepare_instance
-from screener.spool import Spool
+from screener.core.config import EligibilityConfig
+from screener.core.spool import Spool
+from screener.imaging.pixels import PreprocessSpec
+from screener.inference.prepare import prepare_instance
+from screener.ingest.receive import read_header
 from tests.hardening.conftest import Figure
 
 EXAMPLES = 200  # HARDENING_FUZZ_EXAMPLES overrides; `python bench/fuzz.py --seconds N` runs longer
@@ -151,7 +151,8 @@ def test_voi_lut_disagreeing_with_its_descriptor_is_a_typed_decode_error(
     assert prepared.reason is not None and "LUT" in prepared.reason
 
 
-# --- found and fixed (screener/eligibility.py) ------------------------------------------------------------
+# --- found and fixed (screener/imaging/eligibility.py)
+# ------------------------------------------------------------
 
 
 def test_undecodable_header_value_is_skipped_with_its_name(seeds: list[Seed], tmp_path: Path):

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from pydicom.uid import generate_uid
 
-from screener.engine import load_engine
-from screener.errors import ModelError, ModelIntegrityError
-from screener.modelcard import CARD_FILE, ONNX_FILE, WEIGHTS_FILE, load_model_dir, sha256_file
+from screener.core.errors import ModelError, ModelIntegrityError
+from screener.model.engine import load_engine
+from screener.model.modelcard import CARD_FILE, ONNX_FILE, WEIGHTS_FILE, load_model_dir, sha256_file
 from tests.helpers import SCREENER, cli, rg1_pixels, small_cr, store, wait_for
 
 

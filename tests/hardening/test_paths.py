@@ -1,6 +1,6 @@
 """No DICOM value steers a file path, and a stored Part 10 file never keeps a sender's preamble.
 
-The spool names files from content hashes (screener/spool.py); these tests send every value that could
+The spool names files from content hashes (screener/core/spool.py); these tests send every value that could
 reach a path if that ever changed (UIDs in the command and the data set, the calling AE title, patient
 name and ID, file meta and file-set values) carrying ``../``, absolute paths, NUL and very long strings,
 and compare the server's working directory and a sentinel directory before and after.

@@ -1,6 +1,7 @@
 """PHI canaries through every path at DEBUG: listener, worker, sender, reports, metrics, and the trainer.
 
-Instances carry a canary patient name, patient ID, birth date and accession number (tests/test_phi.py) and
+Instances carry a canary patient name, patient ID, birth date and accession number
+(tests/integration/test_phi.py) and
 travel the whole way: C-STORE (pynetdicom and DCMTK), eligibility (a lateral view is skipped, broken pixel
 data fails), classification, the SR and Secondary Capture back to a PACS, `/metrics` and `/healthz`, every
 `screener report`, `status` and `deliveries list`, then `trainer labels import` keyed by the canary accession
@@ -22,9 +23,9 @@ from pydicom.uid import generate_uid
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
-from screener.db.migrate import upgrade
-from screener.registry import register
-from screener.reporting import FORMATS, REPORTS, run_report
+from screener.core.db.migrate import upgrade
+from screener.model.registry import register
+from screener.ops.reporting import FORMATS, REPORTS, run_report
 from tests.helpers import SCREENER, FakePacs, cli, free_port, rg1_pixels, small_cr, store, wait_for
 from tests.test_phi import CANARIES, _needles
 

@@ -24,8 +24,8 @@ from pynetdicom import AE, evt
 from sqlalchemy import create_engine, inspect
 from sqlalchemy.orm import Session
 
-from screener.db.migrate import upgrade
-from screener.registry import register
+from screener.core.db.migrate import upgrade
+from screener.model.registry import register
 from tests.helpers import SCREENER, cli, rg1_pixels, self_signed_certificate, small_cr, store, wait_for
 
 TRAINER = SCREENER.with_name("trainer")

@@ -1,0 +1,149 @@
+"""``screener classify``: classify DICOM/PNG/JPEG files with a model directory, without the daemon."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from screener.core.config import Config
+from screener.core.errors import ImageDecodeError, ImagingError
+from screener.imaging.pixels import preprocess_file, read_dicom
+from screener.inference.prepare import Prepared, prepare_dataset, prepare_instance
+from screener.model.engine import load_engine
+from screener.model.verdict import instance_label
+
+
+@dataclass(frozen=True)
+class FileResult:
+    path: str
+    status: str  # classified | skipped | failed
+    label: str | None
+    probs: dict[str, float] | None
+    reason: str | None
+    note: str | None = None  # how the file was read, where that was an assumption
+    novelty: float | None = None  # the image-content gate's score, where the model has a gate
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "status": self.status,
+            "label": self.label,
+            "probs": self.probs,
+            "reason": self.reason,
+            "note": self.note,
+            "novelty": self.novelty,
+        }
+
+
+def _is_dicom(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(132)
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def _bare_dataset(path: Path) -> Dataset | None:
+    """The file as a DICOM data set without preamble and file meta information (older modalities, raw
+    exports), or None where it is not one (a PNG, a JPEG). Its transfer syntax is the encoding it was read
+    in (:func:`screener.imaging.pixels.read_dicom`)."""
+    try:
+        ds = read_dicom(path)
+    except ImageDecodeError:
+        return None
+    return ds if "PixelData" in ds and "SOPClassUID" in ds else None
+
+
+def _assumed_encoding_note(ds: Dataset) -> str:
+    return (
+        f"no file meta information: read as {ds.file_meta.TransferSyntaxUID.name} "
+        "(assumed from the data set's encoding)"
+    )
+
+
+def classify_files(
+    config: Config, model_dir: Path, files: list[Path], batch: int = 8
+) -> tuple[str, list[FileResult]]:
+    """Classify ``files``; DICOM files go through the same eligibility and preprocessing as the worker,
+    and, where the card has an image-content gate, the same gate (a refused image is ``skipped`` with the
+    worker's reason, and no label).
+
+    Returns (model version, one result per file in order). Raises ModelError on a bad model directory.
+    """
+    inf = config.inference
+    engine, loaded = load_engine(
+        model_dir,
+        inf.backend,
+        threads=inf.threads,
+        torch_compile=inf.torch_compile,
+        trt_cache_dir=inf.trt_cache_dir,
+        max_batch=max(batch, 1),
+        precision=inf.precision,
+    )
+    card = loaded.card
+    spec = card.preprocessing
+    prepared: list[Prepared] = []
+    notes: dict[int, str] = {}
+    for n, path in enumerate(files):
+        if not path.is_file():
+            prepared.append(Prepared(n, "failed", None, f"no such file: {path}", 0.0))
+        elif _is_dicom(path):
+            prepared.append(prepare_instance(n, str(path), spec, config.eligibility, inf.reduced_decode))
+        elif (bare := _bare_dataset(path)) is not None:
+            notes[n] = _assumed_encoding_note(bare)
+            prepared.append(prepare_dataset(n, bare, spec, config.eligibility, inf.reduced_decode))
+        else:
+            started = time.perf_counter()
+            try:
+                array = preprocess_file(
+                    path, spec, config.eligibility.max_pixels, reduced_decode=inf.reduced_decode
+                )
+                prepared.append(Prepared(n, "ok", array, None, (time.perf_counter() - started) * 1000))
+            except ImagingError as exc:
+                prepared.append(Prepared(n, "failed", None, str(exc), 0.0))
+    results: dict[int, FileResult] = {}
+    ok = [p for p in prepared if p.kind == "ok" and p.array is not None]
+    try:
+        for start in range(0, len(ok), max(batch, 1)):
+            chunk = ok[start : start + batch]
+            out = engine.infer(np.stack([p.array for p in chunk if p.array is not None]).astype(np.float32))
+            for k, p in enumerate(chunk):
+                probs = [float(x) for x in out.probs[k]]
+                novelty = float(out.novelty[k]) if out.novelty is not None else None
+                if card.gate is not None and card.gate.refuses(novelty):
+                    assert novelty is not None
+                    results[p.instance_id] = FileResult(
+                        str(files[p.instance_id]),
+                        "skipped",
+                        None,
+                        None,
+                        card.gate.reason(novelty),
+                        notes.get(p.instance_id),
+                        novelty,
+                    )
+                    continue
+                results[p.instance_id] = FileResult(
+                    str(files[p.instance_id]),
+                    "classified",
+                    instance_label(probs, card.classes, card.thresholds),
+                    dict(zip(card.classes, probs, strict=True)),
+                    None,
+                    notes.get(p.instance_id),
+                    novelty,
+                )
+    finally:
+        engine.close()
+    for p in prepared:
+        if p.instance_id not in results:
+            results[p.instance_id] = FileResult(
+                str(files[p.instance_id]),
+                "skipped" if p.kind == "skipped" else "failed",
+                None,
+                None,
+                p.reason,
+                notes.get(p.instance_id),
+            )
+    return card.version, [results[n] for n in range(len(files))]

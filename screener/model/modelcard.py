@@ -1,0 +1,609 @@
+"""The model card: one JSON file next to the weights that carries a model's whole contract.
+
+A model directory holds ``card.json``, ``model.onnx`` (both networks and the fusion in one graph) and
+``weights.safetensors``. The card records the version, the label map, the preprocessing the screener must
+apply, the fusion weight, decision thresholds, validation metrics, the training-data digest, the parent
+version and the sha256 of every file; :func:`load_model_dir` checks every one of those digests before any
+byte is handed to an inference engine. Nothing here imports torch or onnxruntime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Collection
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from screener.core.errors import ModelError, ModelIntegrityError
+from screener.imaging.pixels import PreprocessSpec
+from screener.model.onnx_safety import check_model_onnx_files
+
+CLASSES: tuple[str, ...] = ("normal", "covid19", "viral_pneumonia")
+"""The label map, in model output order. The single source: everything else derives from it."""
+
+ARCHITECTURE_NAMES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+"""Backbones a card may name; ``screener.model.fused.ARCHITECTURES`` maps each to its factory."""
+
+CARD_FILE = "card.json"
+ONNX_FILE = "model.onnx"
+WEIGHTS_FILE = "weights.safetensors"
+INT8_FILE = "model.int8.onnx"
+REQUIRED_FILES: tuple[str, ...] = (ONNX_FILE, WEIGHTS_FILE)
+INT8_GATE_FIGURES: tuple[str, ...] = (
+    "n",
+    "label_agreement",
+    "macro_f1_fp32",
+    "macro_f1_int8",
+    "macro_f1_drop",
+    "covid19_sensitivity_fp32",
+    "covid19_sensitivity_int8",
+    "covid19_sensitivity_drop",
+)
+"""Figures every ``int8.gate`` records (see :class:`Int8Card`)."""
+
+_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_CHUNK = 1 << 20
+
+
+def _bad(key: str, value: object, problem: str) -> ModelError:
+    return ModelError(f"model card {key} = {value!r}: {problem}")
+
+
+@dataclass(frozen=True)
+class Int8Card:
+    """The card's ``int8`` section: a statically quantised copy of ``model.onnx`` and proof of its accuracy.
+
+    ``sha256`` must equal the card's ``files[file]`` entry, so the INT8 graph is verified like every other
+    file. ``calibration`` records how the quantisation ranges were found (``count`` training-split images,
+    their ``digest``, the ``split`` they came from, ``seed``); ``quantization`` the ONNX Runtime settings;
+    ``gate`` the INT8-versus-FP32 figures on the evaluation split (:data:`INT8_GATE_FIGURES`, each drop
+    FP32 minus INT8) and the ``thresholds`` they were held to; ``passed`` whether every threshold was
+    met. The screener serves INT8 only when ``passed`` is true.
+    """
+
+    file: str
+    sha256: str
+    passed: bool
+    gate: dict[str, Any]
+    calibration: dict[str, Any]
+    quantization: dict[str, Any]
+    created_at: str
+
+    def validate(self) -> None:
+        """Check every field; raises :class:`ModelError` naming the offending key and value."""
+        if self.file != INT8_FILE:
+            raise _bad("int8.file", self.file, f"must be {INT8_FILE}")
+        if not isinstance(self.sha256, str) or not _SHA256_RE.match(self.sha256):
+            raise _bad("int8.sha256", self.sha256, "must be a lower-case hex sha256 digest")
+        if not isinstance(self.passed, bool):
+            raise _bad("int8.passed", self.passed, "must be true or false")
+        for key in INT8_GATE_FIGURES:
+            value = self.gate.get(key)
+            if key == "n":
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise _bad("int8.gate.n", value, "must be the number of evaluated images")
+            elif value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+            ):
+                raise _bad(f"int8.gate.{key}", value, "must be a finite number or null")
+        if not isinstance(self.gate.get("thresholds"), dict):
+            raise _bad("int8.gate.thresholds", self.gate.get("thresholds"), "must be an object")
+        count = self.calibration.get("count")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise _bad("int8.calibration.count", count, "must be a positive number of images")
+        digest = self.calibration.get("digest")
+        if not isinstance(digest, str) or not _SHA256_RE.match(digest):
+            raise _bad("int8.calibration.digest", digest, "must be a lower-case hex sha256 digest")
+        try:
+            datetime.fromisoformat(self.created_at)
+        except (TypeError, ValueError):
+            raise _bad("int8.created_at", self.created_at, "must be an ISO 8601 timestamp") from None
+
+    def summary(self) -> str:
+        """The gate figures in one line, for log lines and error messages."""
+        g = self.gate
+
+        def pct(key: str) -> str:
+            value = g.get(key)
+            return f"{100 * value:.1f}%" if isinstance(value, int | float) else "n/a"
+
+        def drop(key: str) -> str:
+            value = g.get(key)
+            return f"{value:+.4f}" if isinstance(value, int | float) else "n/a"
+
+        verdict = "passed" if self.passed else "FAILED"
+        return (
+            f"INT8 gate {verdict} on n={g.get('n')}: label agreement {pct('label_agreement')}, "
+            f"macro-F1 {pct('macro_f1_fp32')} -> {pct('macro_f1_int8')} (drop {drop('macro_f1_drop')}), "
+            f"COVID-19 sensitivity {pct('covid19_sensitivity_fp32')} -> {pct('covid19_sensitivity_int8')} "
+            f"(drop {drop('covid19_sensitivity_drop')})"
+        )
+
+
+@dataclass(frozen=True)
+class LungCropSpec:
+    """The card's ``lung_crop`` section: the lung-field crop inside ``model.onnx`` (see
+    :mod:`screener.model.lungs`). The graph's input stays ``input_size``; the lungs are found on a
+    ``seg_size`` copy, their box widened by ``margin`` of its size on each side and resampled to
+    ``crop_size``, the backbones' input. The whole image is used where less than ``min_fraction`` of it
+    is lung, or the box is narrower or lower than ``min_side`` of the image; a row or column belongs to the
+    box when at least ``min_line`` of it is lung. ``segmenter`` records how the U-Net was trained and how
+    well it did (Dice on held-out masks, the share of images where it found no lungs)."""
+
+    seg_size: int = 128
+    crop_size: int = 128
+    margin: float = 0.05
+    min_fraction: float = 0.08
+    min_side: float = 0.3
+    min_line: float = 0.02
+    base_channels: int = 8
+    segmenter: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Check every field; raises :class:`ModelError` naming the offending key and value."""
+        for key in ("seg_size", "crop_size", "base_channels"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not 8 <= value <= 4096:
+                raise _bad(f"lung_crop.{key}", value, "must be an integer between 8 and 4096")
+        if self.seg_size % 8:
+            raise _bad("lung_crop.seg_size", self.seg_size, "must be a multiple of 8 (three 2x poolings)")
+        for key, upper in (("margin", 0.5), ("min_fraction", 1.0), ("min_side", 1.0), ("min_line", 1.0)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < upper:
+                raise _bad(f"lung_crop.{key}", value, f"must be a number in [0, {upper})")
+        if not isinstance(self.segmenter, dict):
+            raise _bad("lung_crop.segmenter", self.segmenter, "must be an object")
+
+
+GATE_METHODS: tuple[str, ...] = ("mahalanobis",)
+"""Novelty scores the card's ``gate`` may name (the graph computes it; see :mod:`screener.model.novelty`)."""
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """The card's ``gate`` section: the image-content gate computed inside ``model.onnx``.
+
+    The graph's extra output ``novelty`` [N] is the squared Mahalanobis distance (tied covariance,
+    smallest over the classes) of the two networks' concatenated pooled features from the training
+    split's class means (:mod:`screener.model.novelty`); the means and the whitening matrix are buffers in
+    ``weights.safetensors``, so the card's sha256 list covers them. An image whose novelty exceeds
+    ``threshold`` (or is not a finite number) is not classified: it is skipped with :meth:`reason`.
+    ``feature_dims`` are the two networks' feature sizes; ``fitted_on`` says which images the statistics
+    came from (split, counts per class, digest, shrinkage); ``validation`` how the threshold was chosen
+    (the share of validation images that pass); ``checks`` the scores of real non-chest radiographs and
+    transformed chests at fitting time; ``alternatives`` the other scores measured beside it (energy).
+    """
+
+    method: str
+    threshold: float
+    feature_dims: tuple[int, int]
+    fitted_on: dict[str, Any] = field(default_factory=dict)
+    validation: dict[str, Any] = field(default_factory=dict)
+    checks: dict[str, Any] = field(default_factory=dict)
+    alternatives: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def feature_size(self) -> int:
+        """Length of the concatenated feature vector the gate scores."""
+        return int(self.feature_dims[0]) + int(self.feature_dims[1])
+
+    def validate(self) -> None:
+        """Check every field; raises :class:`ModelError` naming the offending key and value."""
+        if self.method not in GATE_METHODS:
+            raise _bad("gate.method", self.method, f"unknown method; known: {', '.join(GATE_METHODS)}")
+        value = self.threshold
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise _bad("gate.threshold", value, "must be a finite number")
+        if value <= 0:
+            raise _bad("gate.threshold", value, "must be > 0 (a squared distance)")
+        if not isinstance(self.feature_dims, tuple) or len(self.feature_dims) != 2:
+            raise _bad("gate.feature_dims", self.feature_dims, "must list the two networks' feature sizes")
+        for dim in self.feature_dims:
+            if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= 65536:
+                raise _bad("gate.feature_dims", self.feature_dims, "must be two integers between 1 and 65536")
+        for key in ("fitted_on", "validation", "checks", "alternatives"):
+            if not isinstance(getattr(self, key), dict):
+                raise _bad(f"gate.{key}", getattr(self, key), "must be an object")
+
+    def refuses(self, novelty: float | None) -> bool:
+        """True when an image with this novelty score must not be classified (NaN included)."""
+        if novelty is None:
+            return False
+        return not (math.isfinite(novelty) and novelty <= self.threshold)
+
+    def reason(self, novelty: float) -> str:
+        """The ``skipped`` reason for an image the gate refuses: names the score and the threshold."""
+        return (
+            f"image-content gate: novelty {novelty:.1f} > threshold {self.threshold:.1f}: not like the "
+            "frontal chest radiographs the model was trained on"
+        )
+
+
+CALIBRATION_KEYS: tuple[str, ...] = ("temperature_a", "temperature_b")
+"""Keys of the card's ``calibration`` section: each network's softmax temperature (1 where absent)."""
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a model promises: label map, preprocessing, fusion, thresholds, provenance and file digests.
+
+    ``thresholds`` maps a class to a decision threshold on its fused probability; an empty mapping means
+    "argmax". ``files`` maps each file name in the model directory to its sha256 (lower-case hex).
+    ``calibration`` holds each network's softmax temperature (fitted on validation data, built into the
+    graph), ``lung_crop`` the lung-field crop the graph applies first (None: the whole image), and
+    ``sources`` the class x source counts of the training data, ``gate`` the image-content gate the
+    graph computes (None: the graph has no ``novelty`` output and every image is classified).
+    Construct through :meth:`from_json` or call :meth:`validate`; :meth:`to_json` validates first.
+    """
+
+    version: str
+    classes: tuple[str, ...]
+    architectures: tuple[str, str]
+    input_size: int
+    preprocessing: PreprocessSpec
+    fusion_weight: float
+    created_at: str
+    files: dict[str, str]
+    opset: int
+    thresholds: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    training_data_digest: str = ""
+    parent_version: str | None = None
+    notes: str = ""
+    int8: Int8Card | None = None
+    calibration: dict[str, float] = field(default_factory=dict)
+    lung_crop: LungCropSpec | None = None
+    sources: dict[str, dict[str, int]] = field(default_factory=dict)
+    gate: GateSpec | None = None
+
+    def temperature(self, which: str) -> float:
+        """The softmax temperature of network ``"a"`` or ``"b"`` (1.0: uncalibrated)."""
+        return float(self.calibration.get(f"temperature_{which}", 1.0))
+
+    def validate(self) -> None:
+        """Check every field; raises :class:`ModelError` naming the offending key and value."""
+        if not isinstance(self.version, str) or not _VERSION_RE.match(self.version):
+            raise _bad(
+                "version", self.version, "must be 1-64 characters of letters, digits, '.', '_', '+', '-'"
+            )
+        if not isinstance(self.classes, tuple) or len(self.classes) < 2:
+            raise _bad("classes", self.classes, "must list at least two classes")
+        for name in self.classes:
+            if name not in CLASSES:
+                raise _bad("classes", name, f"unknown class; known classes are {', '.join(CLASSES)}")
+        if len(set(self.classes)) != len(self.classes):
+            raise _bad("classes", self.classes, "lists a class twice")
+        if not isinstance(self.architectures, tuple) or len(self.architectures) != 2:
+            raise _bad("architectures", self.architectures, "must name exactly two backbones")
+        for arch in self.architectures:
+            if arch not in ARCHITECTURE_NAMES:
+                raise _bad("architectures", arch, f"unknown backbone; known: {', '.join(ARCHITECTURE_NAMES)}")
+        if not isinstance(self.input_size, int) or isinstance(self.input_size, bool):
+            raise _bad("input_size", self.input_size, "must be an integer")
+        if not 32 <= self.input_size <= 4096:
+            raise _bad("input_size", self.input_size, "must be between 32 and 4096 pixels")
+        if self.preprocessing.input_size != self.input_size:
+            raise _bad(
+                "preprocessing.input_size",
+                self.preprocessing.input_size,
+                f"differs from input_size {self.input_size}",
+            )
+        weight = self.fusion_weight
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
+            raise _bad("fusion_weight", weight, "must be a finite number")
+        if not 0.0 <= weight <= 1.0:
+            raise _bad("fusion_weight", weight, "must be between 0 and 1")
+        for cls, threshold in self.thresholds.items():
+            if cls not in self.classes:
+                raise _bad(f"thresholds.{cls}", threshold, "names a class the model does not output")
+            if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+                raise _bad(f"thresholds.{cls}", threshold, "must be a number")
+            if not 0.0 <= threshold <= 1.0:
+                raise _bad(f"thresholds.{cls}", threshold, "must be between 0 and 1")
+        try:
+            datetime.fromisoformat(self.created_at)
+        except (TypeError, ValueError):
+            raise _bad("created_at", self.created_at, "must be an ISO 8601 timestamp") from None
+        if not isinstance(self.files, dict):
+            raise _bad("files", self.files, "must map file names to sha256 digests")
+        for name, digest in self.files.items():
+            if not isinstance(name, str) or not _FILE_NAME_RE.match(name) or name == CARD_FILE:
+                raise _bad("files", name, "must be a plain file name inside the model directory")
+            if not isinstance(digest, str) or not _SHA256_RE.match(digest):
+                raise _bad(f"files.{name}", digest, "must be a lower-case hex sha256 digest")
+        for name in REQUIRED_FILES:
+            if name not in self.files:
+                raise _bad("files", sorted(self.files), f"must list {name}")
+        if isinstance(self.opset, bool) or not isinstance(self.opset, int) or not 7 <= self.opset <= 99:
+            raise _bad("opset", self.opset, "must be an ONNX opset number")
+        if not isinstance(self.metrics, dict):
+            raise _bad("metrics", self.metrics, "must be an object")
+        if not isinstance(self.training_data_digest, str):
+            raise _bad("training_data_digest", self.training_data_digest, "must be a string")
+        if self.parent_version is not None and not (
+            isinstance(self.parent_version, str) and _VERSION_RE.match(self.parent_version)
+        ):
+            raise _bad("parent_version", self.parent_version, "must be null or a model version")
+        if not isinstance(self.notes, str):
+            raise _bad("notes", self.notes, "must be a string")
+        if self.preprocessing.working_size < 0:
+            raise _bad(
+                "preprocessing.working_size", self.preprocessing.working_size, "must be 0 (off) or > 0"
+            )
+        if not isinstance(self.calibration, dict):
+            raise _bad("calibration", self.calibration, "must be an object")
+        for key, value in self.calibration.items():
+            if key not in CALIBRATION_KEYS:
+                raise _bad(f"calibration.{key}", value, f"unknown key; known: {', '.join(CALIBRATION_KEYS)}")
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.05 <= value <= 20.0:
+                raise _bad(f"calibration.{key}", value, "must be a temperature between 0.05 and 20")
+        if self.lung_crop is not None:
+            self.lung_crop.validate()
+        if not isinstance(self.sources, dict):
+            raise _bad("sources", self.sources, "must map source names to class counts")
+        if self.gate is not None:
+            self.gate.validate()
+        if self.int8 is not None:
+            self.int8.validate()
+            if self.files.get(INT8_FILE) != self.int8.sha256:
+                raise _bad(
+                    f"files.{INT8_FILE}", self.files.get(INT8_FILE), "must equal int8.sha256 (re-export INT8)"
+                )
+        elif INT8_FILE in self.files:
+            raise _bad(
+                f"files.{INT8_FILE}", self.files[INT8_FILE], "is listed but the card has no int8 section"
+            )
+
+    def to_json(self) -> str:
+        """The card as indented, key-sorted JSON. Raises :class:`ModelError` if the card is invalid."""
+        self.validate()
+        data = asdict(self)
+        # Cards without these sections stay as they were written before the sections existed.
+        for optional in ("int8", "lung_crop", "gate"):
+            if data[optional] is None:
+                del data[optional]
+        for optional in ("calibration", "sources"):
+            if not data[optional]:
+                del data[optional]
+        return json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ModelCard:
+        """Parse and validate a card; raises :class:`ModelError` naming the bad key and value."""
+        try:
+            data = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ModelError(f"model card is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise _bad("<root>", type(data).__name__, "must be a JSON object")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelCard:
+        """Build and validate a card from parsed JSON; raises :class:`ModelError` on any bad key."""
+        known = {f for f in cls.__dataclass_fields__}
+        for key in data:
+            if key not in known:
+                raise _bad(key, data[key], "unknown key")
+        required = {"version", "classes", "architectures", "input_size", "preprocessing", "fusion_weight"}
+        required |= {"created_at", "files", "opset"}
+        for key in sorted(required):
+            if key not in data:
+                raise _bad(key, None, "is required")
+        card = cls(
+            version=data["version"],
+            classes=_as_tuple("classes", data["classes"]),
+            architectures=_as_pair("architectures", data["architectures"]),
+            input_size=data["input_size"],
+            preprocessing=_preprocess_from_dict(data["preprocessing"]),
+            fusion_weight=data["fusion_weight"],
+            created_at=data["created_at"],
+            files=_as_dict("files", data["files"]),
+            opset=data["opset"],
+            thresholds=_as_dict("thresholds", data.get("thresholds", {})),
+            metrics=_as_dict("metrics", data.get("metrics", {})),
+            training_data_digest=data.get("training_data_digest", ""),
+            parent_version=data.get("parent_version"),
+            notes=data.get("notes", ""),
+            int8=_int8_from_dict(data["int8"]) if data.get("int8") is not None else None,
+            calibration=_as_dict("calibration", data.get("calibration", {})),
+            lung_crop=_lung_crop_from_dict(data["lung_crop"]) if data.get("lung_crop") is not None else None,
+            sources=_as_dict("sources", data.get("sources", {})),
+            gate=_gate_from_dict(data["gate"]) if data.get("gate") is not None else None,
+        )
+        card.validate()
+        return card
+
+
+def _as_tuple(key: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise _bad(key, value, "must be a list of strings")
+    return tuple(value)
+
+
+def _as_pair(key: str, value: object) -> tuple[str, str]:
+    items = _as_tuple(key, value)
+    if len(items) != 2:
+        raise _bad(key, value, "must name exactly two backbones")
+    return items[0], items[1]
+
+
+def _as_dict(key: str, value: object) -> dict[str, Any]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise _bad(key, value, "must be a JSON object")
+    return dict(value)
+
+
+def _refuse_unknown_keys(section: str, data: dict[str, Any], fields: Collection[str]) -> None:
+    for key in data:
+        if key not in fields:
+            raise _bad(f"{section}.{key}", data[key], "unknown key")
+
+
+def _int8_from_dict(value: object) -> Int8Card:
+    data = _as_dict("int8", value)
+    fields = Int8Card.__dataclass_fields__
+    _refuse_unknown_keys("int8", data, fields)
+    for key in fields:
+        if key not in data:
+            raise _bad(f"int8.{key}", None, "is required")
+    return Int8Card(
+        file=data["file"],
+        sha256=data["sha256"],
+        passed=data["passed"],
+        gate=_as_dict("int8.gate", data["gate"]),
+        calibration=_as_dict("int8.calibration", data["calibration"]),
+        quantization=_as_dict("int8.quantization", data["quantization"]),
+        created_at=data["created_at"],
+    )
+
+
+def _lung_crop_from_dict(value: object) -> LungCropSpec:
+    data = _as_dict("lung_crop", value)
+    _refuse_unknown_keys("lung_crop", data, LungCropSpec.__dataclass_fields__)
+    try:
+        spec = LungCropSpec(**data)
+    except TypeError as exc:
+        raise _bad("lung_crop", data, str(exc)) from None
+    spec.validate()
+    return spec
+
+
+def _gate_from_dict(value: object) -> GateSpec:
+    data = _as_dict("gate", value)
+    _refuse_unknown_keys("gate", data, GateSpec.__dataclass_fields__)
+    for key in ("method", "threshold", "feature_dims"):
+        if key not in data:
+            raise _bad(f"gate.{key}", None, "is required")
+    dims = data["feature_dims"]
+    if not isinstance(dims, list | tuple) or len(dims) != 2:
+        raise _bad("gate.feature_dims", dims, "must list the two networks' feature sizes")
+    spec = GateSpec(
+        method=data["method"],
+        threshold=data["threshold"],
+        feature_dims=(dims[0], dims[1]),
+        fitted_on=_as_dict("gate.fitted_on", data.get("fitted_on", {})),
+        validation=_as_dict("gate.validation", data.get("validation", {})),
+        checks=_as_dict("gate.checks", data.get("checks", {})),
+        alternatives=_as_dict("gate.alternatives", data.get("alternatives", {})),
+    )
+    spec.validate()
+    return spec
+
+
+def _preprocess_from_dict(value: object) -> PreprocessSpec:
+    data = _as_dict("preprocessing", value)
+    _refuse_unknown_keys("preprocessing", data, PreprocessSpec.__dataclass_fields__)
+    converted: dict[str, Any] = {}
+    for key, item in data.items():
+        if isinstance(item, list):
+            if not all(isinstance(v, int | float | str) and not isinstance(v, bool) for v in item):
+                raise _bad(f"preprocessing.{key}", item, "must be a list of numbers")
+            converted[key] = tuple(float(v) if isinstance(v, int | float) else v for v in item)
+        elif isinstance(item, int | float | str | bool):
+            converted[key] = item
+        else:
+            raise _bad(f"preprocessing.{key}", item, "must be a number, string or list")
+    try:
+        return PreprocessSpec(**converted)
+    except TypeError as exc:
+        raise _bad("preprocessing", data, str(exc)) from None
+
+
+def sha256_file(path: Path) -> str:
+    """Lower-case hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model directory whose card parsed and whose every listed file matched its sha256."""
+
+    card: ModelCard
+    path: Path
+
+    @property
+    def onnx_path(self) -> Path:
+        """The single ONNX graph (both networks and the fusion)."""
+        return self.path / ONNX_FILE
+
+    @property
+    def weights_path(self) -> Path:
+        """The safetensors state dict of :class:`screener.model.fused.FusedResNet`."""
+        return self.path / WEIGHTS_FILE
+
+    @property
+    def int8_path(self) -> Path:
+        """The statically quantised graph (present only when the card has an ``int8`` section)."""
+        return self.path / INT8_FILE
+
+    @property
+    def int8_passed(self) -> bool:
+        """True when the card holds a verified INT8 graph whose accuracy gate passed."""
+        return self.card.int8 is not None and self.card.int8.passed and INT8_FILE in self.card.files
+
+    def sha256(self, name: str) -> str:
+        """The verified digest of one file of the directory, as recorded on the card."""
+        return self.card.files[name]
+
+
+ModelDir = LoadedModel
+"""Alias: a verified model directory."""
+
+
+def read_card(model_dir: Path) -> ModelCard:
+    """Parse ``card.json`` of ``model_dir`` without checking file digests.
+
+    Raises :class:`ModelError` when the directory or its card is missing, unreadable or invalid.
+    """
+    if not model_dir.is_dir():
+        raise ModelError(f"model directory {model_dir} does not exist or is not a directory")
+    card_path = model_dir / CARD_FILE
+    if not card_path.is_file():
+        raise ModelError(
+            f"no {CARD_FILE} in {model_dir}: not a model directory; "
+            "create one with `trainer init-model` or `trainer export`"
+        )
+    try:
+        text = card_path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"cannot read {card_path}: {exc.strerror}") from None
+    return ModelCard.from_json(text)
+
+
+def load_model_dir(path: Path) -> LoadedModel:
+    """Read the card and verify the sha256 of EVERY file it lists before returning.
+
+    Raises :class:`ModelError` when the card or a listed file is missing or the card is invalid, and
+    :class:`ModelIntegrityError` (naming the file) when a file's bytes differ from its recorded digest.
+    """
+    model_dir = Path(path)
+    card = read_card(model_dir)
+    for name, expected in sorted(card.files.items()):
+        file_path = model_dir / name
+        if not file_path.is_file():
+            raise ModelError(
+                f"{name} listed in {model_dir / CARD_FILE} is missing: restore it or re-export the model"
+            )
+        try:
+            actual = sha256_file(file_path)
+        except OSError as exc:
+            raise ModelError(f"cannot read {file_path}: {exc.strerror}") from None
+        if actual != expected:
+            raise ModelIntegrityError(
+                f"{name} sha256 {actual} != card {expected}: the file was changed or corrupted; "
+                "restore it or re-export"
+            )
+    check_model_onnx_files(model_dir, card.files)  # external data must stay inside the directory
+    return LoadedModel(card=card, path=model_dir)

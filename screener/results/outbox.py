@@ -1,0 +1,144 @@
+"""Study result -> DICOM SR (+ optional Secondary Capture) in the spool -> one delivery row per destination.
+
+The objects are built once, when the verdict is made, and kept in the spool, so every retry sends the
+same bytes with the same SOP Instance UID (derived from study, model version and revision).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom import Dataset, dcmread
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from screener import __version__
+from screener.core.config import PacsConfig
+from screener.core.db.models import (
+    Delivery,
+    DeliveryStatus,
+    Instance,
+    ModelVersion,
+    Prediction,
+    Study,
+    StudyResult,
+)
+from screener.core.spool import Spool
+from screener.results.sc import build_secondary_capture
+from screener.results.sr import AlgorithmInfo, AnalysedImage, StudyVerdictInput, build_sr, derive_uid
+
+
+@dataclass(frozen=True)
+class BuiltObject:
+    kind: str  # "sr" | "sc"
+    sop_instance_uid: str
+    spool_name: str
+
+
+def algorithm_info(model: ModelVersion, pacs: PacsConfig) -> AlgorithmInfo:
+    card: dict[str, Any] = json.loads(model.card_json)
+    preprocessing = card.get("preprocessing") or {}
+    return AlgorithmInfo(
+        name=f"CXR Screener fused ResNet ({model.architectures})",
+        version=model.version,
+        parameters={
+            "architectures": model.architectures,
+            "fusion_weight": f"{model.fusion_weight:.4f}",
+            "input_size": str(preprocessing.get("input_size", card.get("input_size", ""))),
+        },
+        manufacturer=pacs.manufacturer,
+        model_name="CXR Screener",
+        software_version=__version__,
+        device_uid=derive_uid(pacs.uid_root, "device", model.version, model.onnx_sha256),
+    )
+
+
+def _to_bytes(ds: Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def build_objects(session: Session, spool: Spool, pacs: PacsConfig, result: StudyResult) -> list[BuiltObject]:
+    """Build the SR (and SC when configured) for ``result`` and store them durably in the spool."""
+    study = session.get(Study, result.study_id)
+    model = session.get(ModelVersion, result.model_version_id)
+    assert study is not None and model is not None
+    rows = session.execute(
+        select(Instance, Prediction)
+        .outerjoin(
+            Prediction,
+            (Prediction.instance_id == Instance.id)
+            & (Prediction.model_version_id == result.model_version_id),
+        )
+        .where(Instance.study_id == study.id)
+        .order_by(Instance.received_at, Instance.id)
+    ).all()
+    images = []
+    for inst, pred in rows:
+        probs = None
+        if pred is not None:
+            probs = {
+                "normal": pred.p_normal,
+                "covid19": pred.p_covid19,
+                "viral_pneumonia": pred.p_viral_pneumonia,
+            }
+        status = inst.status.value
+        images.append(
+            AnalysedImage(
+                sop_class_uid=inst.sop_class_uid,
+                sop_instance_uid=inst.sop_instance_uid,
+                series_instance_uid=inst.series_instance_uid,
+                status=status if pred is not None or status != "classified" else "failed",
+                label=pred.label if pred is not None else None,
+                probs=probs,
+                reason=inst.status_reason if pred is None else None,
+            )
+        )
+    source_row = next((inst for inst, pred in rows if pred is not None), rows[0][0])
+    source = dcmread(spool.path(source_row.spool_name), stop_before_pixels=True)
+    verdict_probs = None
+    if result.p_normal is not None:
+        verdict_probs = {
+            "normal": result.p_normal,
+            "covid19": result.p_covid19 or 0.0,
+            "viral_pneumonia": result.p_viral_pneumonia or 0.0,
+        }
+    verdict = StudyVerdictInput(label=result.verdict, probs=verdict_probs, revision=result.revision)
+    algorithm = algorithm_info(model, pacs)
+    sr = build_sr(
+        source,
+        images,
+        verdict,
+        algorithm,
+        uid_root=pacs.uid_root,
+        institution_name=pacs.institution_name or None,
+    )
+    built = [BuiltObject("sr", str(sr.SOPInstanceUID), spool.put(_to_bytes(sr)).name)]
+    if pacs.send_secondary_capture:
+        sc = build_secondary_capture(source, verdict, algorithm, uid_root=pacs.uid_root)
+        built.append(BuiltObject("sc", str(sc.SOPInstanceUID), spool.put(_to_bytes(sc)).name))
+    return built
+
+
+def enqueue(session: Session, pacs: PacsConfig, result: StudyResult, objects: list[BuiltObject]) -> int:
+    """One pending delivery per (destination, object). Returns how many rows were added."""
+    added = 0
+    for destination in pacs.destinations:
+        for obj in objects:
+            session.add(
+                Delivery(
+                    study_result_id=result.id,
+                    destination=destination.name,
+                    object_kind=obj.kind,
+                    sop_instance_uid=obj.sop_instance_uid,
+                    spool_name=obj.spool_name,
+                    status=DeliveryStatus.PENDING,
+                    attempts=0,
+                )
+            )
+            added += 1
+    return added

@@ -1,0 +1,151 @@
+"""Study verdict -> a Secondary Capture summary image, for PACS viewers that cannot show SR.
+
+A Secondary Capture Image (PS3.3 A.8.1, SOP Class 1.2.840.10008.5.1.4.1.1.7): 512 x 512, 8-bit
+MONOCHROME2, white text on black, in the source's study, in its own series. The pixels show the verdict,
+the three class probabilities, the model version and "NOT FOR DIAGNOSTIC USE"; they never show a patient
+identifier. ``render_lines`` is the only source of drawn text, so a test can check every drawn string.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from screener.results.sr import (
+    CLASSES,
+    NOT_ANALYSED,
+    PATIENT_STUDY_TYPE2,
+    AlgorithmInfo,
+    StudyVerdictInput,
+    check_probabilities,
+    derive_uid,
+)
+
+SC_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
+SIZE = 512
+SERIES_NUMBER = 9802
+SERIES_DESCRIPTION = "AI summary - not a diagnosis (CXR Screener)"
+
+_DISPLAY = {
+    "normal": "Normal",
+    "covid19": "COVID-19",
+    "viral_pneumonia": "Viral pneumonia",
+    NOT_ANALYSED: "Not analysed",
+}
+
+_PATIENT_STUDY_TYPE3 = ("IssuerOfPatientID", "StudyDescription")
+
+
+def render_lines(verdict: StudyVerdictInput, algorithm: AlgorithmInfo) -> list[str]:
+    """The text drawn into the image, line by line: built from the verdict and model alone.
+
+    Raises ValueError for an unknown label or bad probabilities.
+    """
+    if verdict.label not in _DISPLAY:
+        raise ValueError(f"study verdict label {verdict.label!r} is not one of {tuple(_DISPLAY)}")
+    lines = ["CXR Screener - AI result", f"Verdict: {_DISPLAY[verdict.label]}"]
+    if verdict.probs is not None:
+        check_probabilities(verdict.probs, "study verdict")
+        lines += [f"  P({_DISPLAY[c]}) = {verdict.probs[c]:.3f}" for c in CLASSES]
+    else:
+        lines.append("  no image could be analysed")
+    lines += [
+        f"Model version: {algorithm.version}",
+        f"Revision: {verdict.revision}",
+        "",
+        "NOT FOR DIAGNOSTIC USE",
+        "Automated screening result,",
+        "not verified by a physician.",
+    ]
+    return lines
+
+
+def render_pixels(lines: list[str]) -> npt.NDArray[np.uint8]:
+    """The lines drawn with OpenCV's Hershey font, white on black, SIZE x SIZE."""
+    image = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    y = 48
+    for line in lines:
+        if line:
+            scale = 0.9 if line == "NOT FOR DIAGNOSTIC USE" else 0.7
+            # ASCII only: Hershey fonts draw '?' for anything else, and model versions are ASCII anyway.
+            text = line.encode("ascii", "replace").decode("ascii")
+            cv2.putText(image, text, (24, y), cv2.FONT_HERSHEY_SIMPLEX, scale, 255, 2, cv2.LINE_AA)
+        y += 38
+    return image
+
+
+def build_secondary_capture(
+    source: Dataset, verdict: StudyVerdictInput, algorithm: AlgorithmInfo, *, uid_root: str
+) -> Dataset:
+    """A Secondary Capture summary of ``verdict`` in the study of ``source`` (PS3.3 A.8.1).
+
+    Series and SOP Instance UIDs are ``derive_uid(uid_root, study, model version, revision, "sc-series" |
+    "sc")``, so a re-send is idempotent; Instance Number is the revision. Patient and study attributes
+    are copied from ``source``; no patient identifier is drawn (BurnedInAnnotation YES refers to the
+    verdict text). Raises ValueError for a bad verdict or UID root.
+    """
+    if verdict.revision < 1:
+        raise ValueError(f"revision {verdict.revision!r} is not a positive integer")
+    pixels = render_pixels(render_lines(verdict, algorithm))
+    study_uid = str(source.StudyInstanceUID)
+    key = (study_uid, algorithm.version, str(verdict.revision))
+    now = datetime.datetime.now()
+
+    ds = Dataset()
+    ds.StudyInstanceUID = study_uid
+    for keyword in PATIENT_STUDY_TYPE2 + _PATIENT_STUDY_TYPE3:
+        if keyword in source:
+            ds[keyword] = source[keyword]
+        elif keyword in PATIENT_STUDY_TYPE2:
+            setattr(ds, keyword, "")  # type 2: present, maybe empty
+    if "SpecificCharacterSet" in source:
+        ds.SpecificCharacterSet = source.SpecificCharacterSet
+
+    # SOP Common (C.12.1)
+    ds.SOPClassUID = SC_SOP_CLASS_UID
+    ds.SOPInstanceUID = derive_uid(uid_root, *key, "sc")
+    ds.InstanceCreationDate = now.strftime("%Y%m%d")
+    ds.InstanceCreationTime = now.strftime("%H%M%S")
+    # General Series (C.7.3.1); Modality OT: a synthesised summary, not an acquisition
+    ds.Modality = "OT"
+    ds.SeriesInstanceUID = derive_uid(uid_root, *key, "sc-series")
+    ds.SeriesNumber = SERIES_NUMBER
+    ds.SeriesDescription = SERIES_DESCRIPTION
+    ds.Laterality = ""  # type 2C: the summary is of no one side
+    # General Equipment (C.7.5.1) and SC Equipment (C.8.6.1)
+    ds.Manufacturer = algorithm.manufacturer
+    ds.ManufacturerModelName = algorithm.model_name
+    ds.SoftwareVersions = [algorithm.software_version, algorithm.version]
+    ds.DeviceUID = algorithm.device_uid
+    ds.ConversionType = "WSD"  # workstation: the image is drawn, not digitised
+    # General Image (C.7.6.1) and SC Image (C.8.6.2)
+    ds.InstanceNumber = verdict.revision
+    ds.PatientOrientation = ""  # type 2C: a text panel has no patient orientation
+    ds.ContentDate = now.strftime("%Y%m%d")
+    ds.ContentTime = now.strftime("%H%M%S")
+    ds.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
+    ds.BurnedInAnnotation = "YES"
+    ds.RecognizableVisualFeatures = "NO"
+    ds.ImageComments = "AI result - not a diagnosis. NOT FOR DIAGNOSTIC USE."
+    # Image Pixel (C.7.6.3)
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated = 8
+    ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PixelData = pixels.tobytes()
+    ds["PixelData"].VR = "OB"
+
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return ds
