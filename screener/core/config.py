@@ -350,6 +350,31 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class ConsoleConfig:
+    """The web console (screener/ops/console): dashboard, worklist and review, admin. Off by default."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8042
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    session_hours: float = 8.0
+    base_url: str = ""  # the address users type, e.g. https://screener.example.org:8042 (links, redirects)
+    max_failed_logins: int = 5
+    lockout_minutes: float = 15.0
+
+    def validate(self) -> None:
+        _check_port("port", self.port)
+        _require(0 < self.session_hours <= 24 * 7, "session_hours", "must be more than 0 and at most 168")
+        _require(self.max_failed_logins >= 1, "max_failed_logins", "must be 1 or more")
+        _require(self.lockout_minutes > 0, "lockout_minutes", "must be more than 0")
+        _require(
+            not self.base_url or self.base_url.startswith(("http://", "https://")),
+            "base_url",
+            "must start with http:// or https://, or be empty",
+        )
+
+
+@dataclass(frozen=True)
 class Config:
     listener: ListenerConfig = field(default_factory=ListenerConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -363,6 +388,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
     source: str = field(default="built-in defaults", compare=False)
 
 

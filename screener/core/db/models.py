@@ -9,7 +9,6 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
-    DateTime,
     Enum,
     Float,
     ForeignKey,
@@ -21,6 +20,8 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from screener.core.db.types import UTCDateTime
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -66,8 +67,8 @@ class Study(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), unique=True)
-    first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    first_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class Instance(Base):
@@ -86,12 +87,12 @@ class Instance(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     status: Mapped[InstanceStatus] = mapped_column(_enum(InstanceStatus), default=InstanceStatus.QUEUED)
     status_reason: Mapped[str | None] = mapped_column(Text)
-    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
     lease_owner: Mapped[str | None] = mapped_column(String(128))
-    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    spool_deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    spool_deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # Recorded by the worker when it finishes the instance (migration 0010), for the drift and
     # site-performance reports: header facts, the decoded [0, 1] image's mean, and the model then serving.
     manufacturer: Mapped[str | None] = mapped_column(String(64))
@@ -121,7 +122,7 @@ class InstanceClash(Base):
     calling_ae_title: Mapped[str] = mapped_column(String(16))
     action: Mapped[ClashAction] = mapped_column(_enum(ClashAction))
     spool_name: Mapped[str | None] = mapped_column(String(128))
-    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     command_sop_instance_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH))
     command_sop_class_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH))
 
@@ -145,9 +146,9 @@ class ModelVersion(Base):
     fusion_weight: Mapped[float] = mapped_column(Float)
     onnx_sha256: Mapped[str] = mapped_column(String(64))
     card_json: Mapped[str] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    activated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    retired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    activated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    retired_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class Prediction(Base):
@@ -170,7 +171,7 @@ class Prediction(Base):
     batch_size: Mapped[int] = mapped_column(Integer)
     preprocess_ms: Mapped[float] = mapped_column(Float)
     inference_ms: Mapped[float] = mapped_column(Float)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class StudyResult(Base):
@@ -191,7 +192,7 @@ class StudyResult(Base):
     instances_classified: Mapped[int] = mapped_column(Integer)
     instances_skipped: Mapped[int] = mapped_column(Integer)
     instances_failed: Mapped[int] = mapped_column(Integer)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class DeliveryStatus(enum.StrEnum):
@@ -220,12 +221,12 @@ class Delivery(Base):
     spool_name: Mapped[str] = mapped_column(String(128))
     status: Mapped[DeliveryStatus] = mapped_column(_enum(DeliveryStatus), default=DeliveryStatus.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     last_error: Mapped[str | None] = mapped_column(Text)
     lease_owner: Mapped[str | None] = mapped_column(String(128))
-    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class Label(Base):
@@ -239,9 +240,9 @@ class Label(Base):
     accession_number: Mapped[str | None] = mapped_column(String(64), index=True)
     label: Mapped[str] = mapped_column(String(32))
     confirmed_by: Mapped[str | None] = mapped_column(String(128))
-    confirmed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     source_file: Mapped[str | None] = mapped_column(Text)
-    imported_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    imported_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class TrainingRun(Base):
@@ -252,9 +253,9 @@ class TrainingRun(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     kind: Mapped[str] = mapped_column(String(16))  # train | retrain
     status: Mapped[str] = mapped_column(String(16))  # running | promoted | kept | failed | registered
-    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    labels_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    labels_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
     model_version: Mapped[str | None] = mapped_column(String(64))
     summary: Mapped[str | None] = mapped_column(Text)
 
@@ -270,7 +271,7 @@ class ModelEvent(Base):
     forced: Mapped[bool] = mapped_column(Boolean, default=False)
     reason: Mapped[str] = mapped_column(Text)
     report_json: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class AuditEvent(Base):
@@ -284,7 +285,7 @@ class AuditEvent(Base):
     __table_args__ = (Index("ix_audit_events_at", "at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     action: Mapped[str] = mapped_column(String(32))
     actor: Mapped[str] = mapped_column(String(128))
     subject: Mapped[str] = mapped_column(String(128))
@@ -302,4 +303,54 @@ class StoreIdentity(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)  # always 1
     identity: Mapped[str] = mapped_column(String(36))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class ConsoleUser(Base):
+    """A local account of the web console (migration 0015): ``role`` is viewer, reviewer or admin; the
+    password is kept only as its argon2 hash; ``failed_logins`` wrong passwords in a row set
+    ``locked_until``."""
+
+    __tablename__ = "console_users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str] = mapped_column(Text)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    password_changed_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class ConsoleSession(Base):
+    """A signed-in browser: the sha256 of its cookie token (never the token), its CSRF token, its expiry."""
+
+    __tablename__ = "console_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("console_users.id"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    client: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class StudyReview(Base):
+    """A reviewer's reading of a study's result: agree, disagree (``label`` the correct class) or
+    not_assessable, with an optional comment; ``label_id`` is the ``labels`` row it added, if any."""
+
+    __tablename__ = "study_reviews"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    study_result_id: Mapped[int | None] = mapped_column(ForeignKey("study_results.id"))
+    reviewer: Mapped[str] = mapped_column(String(64))
+    decision: Mapped[str] = mapped_column(String(16))
+    label: Mapped[str | None] = mapped_column(String(32))
+    comment: Mapped[str | None] = mapped_column(Text)
+    label_id: Mapped[int | None] = mapped_column(ForeignKey("labels.id"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
