@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from screener.core.errors import DataError, ImagingError
-from screener.core.stats import calibration_of_indices
+from screener.core.stats import binary_auc, calibration_of_indices
 from screener.imaging.pixels import preprocess_file
 from screener.model.verdict import instance_label
 from trainer.data import Sample
@@ -107,39 +107,6 @@ def _confusion_metrics(confusion: IntArray) -> dict[str, FloatArray]:
         "accuracy": _ratio(tp.sum(axis=1), total),
         "macro_f1": macro_f1,
     }
-
-
-def average_ranks(values: npt.ArrayLike) -> FloatArray:
-    """1-based ranks of ``values``, tied values sharing the mean of the ranks they span."""
-    x = np.asarray(values, dtype=np.float64).ravel()
-    n = x.size
-    order = np.argsort(x, kind="mergesort")
-    ordered = x[order]
-    first = np.ones(n, dtype=bool)
-    first[1:] = ordered[1:] != ordered[:-1]
-    group = np.cumsum(first) - 1
-    starts = np.flatnonzero(first)
-    ends = np.append(starts[1:], n)
-    ranks = np.empty(n, dtype=np.float64)
-    ranks[order] = ((starts + 1 + ends) / 2.0)[group]
-    return ranks
-
-
-def binary_auc(positive: npt.ArrayLike, scores: npt.ArrayLike) -> float | None:
-    """ROC AUC of ``scores`` for the boolean ``positive`` labels; ``None`` without both classes present.
-
-    Computed as the Mann-Whitney U statistic over average ranks: the probability that a random positive
-    scores higher than a random negative, a tie counting one half.
-    """
-    pos = np.asarray(positive, dtype=bool).ravel()
-    s = np.asarray(scores, dtype=np.float64).ravel()
-    n_pos = int(pos.sum())
-    n_neg = pos.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return None
-    ranks = average_ranks(s)
-    u = float(ranks[pos].sum()) - n_pos * (n_pos + 1) / 2.0
-    return u / (n_pos * n_neg)
 
 
 def roc_curve(positive: npt.ArrayLike, scores: npt.ArrayLike) -> tuple[FloatArray, FloatArray]:

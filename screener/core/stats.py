@@ -90,25 +90,35 @@ def class_figures(
     return out
 
 
+def average_ranks(values: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """1-based ranks of ``values``, tied values sharing the mean of the ranks they span."""
+    x = np.asarray(values, dtype=np.float64).ravel()
+    n = x.size
+    order = np.argsort(x, kind="mergesort")
+    ordered = x[order]
+    first = np.ones(n, dtype=bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    group = np.cumsum(first) - 1
+    starts = np.flatnonzero(first)
+    ends = np.append(starts[1:], n)
+    ranks = np.empty(n, dtype=np.float64)
+    ranks[order] = ((starts + 1 + ends) / 2.0)[group]
+    return ranks
+
+
 def binary_auc(positive: npt.ArrayLike, scores: npt.ArrayLike) -> float | None:
-    """ROC AUC as the Mann-Whitney U statistic over average ranks (a tie counts one half); None unless
-    both positives and negatives are present."""
+    """ROC AUC of ``scores`` for the boolean ``positive`` labels; ``None`` without both classes present.
+
+    Computed as the Mann-Whitney U statistic over average ranks: the probability that a random positive
+    scores higher than a random negative, a tie counting one half.
+    """
     pos = np.asarray(positive, dtype=bool).ravel()
     s = np.asarray(scores, dtype=np.float64).ravel()
     n_pos = int(pos.sum())
     n_neg = pos.size - n_pos
     if n_pos == 0 or n_neg == 0:
         return None
-    order = np.argsort(s, kind="mergesort")
-    ordered = s[order]
-    first = np.ones(s.size, dtype=bool)
-    first[1:] = ordered[1:] != ordered[:-1]
-    group = np.cumsum(first) - 1
-    starts = np.flatnonzero(first)
-    ends = np.append(starts[1:], s.size)
-    ranks = np.empty(s.size, dtype=np.float64)
-    ranks[order] = ((starts + 1 + ends) / 2.0)[group]
-    u = float(ranks[pos].sum()) - n_pos * (n_pos + 1) / 2.0
+    u = float(average_ranks(s)[pos].sum()) - n_pos * (n_pos + 1) / 2.0
     return u / (n_pos * n_neg)
 
 
