@@ -157,8 +157,46 @@ class DatabaseConfig:
 
 
 @dataclass(frozen=True)
+class TritonConfig:
+    """The Triton Inference Server a worker uses with ``inference.backend = "triton"``."""
+
+    url: str = "127.0.0.1:8001"  # host:port (8001 gRPC, 8000 HTTP by Triton's defaults)
+    protocol: Literal["grpc", "http"] = "grpc"
+    model_name: str = "cxr-screener"
+    connect_timeout_seconds: float = 5.0
+    request_timeout_seconds: float = 60.0
+    shared_memory: bool = False  # batches through system shared memory (client and server on one host)
+    retry_seconds: float = 1.0  # first back-off after a Triton fault, doubled up to max_retry_seconds
+    max_retry_seconds: float = 30.0
+
+    def validate(self) -> None:
+        _require(
+            "://" not in self.url and ":" in self.url,
+            "url",
+            "must be host:port without a scheme (e.g. triton.example.org:8001)",
+        )
+        _require(self.model_name != "", "model_name", "must name the model in Triton's model repository")
+        _require(
+            0.1 <= self.connect_timeout_seconds <= 600,
+            "connect_timeout_seconds",
+            "must be between 0.1 and 600 seconds",
+        )
+        _require(
+            0.1 <= self.request_timeout_seconds <= 3600,
+            "request_timeout_seconds",
+            "must be between 0.1 and 3600 seconds",
+        )
+        _require(0.05 <= self.retry_seconds <= 600, "retry_seconds", "must be between 0.05 and 600 seconds")
+        _require(
+            self.retry_seconds <= self.max_retry_seconds <= 3600,
+            "max_retry_seconds",
+            "must be at least retry_seconds and at most 3600 seconds",
+        )
+
+
+@dataclass(frozen=True)
 class InferenceConfig:
-    backend: Literal["auto", "onnxruntime", "torch", "tensorrt"] = "auto"
+    backend: Literal["auto", "onnxruntime", "torch", "tensorrt", "triton"] = "auto"
     max_batch: int = 32
     max_wait_ms: int = 200
     study_settle_seconds: float = 30.0
@@ -170,6 +208,7 @@ class InferenceConfig:
     trt_cache_dir: Path = Path("var/trt-cache")
     reduced_decode: bool = True
     precision: Literal["auto", "fp32", "int8"] = "auto"
+    triton: TritonConfig = field(default_factory=TritonConfig)
 
     def validate(self) -> None:
         _require(1 <= self.max_batch <= 1024, "max_batch", "must be between 1 and 1024")
@@ -283,6 +322,163 @@ class ResultsConfig:
     mode: Literal["live", "shadow"] = "live"
 
 
+# Alert events (screener.results.alerts): what a webhook or email subscribes to with `events`.
+ALERT_EVENTS: tuple[str, ...] = (
+    "finding",
+    "indeterminate",
+    "delivery_dead",
+    "queue_stalled",
+    "disk_low",
+    "model_changed",
+    "database_lost",
+)
+_HL7_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_HL7_DELIMITERS = set("|^~\\&\r\n")
+
+
+def _check_events(key: str, events: tuple[str, ...]) -> None:
+    unknown = sorted(set(events) - set(ALERT_EVENTS))
+    _require(not unknown, key, f"unknown events {unknown}; known events are: {', '.join(ALERT_EVENTS)}")
+
+
+@dataclass(frozen=True)
+class Hl7Destination:
+    """One ``[[hl7.destinations]]`` entry: a RIS or interface engine taking ORU^R01 over MLLP."""
+
+    name: str
+    host: str
+    port: int
+    sending_application: str = "CXRSCREENER"
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+
+    def validate(self) -> None:
+        _require(bool(_HL7_NAME.match(self.name)), "name", "must be 1-64 letters, digits, '_', '.' or '-'")
+        _require(self.host != "", "host", "must not be empty")
+        _check_port("port", self.port)
+        for key in ("sending_application", "sending_facility", "receiving_application", "receiving_facility"):
+            value = getattr(self, key)
+            _require(
+                not (_HL7_DELIMITERS & set(value)) and len(value) <= 227,
+                key,
+                "must not contain HL7 delimiters (| ^ ~ \\ &) or line breaks",
+            )
+        _require(self.sending_application != "", "sending_application", "must not be empty")
+        _require(
+            (self.tls_cert_file is None) == (self.tls_key_file is None),
+            "tls_cert_file",
+            "tls_cert_file and tls_key_file must be set together",
+        )
+        for name in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+            path = getattr(self, name)
+            _require(path is None or path.is_file(), name, "file does not exist")
+
+
+@dataclass(frozen=True)
+class Hl7Config:
+    """HL7 v2.5.1 ORU^R01 results over MLLP (screener.results.hl7). No destination: no HL7 message."""
+
+    destinations: tuple[Hl7Destination, ...] = ()
+    priority_on_finding: Literal["S", "A", "R"] = "S"  # OBR-5 / TQ1-9 when the verdict flags a finding
+    priority_otherwise: Literal["S", "A", "R"] = "R"
+    processing_id: Literal["P", "T", "D"] = "P"  # MSH-11: production, training, debugging
+    timeout_seconds: float = 30.0
+
+    def validate(self) -> None:
+        names = [d.name for d in self.destinations]
+        _require(len(names) == len(set(names)), "destinations", f"names must be unique, not {names}")
+        _require(0 < self.timeout_seconds <= 3600, "timeout_seconds", "must be in (0, 3600] seconds")
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    """One ``[[webhooks]]`` entry: a JSON POST signed with HMAC-SHA256 (header ``X-Screener-Signature``)."""
+
+    url: str
+    secret: str
+    events: tuple[str, ...] = ALERT_EVENTS
+    timeout_seconds: float = 10.0
+
+    @property
+    def name(self) -> str:
+        """The destination name of its deliveries: scheme, host and path, never the query string."""
+        return self.url.split("?", 1)[0][:128]
+
+    def validate(self) -> None:
+        _require(self.url.startswith(("http://", "https://")), "url", "must start with http:// or https://")
+        _require(len(self.secret) >= 16, "secret", "must be at least 16 characters (the HMAC key)")
+        _check_events("events", self.events)
+        _require(0 < self.timeout_seconds <= 600, "timeout_seconds", "must be in (0, 600] seconds")
+
+
+@dataclass(frozen=True)
+class EmailConfig:
+    """``[email]``: alerts by SMTP. Off while ``smtp_host`` is empty."""
+
+    smtp_host: str = ""
+    smtp_port: int = 25
+    starttls: bool = False
+    username: str = ""
+    password_file: Path | None = None
+    from_: str = field(default="", metadata={"key": "from"})
+    to: tuple[str, ...] = ()
+    events: tuple[str, ...] = ALERT_EVENTS
+    timeout_seconds: float = 30.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.smtp_host != ""
+
+    def validate(self) -> None:
+        _check_port("smtp_port", self.smtp_port)
+        _check_events("events", self.events)
+        _require(0 < self.timeout_seconds <= 600, "timeout_seconds", "must be in (0, 600] seconds")
+        if not self.enabled:
+            return
+        _require("@" in self.from_, "from_", "must be an email address (the sender of alert emails)")
+        _require(len(self.to) > 0, "to", "must list at least one recipient address")
+        for address in self.to:
+            _require("@" in address, "to", f"{address!r} is not an email address")
+        _require(
+            not self.username or self.password_file is not None,
+            "password_file",
+            "is needed with username (a file holding the SMTP password)",
+        )
+        _require(
+            self.password_file is None or self.password_file.is_file(), "password_file", "file does not exist"
+        )
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    """What alerts say and how often (screener.results.alerts); webhooks and email are the channels."""
+
+    link_template: str = ""  # e.g. "https://viewer.example.org/study?h={study_hash}"
+    include_phi: bool = False
+    rate_limit_per_hour: int = 60  # per event type and destination; past it, alerts are suppressed
+    dedup_seconds: float = 3600.0  # an event without a study is raised once per window and destination
+    check_seconds: float = 60.0  # how often queue_stalled, disk_low, model_changed are checked
+    queue_stalled_seconds: float = 900.0  # queued instances and nothing finished for this long
+    disk_low_bytes: int = 4 * 1024**3  # spool free space under this raises disk_low (0: off)
+
+    def validate(self) -> None:
+        _require(self.rate_limit_per_hour >= 1, "rate_limit_per_hour", "must be 1 or more")
+        _require(self.dedup_seconds >= 0, "dedup_seconds", "must be zero or more seconds")
+        _require(1 <= self.check_seconds <= 86400, "check_seconds", "must be between 1 and 86400 seconds")
+        _require(self.queue_stalled_seconds >= 10, "queue_stalled_seconds", "must be 10 seconds or more")
+        _require(self.disk_low_bytes >= 0, "disk_low_bytes", "must be zero (off) or more bytes")
+        phi_fields = ("{study_uid}", "{accession}")
+        _require(
+            self.include_phi or not any(f in self.link_template for f in phi_fields),
+            "link_template",
+            "uses {study_uid} or {accession}, which are PHI: use {study_hash}, or set include_phi = true",
+        )
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     enabled: bool = True
@@ -384,6 +580,10 @@ class Config:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     pacs: PacsConfig = field(default_factory=PacsConfig)
     results: ResultsConfig = field(default_factory=ResultsConfig)
+    hl7: Hl7Config = field(default_factory=Hl7Config)
+    webhooks: tuple[WebhookConfig, ...] = ()
+    email: EmailConfig = field(default_factory=EmailConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -462,14 +662,15 @@ def _build(cls: type[Any], data: Any, prefix: str, sources: dict[str, str], file
     if not isinstance(data, dict):
         raise ConfigError(prefix or "<root>", data, "must be a table", where(prefix))
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    # A field whose TOML key is a Python keyword names its key in its metadata (EmailConfig.from_: "from").
+    names = {f.metadata.get("key", f.name): f.name for f in dataclasses.fields(cls) if f.name != "source"}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else key
         if key not in names:
             known = ", ".join(sorted(names))
             raise ConfigError(dotted, value, f"unknown key; known keys here are: {known}", where(dotted))
-        kwargs[key] = _convert(hints[key], value, dotted, sources, file_source)
+        kwargs[names[key]] = _convert(hints[names[key]], value, dotted, sources, file_source)
     try:
         obj = cls(**kwargs)
     except TypeError as exc:
@@ -480,7 +681,8 @@ def _build(cls: type[Any], data: Any, prefix: str, sources: dict[str, str], file
         try:
             validate()
         except _Invalid as exc:
-            dotted = f"{prefix}.{exc.key}" if prefix else exc.key
+            key = next((k for k, n in names.items() if n == exc.key), exc.key)
+            dotted = f"{prefix}.{key}" if prefix else key
             raise ConfigError(dotted, getattr(obj, exc.key), exc.problem, where(dotted)) from None
     return obj
 
@@ -538,7 +740,10 @@ def as_dict(config: Config) -> dict[str, Any]:
         if isinstance(value, tuple):
             return [plain(v) for v in value]
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+            return {
+                f.metadata.get("key", f.name): plain(getattr(value, f.name))
+                for f in dataclasses.fields(value)
+            }
         return value
 
     data: dict[str, Any] = plain(config)

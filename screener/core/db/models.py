@@ -204,21 +204,42 @@ class DeliveryStatus(enum.StrEnum):
     DEAD = "dead"
 
 
+class DeliveryChannel(enum.StrEnum):
+    """How a delivery travels (migration 0014): one outbox, one retry and dead-letter policy for all."""
+
+    DICOM = "dicom"  # C-STORE of an SR / Secondary Capture (object_kind "sr" | "sc")
+    HL7 = "hl7"  # ORU^R01 over MLLP (object_kind "oru")
+    WEBHOOK = "webhook"  # signed JSON POST of an alert (object_kind "webhook")
+    EMAIL = "email"  # an alert by SMTP (object_kind "email")
+
+
 class Delivery(Base):
-    """Outbox: one row per (study result, destination, object); survives restarts."""
+    """Outbox: one row per (study result, destination, object) or per alert; survives restarts.
+
+    DICOM and HL7 messages are built once, in the verdict's transaction, and kept in the spool
+    (``spool_name``); alerts keep their document in ``payload``. ``idempotency_key`` is unique, so a repeat
+    of the same result message or alert adds no row.
+    """
 
     __tablename__ = "deliveries"
     __table_args__ = (
         UniqueConstraint("study_result_id", "destination", "object_kind"),
         Index("ix_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
+        Index("ix_deliveries_event_created_at", "event", "created_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    study_result_id: Mapped[int] = mapped_column(ForeignKey("study_results.id"), index=True)
+    study_result_id: Mapped[int | None] = mapped_column(ForeignKey("study_results.id"), index=True)
+    channel: Mapped[str] = mapped_column(
+        String(16), default=DeliveryChannel.DICOM.value, server_default="dicom"
+    )
     destination: Mapped[str] = mapped_column(String(128))
-    object_kind: Mapped[str] = mapped_column(String(8))  # "sr" | "sc"
-    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
-    spool_name: Mapped[str] = mapped_column(String(128))
+    object_kind: Mapped[str] = mapped_column(String(8))  # "sr" | "sc" | "oru" | "webhook" | "email"
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH))
+    spool_name: Mapped[str | None] = mapped_column(String(128))
+    event: Mapped[str | None] = mapped_column(String(32))
+    idempotency_key: Mapped[str | None] = mapped_column(String(160), unique=True)
+    payload: Mapped[str | None] = mapped_column(Text)
     status: Mapped[DeliveryStatus] = mapped_column(_enum(DeliveryStatus), default=DeliveryStatus.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
