@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from screener import __version__
-from screener.core.cliargs import add_config_option, load_from_args
+from screener.core.cliargs import add_config_option, load_from_args, stdout_closed
 from screener.core.config import Config, as_dict
 from screener.core.db.migrate import open_database
 from screener.core.errors import ConfigError, ScreenerError
@@ -218,15 +218,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"trainer: {exc}", file=sys.stderr)
         return 2
-    if args.command == "config":
-        print(json.dumps(as_dict(config), indent=2))
-        return 0
-    from screener.core.logs import configure_logging
-
-    configure_logging(config.logging, stream=sys.stderr)
     try:
+        if args.command == "config":
+            print(json.dumps(as_dict(config), indent=2))
+            return 0
+        from screener.core.logs import configure_logging
+
+        configure_logging(config.logging, stream=sys.stderr)
         handler = _COMMANDS[args.command]
         return handler(config, args)
+    except BrokenPipeError:
+        return stdout_closed()
     except ScreenerError as exc:
         print(f"trainer: {exc}", file=sys.stderr)
         return 1

@@ -10,7 +10,7 @@ from datetime import date
 from pathlib import Path
 
 from screener import __version__
-from screener.core.cliargs import add_config_option, load_from_args
+from screener.core.cliargs import add_config_option, load_from_args, stdout_closed
 from screener.core.config import Config, as_dict
 from screener.core.errors import EXIT_STORE_MISMATCH, ConfigError, ScreenerError, StoreIdentityError
 
@@ -146,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return _run(args, config)
+    except BrokenPipeError:
+        return stdout_closed()
     except StoreIdentityError as exc:
         print(f"screener: {exc}", file=sys.stderr)
         return EXIT_STORE_MISMATCH
