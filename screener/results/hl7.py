@@ -29,6 +29,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Message
@@ -47,6 +48,7 @@ DISCLAIMER = (
 )
 # PS3.3 C.7.1.1 Patient's Sex (M, F, O) -> HL7 table 0001 (M, F, O, U).
 _SEX = {"M": "M", "F": "F", "O": "O"}
+HL7_NULL = '""'  # HL7 2.5.1 2.5.3: a field explicitly empty
 MAX_CONTROL_ID = 20  # MSH-10 is ST, at most 20 characters in 2.5.1
 
 
@@ -123,7 +125,7 @@ def observed_at(ds: Dataset) -> str:
     return day + (time if time.isdigit() and len(time) in (2, 4, 6) else "")
 
 
-def patient_facts(ds: Dataset) -> dict[str, object]:
+def patient_facts(ds: Dataset) -> dict[str, Any]:
     """The PID facts of ``ds`` (the source header) as :class:`OruFacts` keyword arguments."""
     name = ds.get("PatientName")
     components: tuple[str, ...] = ()
@@ -213,12 +215,15 @@ def _build(facts: OruFacts, dest: Hl7Destination, settings: Hl7Config) -> str:
     result = msg.add_group("ORU_R01_PATIENT_RESULT")
     pid = result.add_group("ORU_R01_PATIENT").pid
     pid.pid_1 = "1"
+    # PID-3 and PID-5 are required: without a Patient ID or name in the header, the HL7 null ("").
+    pid.pid_3.cx_1 = facts.patient_id or HL7_NULL
+    if facts.patient_id and facts.patient_id_issuer:
+        pid.pid_3.cx_4.hd_1 = facts.patient_id_issuer
     if facts.patient_id:
-        pid.pid_3.cx_1 = facts.patient_id
-        if facts.patient_id_issuer:
-            pid.pid_3.cx_4.hd_1 = facts.patient_id_issuer
         pid.pid_3.cx_5 = "MR"
     name = facts.patient_name
+    if not name or not name[0]:
+        pid.pid_5.xpn_1.fn_1 = HL7_NULL
     if name:
         # DICOM PN: family^given^middle^prefix^suffix; HL7 XPN: family^given^middle^suffix^prefix.
         xpn = pid.pid_5
