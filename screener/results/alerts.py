@@ -161,9 +161,13 @@ def _insert(session: Session, values: dict[str, Any]) -> int:
     """Insert one delivery unless its idempotency key exists. Returns 1 when a row was added."""
     dialect = session.get_bind().dialect.name
     maker = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = maker(Delivery).values(**values).on_conflict_do_nothing(index_elements=["idempotency_key"])
-    result = session.execute(stmt)
-    return int(getattr(result, "rowcount", 0) or 0)
+    stmt = (
+        maker(Delivery)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["idempotency_key"])
+        .returning(Delivery.id)
+    )
+    return len(session.execute(stmt).all())
 
 
 def raise_alert(

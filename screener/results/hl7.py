@@ -1,8 +1,8 @@
 """Study result -> HL7 v2.5.1 ORU^R01 (unsolicited observation result), and the ACK that answers it.
 
-Built and parsed with hl7apy at its strict 2.5.1 validation level, every value set on a leaf component, where
-hl7apy escapes the delimiters (``|`` ``^`` ``&`` ``~`` ``\\``), so no header value can add a field or a
-segment. The message is a PHI channel: PID carries the patient's identifier, name, birth date and sex from
+Built and parsed with hl7apy at its strict 2.5.1 validation level. Every value from a DICOM header is escaped
+(``\\F\\`` ``\\S\\`` ``\\T\\`` ``\\R\\`` ``\\E\\``, by hl7apy's ST type) before it is set, so no header value can add a
+field, a component or a segment. The message is a PHI channel: PID carries the patient's identifier, name, birth date and sex from
 the source data set, because a RIS matches results to orders and patients by them.
 
 Segments (what a RIS integration engineer reads):
@@ -216,9 +216,9 @@ def _build(facts: OruFacts, dest: Hl7Destination, settings: Hl7Config) -> str:
     pid = result.add_group("ORU_R01_PATIENT").pid
     pid.pid_1 = "1"
     # PID-3 and PID-5 are required: without a Patient ID or name in the header, the HL7 null ("").
-    pid.pid_3.cx_1 = facts.patient_id or HL7_NULL
+    pid.pid_3.cx_1 = _escaped(facts.patient_id) if facts.patient_id else HL7_NULL
     if facts.patient_id and facts.patient_id_issuer:
-        pid.pid_3.cx_4.hd_1 = facts.patient_id_issuer
+        pid.pid_3.cx_4.hd_1 = _escaped(facts.patient_id_issuer)
     if facts.patient_id:
         pid.pid_3.cx_5 = "MR"
     name = facts.patient_name
@@ -227,10 +227,10 @@ def _build(facts: OruFacts, dest: Hl7Destination, settings: Hl7Config) -> str:
     if name:
         # DICOM PN: family^given^middle^prefix^suffix; HL7 XPN: family^given^middle^suffix^prefix.
         xpn = pid.pid_5
-        xpn.xpn_1.fn_1 = name[0]
+        xpn.xpn_1.fn_1 = _escaped(name[0])
         for position, index in ((2, 1), (3, 2), (5, 3), (4, 4)):
             if len(name) > index and name[index]:
-                setattr(xpn, f"xpn_{position}", name[index])
+                setattr(xpn, f"xpn_{position}", _escaped(name[index]))
     if facts.birth_date:
         pid.pid_7 = facts.birth_date
     if facts.sex:
@@ -241,15 +241,15 @@ def _build(facts: OruFacts, dest: Hl7Destination, settings: Hl7Config) -> str:
     orc = order.orc
     orc.orc_1 = "RE"
     if facts.placer_order_number:
-        orc.orc_2.ei_1 = facts.placer_order_number
+        orc.orc_2.ei_1 = _escaped(facts.placer_order_number)
     if facts.accession_number:
-        orc.orc_3.ei_1 = facts.accession_number
+        orc.orc_3.ei_1 = _escaped(facts.accession_number)
     obr = order.obr
     obr.obr_1 = "1"
     if facts.placer_order_number:
-        obr.obr_2.ei_1 = facts.placer_order_number
+        obr.obr_2.ei_1 = _escaped(facts.placer_order_number)
     if facts.accession_number:
-        obr.obr_3.ei_1 = facts.accession_number
+        obr.obr_3.ei_1 = _escaped(facts.accession_number)
     _set_ce(obr.obr_4, PROCEDURE)
     obr.obr_5 = priority
     if facts.observed_at:
