@@ -1,9 +1,10 @@
 """Study result -> HL7 v2.5.1 ORU^R01 (unsolicited observation result), and the ACK that answers it.
 
-Built and parsed with hl7apy at its strict 2.5.1 validation level. Every value from a DICOM header is escaped
-(``\\F\\`` ``\\S\\`` ``\\T\\`` ``\\R\\`` ``\\E\\``, by hl7apy's ST type) before it is set, so no header value can add a
-field, a component or a segment. The message is a PHI channel: PID carries the patient's identifier, name, birth date and sex from
-the source data set, because a RIS matches results to orders and patients by them.
+Built and parsed with hl7apy at its strict 2.5.1 validation level. Every value from a DICOM header is
+escaped (``\\F\\``, ``\\S\\``, ``\\T\\``, ``\\R\\``, ``\\E\\``, by hl7apy's ST type) before it is set, so no
+header value can add a field, a component or a segment. The message is a PHI channel: PID carries the
+patient's identifier, name, birth date and sex from the source data set, because a RIS matches results to
+orders and patients by them.
 
 Segments (what a RIS integration engineer reads):
 
