@@ -8,7 +8,7 @@ any result message. Its ``idempotency_key`` is derived from what it reports:
   alerts once, also after a crash and a re-run;
 - any other event (``delivery_dead``, ``queue_stalled``, ``disk_low``, ``model_changed``,
   ``database_lost``): (event, subject, window of ``alerts.dedup_seconds``), so a condition that stays true
-  is reported once per window and destination, not on every check.
+  is reported once per window and destination, not on every check; ``model_changed`` once per version.
 
 Past ``alerts.rate_limit_per_hour`` alerts of one event type to one destination in the last hour, further
 ones are suppressed: counted in the audit trail (``alert.suppressed``), never queued.
@@ -96,6 +96,7 @@ class Alert:
     details: Mapping[str, Any] = field(default_factory=dict)
     study: StudyFacts | None = None
     study_result_id: int | None = None
+    once: bool = False  # de-duplicate by subject alone, whatever the window (model_changed: per version)
 
 
 def _link(template: str, values: Mapping[str, str]) -> str | None:
@@ -147,6 +148,8 @@ def _dedup(alert: Alert, settings: AlertsConfig, at: datetime) -> str:
     if alert.study is not None:
         s = alert.study
         return "\x1f".join((s.study_instance_uid, s.model_version, str(s.revision)))
+    if alert.once:
+        return alert.subject
     window = int(at.timestamp() // settings.dedup_seconds) if settings.dedup_seconds > 0 else at.isoformat()
     return f"{alert.subject}\x1f{window}"
 

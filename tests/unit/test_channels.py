@@ -287,3 +287,67 @@ def test_alerts_carry_phi_only_when_configured(engine: Engine) -> None:
         doc = json.loads(session.scalars(select(Delivery.payload)).one() or "")
     assert doc["phi"] is True and doc["study"]["accession_number"] == "ACC-SECRET-9"
     assert doc["link"] == "https://viewer/ACC-SECRET-9"
+
+
+def test_watch_raises_queue_stalled_disk_low_model_changed_and_database_lost(
+    engine: Engine, tmp_path: Path
+) -> None:
+    from screener.core.db.models import Instance, ModelStatus, ModelVersion
+    from screener.core.spool import Spool
+    from screener.results.watch import AlertWatch
+
+    old = datetime.now(UTC) - timedelta(hours=2)
+    with Session(engine) as session, session.begin():
+        session.add(
+            Instance(
+                sop_instance_uid="1.2.3.4",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                calling_ae_title="TEST",
+                spool_name="aa/bb/x.dcm",
+                sha256="0" * 64,
+                size_bytes=1,
+                received_at=old,
+                updated_at=old,
+            )
+        )
+        session.add(
+            ModelVersion(
+                version="v9",
+                path="/nowhere",
+                status=ModelStatus.ACTIVE,
+                architectures="resnet18+resnet34",
+                fusion_weight=0.5,
+                onnx_sha256="0" * 64,
+                card_json="{}",
+            )
+        )
+    routes = AlertRoutes(
+        alerts=AlertsConfig(queue_stalled_seconds=600, disk_low_bytes=2**62),
+        webhooks=(WebhookConfig(url="https://hooks.example/in", secret=SECRET),),
+    )
+    problem: list[str] = []
+    watch = AlertWatch(
+        routes,
+        engine,
+        Spool(tmp_path, 0),
+        actor="t",
+        database_problem=lambda: problem[0] if problem else None,
+    )
+    assert watch.due()
+    events = {a.event for a in watch.check()}
+    assert events == {"queue_stalled", "disk_low", "model_changed"} and not watch.due()
+    problem.append("database file x was replaced by another file")
+    watch.check()
+    with Session(engine) as session:
+        rows = list(session.scalars(select(Delivery).order_by(Delivery.id)))
+    # A second check raised nothing new but database_lost: the others are de-duplicated.
+    assert sorted(r.event or "" for r in rows) == [
+        "database_lost",
+        "disk_low",
+        "model_changed",
+        "queue_stalled",
+    ]
+    details = {r.event: json.loads(r.payload or "")["details"] for r in rows}
+    assert details["queue_stalled"]["queued"] == 1 and details["model_changed"]["active_version"] == "v9"
+    assert "replaced" in details["database_lost"]["reason"]
