@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 import threading
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -27,10 +28,13 @@ from screener.ingest.receive import Ingest, reconcile_spool
 from screener.ops.scheduler import build_scheduler
 from screener.results.sender import Sender
 
+if TYPE_CHECKING:
+    from screener.ops.console.server import ConsoleServer
+
 log = get_logger("screener.serve")
 
 
-ROLES = ("listener", "worker", "sender")
+ROLES = ("listener", "worker", "sender", "console")
 ANSWER_MARGIN_SECONDS = 1.0  # a C-STORE is answered within database.statement_timeout_seconds + this
 
 
@@ -50,10 +54,31 @@ def _require_int8(config: Config, engine: Engine) -> None:
         check_precision(path, config.inference.backend, "int8")
 
 
+def _console(config: Config, engine: Engine, spool: Spool) -> ConsoleServer:
+    """Start the web console (screener/ops/console); a taken port stops start-up (ConfigError)."""
+    from screener.ops.console.server import ConsoleServer
+    from screener.ops.console.web import ConsoleContext
+
+    server = ConsoleServer(
+        ConsoleContext(
+            settings=config.console,
+            engine=engine,
+            spool_root=spool.root,
+            results_mode=config.results.mode,
+            max_pixels=config.eligibility.max_pixels,
+            config_source=config.source if config.source != "built-in defaults" else None,
+        )
+    )
+    server.start()
+    return server
+
+
 def serve(config: Config, stop: threading.Event | None = None, role: str = "all") -> int:
     """Run ``role`` until ``stop`` is set or a SIGTERM/SIGINT arrives. Returns the exit code."""
     stop = stop or threading.Event()
     roles = frozenset(ROLES) if role == "all" else frozenset({role})
+    if role == "all" and not config.console.enabled:  # the console joins `all` only when enabled
+        roles = roles - {"console"}
     engine = make_engine(config.database)
     try:
         revision = ensure_at_head(engine, config.database.auto_migrate)
@@ -115,6 +140,13 @@ def serve(config: Config, stop: threading.Event | None = None, role: str = "all"
         health.register("sender", sender.thread.is_alive)
     scheduler = build_scheduler(config, engine, spool, roles=roles, on_failure=metrics.job_failed)
     http = start_metrics(config, health, metrics)  # a taken port stops start-up before anything runs
+    try:
+        console = _console(config, engine, spool) if "console" in roles else None
+    except BaseException:
+        http.stop()
+        raise
+    if console is not None:
+        health.register("console", console.is_alive)
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("serve.signal", signal=signal.Signals(signum).name)
@@ -153,6 +185,8 @@ def serve(config: Config, stop: threading.Event | None = None, role: str = "all"
     finally:
         guard.stop()
         http.stop()
+        if console is not None:
+            console.stop()
         if ingest_engine is not None:
             ingest_engine.dispose()
         for sig, handler in previous.items():
