@@ -15,7 +15,6 @@ from __future__ import annotations
 import ssl
 import threading
 import uuid
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -27,18 +26,22 @@ from pynetdicom.status import (
     STORAGE_SERVICE_CLASS_STATUS,
     code_to_category,
 )
-from sqlalchemy import Engine, and_, or_, select, update
+from sqlalchemy import Engine, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from screener.core import audit
 from screener.core.config import PacsConfig, PacsDestination
-from screener.core.db.models import Delivery, DeliveryStatus, utcnow
-from screener.core.leases import owner_id, release_dead_leases
+from screener.core.db.models import Delivery, DeliveryChannel, DeliveryStatus, utcnow
+from screener.core.db.queue import LeasedQueue
+from screener.core.leases import owner_id
 from screener.core.logs import get_logger, uid_hash
 from screener.core.metrics import Metrics
 from screener.core.pynetdicom_compat import keep_responses_for_caller
 from screener.core.spool import Spool
+from screener.results.alerts import Alert, raise_alert
+from screener.results.channels import ChannelSender, Claimed, DeliveryOutcome, ResultChannels
+from screener.results.watch import AlertWatch
 
 log = get_logger("screener.sender")
 
@@ -58,15 +61,6 @@ _STORAGE_FAILURES: dict[str, tuple[bool, str]] = {
     "Cannot Understand": (False, "peer cannot understand the data set"),
 }
 SENT_TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
-
-
-@dataclass(frozen=True)
-class DeliveryOutcome:
-    """What one send attempt means for its delivery row: sent, retried later, or dead."""
-
-    delivered: bool
-    retryable: bool
-    error: str | None
 
 
 def classify_status(status: int | None, error: str | None = None) -> DeliveryOutcome:
@@ -111,8 +105,14 @@ class Sender:
         metrics: Metrics | None = None,
         *,
         shadow: bool = False,
+        channels: ResultChannels | None = None,
+        watch: AlertWatch | None = None,
     ) -> None:
         self.pacs = pacs
+        # HL7, webhook and email deliveries (screener.results.channels); alerts checked in the loop.
+        self.channels = channels
+        self.channel_sender = ChannelSender(channels, spool) if channels is not None else None
+        self.watch = watch
         self.shadow = shadow  # results.mode = "shadow": deliver nothing; queued deliveries wait for live
         self.metrics = metrics or Metrics()
         self.sessions: sessionmaker[Session] = sessionmaker(db, expire_on_commit=False)
@@ -121,6 +121,8 @@ class Sender:
         self.stop = stop
         self.owner = owner_id(uuid.uuid4().hex[:8])
         self.destinations = {d.name: d for d in pacs.destinations}
+        # A delivery's lease outlasts a whole association (connect, send, release) with room to spare.
+        self.queue = LeasedQueue(db, Delivery, owner=self.owner, lease_seconds=pacs.timeout_seconds * 4 + 60)
         self.thread = threading.Thread(target=self._run, name="sender", daemon=True)
 
     def start(self) -> None:
@@ -132,8 +134,7 @@ class Sender:
     def _run(self) -> None:
         log.info("sender.started", destinations=sorted(self.destinations))
         try:
-            with self.sessions.begin() as session:
-                released = release_dead_leases(session, Delivery, {})
+            released = self.queue.release_dead()
             if released:
                 log.warning("leases.released", deliveries=released, why="their sender on this host is gone")
         except SQLAlchemyError as exc:
@@ -146,6 +147,8 @@ class Sender:
             self.stop.wait()
         while not self.stop.is_set():
             try:
+                if self.watch is not None and self.watch.due():
+                    self.watch.check()
                 self.sweep()
             except SQLAlchemyError as exc:
                 log.warning("sender.database_unavailable", error=type(exc).__name__)
@@ -156,8 +159,14 @@ class Sender:
         """Send every due delivery once. Returns how many were attempted."""
         claimed = self._claim(limit)
         by_destination: dict[str, list[tuple[int, str, str, int]]] = {}
+        others: dict[int, int] = {}  # HL7, webhook, email: delivery id -> attempts
         for row in claimed:
+            if row[5] != DeliveryChannel.DICOM.value:
+                others[row[0]] = row[4]
+                continue
             by_destination.setdefault(row[1], []).append((row[0], row[2], row[3], row[4]))
+        if others:
+            self._deliver_others(others)
         for name, items in by_destination.items():
             dest = self.destinations.get(name)
             if dest is None:
@@ -171,32 +180,61 @@ class Sender:
             self._send(dest, items)
         return len(claimed)
 
-    def _claim(self, limit: int) -> list[tuple[int, str, str, str, int]]:
+    def _claim(self, limit: int) -> list[tuple[int, str, str, str, int, str]]:
         now = utcnow()
-        due = and_(
-            Delivery.status.in_([DeliveryStatus.PENDING, DeliveryStatus.FAILED]),
-            Delivery.next_attempt_at <= now,
-            or_(Delivery.lease_owner.is_(None), Delivery.lease_expires_at < now),
-        )
-        pick = select(Delivery.id).where(due).order_by(Delivery.next_attempt_at, Delivery.id).limit(limit)
-        if self.db.dialect.name == "postgresql":
-            pick = pick.with_for_update(skip_locked=True)
-        lease = timedelta(seconds=self.pacs.timeout_seconds * 4 + 60)
-        stmt = (
-            update(Delivery)
-            .where(Delivery.id.in_(pick.scalar_subquery()))
-            .values(lease_owner=self.owner, lease_expires_at=now + lease, attempts=Delivery.attempts + 1)
-            .returning(
+        rows = self.queue.claim(
+            limit,
+            where=[
+                Delivery.status.in_([DeliveryStatus.PENDING, DeliveryStatus.FAILED]),
+                Delivery.next_attempt_at <= now,
+                self.queue.free(now),
+            ],
+            order_by=[Delivery.next_attempt_at, Delivery.id],
+            values={"attempts": Delivery.attempts + 1},
+            returning=[
                 Delivery.id,
                 Delivery.destination,
                 Delivery.spool_name,
                 Delivery.sop_instance_uid,
                 Delivery.attempts,
-            )
-            .execution_options(synchronize_session=False)
+                Delivery.channel,
+            ],
+            now=now,
         )
-        with self.sessions.begin() as session:
-            return [(int(r[0]), str(r[1]), str(r[2]), str(r[3]), int(r[4])) for r in session.execute(stmt)]
+        return [(int(r[0]), str(r[1]), str(r[2]), str(r[3]), int(r[4]), str(r[5])) for r in rows]
+
+    def _deliver_others(self, attempts_by_id: dict[int, int]) -> None:
+        """One attempt of each claimed HL7, webhook or email delivery, in id order."""
+        with self.sessions() as session:
+            rows = session.execute(
+                select(
+                    Delivery.id,
+                    Delivery.channel,
+                    Delivery.destination,
+                    Delivery.spool_name,
+                    Delivery.payload,
+                    Delivery.event,
+                    Delivery.idempotency_key,
+                )
+                .where(Delivery.id.in_(sorted(attempts_by_id)))
+                .order_by(Delivery.id)
+            ).all()
+        for row in rows:
+            item = Claimed(*row)
+            if self.channel_sender is None:
+                outcome = DeliveryOutcome(
+                    False, True, f"this sender does not serve the {item.channel} channel"
+                )
+            else:
+                outcome = self.channel_sender.deliver(item)
+            self._record(
+                item.id,
+                attempts_by_id[item.id],
+                outcome,
+                channel=item.channel,
+                name=item.destination,
+                key=item.idempotency_key,
+            )
 
     def _send(self, dest: PacsDestination, items: list[tuple[int, str, str, int]]) -> None:
         ae = AE(ae_title=self.pacs.calling_ae_title)
@@ -255,9 +293,13 @@ class Sender:
         *,
         sop_uid: str | None = None,
         status: int | None = None,
+        channel: str = DeliveryChannel.DICOM.value,
+        name: str | None = None,
+        key: str | None = None,
     ) -> None:
         now = utcnow()
-        values: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
+        name = dest.name if dest is not None else name
+        values: dict[str, Any] = {}
         if outcome.delivered:
             values.update(status=DeliveryStatus.SENT, sent_at=now, last_error=None)
             final = "sent"
@@ -278,25 +320,41 @@ class Sender:
             values.update(status=DeliveryStatus.DEAD, last_error=reason)
             final = "dead"
         with self.sessions.begin() as session:
-            session.execute(
-                update(Delivery)
-                .where(Delivery.id == delivery_id, Delivery.lease_owner == self.owner)
-                .values(**values)
-            )
+            self.queue.finish(session, delivery_id, values)
             if final == "sent":
                 audit.record(
                     session,
                     audit.RESULT_DELIVERED,
                     actor=self.owner,
-                    subject=sop_uid or str(delivery_id),
-                    detail={"destination": dest.name if dest else None, "delivery": delivery_id},
+                    subject=sop_uid or key or str(delivery_id),
+                    detail={"destination": name, "delivery": delivery_id, "channel": channel},
                 )
-        self.metrics.delivery_attempt(dest.name if dest else "unknown", final)
+            alerting = channel in (DeliveryChannel.WEBHOOK.value, DeliveryChannel.EMAIL.value)
+            if final == "dead" and not alerting and self.channels is not None:
+                # In the transaction that gives up: an alert about an alert that died would loop.
+                raise_alert(
+                    session,
+                    self.channels.routes,
+                    Alert(
+                        "delivery_dead",
+                        f"delivery {delivery_id}",
+                        {
+                            "delivery": delivery_id,
+                            "channel": channel,
+                            "destination": name,
+                            "error": values["last_error"],
+                        },
+                    ),
+                    actor=self.owner,
+                    now=now,
+                )
+        self.metrics.delivery_attempt(name or "unknown", final)
         event = log.info if final == "sent" else log.warning
         event(
             "delivery.attempt",
             delivery=delivery_id,
-            destination=dest.name if dest else None,
+            channel=channel,
+            destination=name,
             sop_uid=uid_hash(sop_uid),
             status=f"0x{status:04X}" if status is not None else None,
             outcome=final,
@@ -305,8 +363,9 @@ class Sender:
         )
 
 
-def retry_deliveries(session: Session, ids: list[int] | None, dead: bool) -> int:
-    """Re-drive deliveries (by id, or every dead one): pending, due now, with a fresh attempt budget."""
+def retry_deliveries(session: Session, ids: list[int] | None, dead: bool, channel: str | None = None) -> int:
+    """Re-drive deliveries (by id, or every dead one, of ``channel`` when given): pending, due now, with a
+    fresh attempt budget."""
     stmt = update(Delivery).values(
         status=DeliveryStatus.PENDING,
         next_attempt_at=utcnow(),
@@ -318,14 +377,20 @@ def retry_deliveries(session: Session, ids: list[int] | None, dead: bool) -> int
         stmt = stmt.where(Delivery.id.in_(ids), Delivery.status != DeliveryStatus.SENT)
     elif dead:
         stmt = stmt.where(Delivery.status == DeliveryStatus.DEAD)
+        if channel:
+            stmt = stmt.where(Delivery.channel == DeliveryChannel(channel).value)
     else:
         return 0
     result = session.execute(stmt.execution_options(synchronize_session=False))
     return int(getattr(result, "rowcount", 0) or 0)
 
 
-def list_deliveries(session: Session, status: str | None = None, limit: int = 200) -> list[Delivery]:
+def list_deliveries(
+    session: Session, status: str | None = None, limit: int = 200, channel: str | None = None
+) -> list[Delivery]:
     stmt = select(Delivery).order_by(Delivery.id.desc()).limit(limit)
     if status:
         stmt = stmt.where(Delivery.status == DeliveryStatus(status))
+    if channel:
+        stmt = stmt.where(Delivery.channel == DeliveryChannel(channel).value)
     return list(session.scalars(stmt))

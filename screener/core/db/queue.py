@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, Row, and_, or_, select, update
+from sqlalchemy import Engine, and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -64,7 +64,7 @@ class LeasedQueue:
         returning: Sequence[Any],
         values: Mapping[str, Any] | None = None,
         now: datetime | None = None,
-    ) -> list[Row[Any]]:
+    ) -> list[tuple[Any, ...]]:
         """Lease up to ``limit`` rows matching every ``where`` (in ``order_by`` order), setting ``values``
         as well; returns the ``returning`` columns of the rows claimed, committed."""
         if limit < 1:
@@ -81,7 +81,7 @@ class LeasedQueue:
             .execution_options(synchronize_session=False)
         )
         with self.sessions.begin() as session:
-            return list(session.execute(stmt))
+            return [tuple(row) for row in session.execute(stmt)]
 
     def finish(
         self,
