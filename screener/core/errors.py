@@ -72,6 +72,18 @@ class EngineUnavailableError(ScreenerError):
     """The requested inference backend cannot run on this host (no GPU, package missing)."""
 
 
+class RemoteEngineError(EngineUnavailableError):
+    """A remote inference server (Triton) is unreachable, timed out, or does not serve the verified model.
+
+    Transient from the worker's view: the batch is released (nothing is marked failed), the worker backs
+    off, reports it in ``/healthz`` and metrics, and retries by itself.
+    """
+
+
+class ServedModelMismatchError(ModelError):
+    """The inference server serves another model than the registered one: the worker refuses to use it."""
+
+
 class DataError(ScreenerError):
     """A training or evaluation dataset is missing, malformed, or has a bad label; the message says where."""
 

@@ -336,6 +336,18 @@ class Metrics:
         self.job_failures = Counter(
             "screener_job_failures", "Scheduled jobs that raised, by job.", ["job"], registry=r
         )
+        self.engine_faults = Counter(
+            "screener_engine_faults",
+            "Batches released because a remote inference engine (Triton) failed, by backend.",
+            ["backend"],
+            registry=r,
+        )
+        self.engine_available = Gauge(
+            "screener_engine_available",
+            "0 while the worker backs off after a remote inference engine fault, else 1.",
+            registry=r,
+        )
+        self.engine_available.set(1)
         for status in _PROCESSED_STATUSES:
             self.instances_processed.labels(status)
         if engine is not None:
@@ -380,6 +392,16 @@ class Metrics:
         with self._model_lock:  # one series at a time: the old version disappears
             self.model.clear()
             self.model.labels(version, backend).set(1)
+
+    def engine_fault(self, backend: str) -> None:
+        """A batch went back to the queue because the remote engine on ``backend`` failed."""
+        self.engine_faults.labels(backend).inc()
+        self.engine_available.set(0)
+
+    def engine_recovered(self, backend: str) -> None:
+        """The remote engine on ``backend`` answered again."""
+        self.engine_faults.labels(backend)
+        self.engine_available.set(1)
 
     def delivery_attempt(self, destination: str, outcome: str) -> None:
         """One delivery attempt ended ``outcome`` (sent, failed, dead) for ``destination`` (AE@host:port)."""

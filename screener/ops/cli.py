@@ -73,6 +73,23 @@ def _parser() -> argparse.ArgumentParser:
     add_config_option(a, top=False)
     a.add_argument("version")
     add_config_option(msub.add_parser("list", help="registered models and their status"), top=False)
+    t = msub.add_parser(
+        "export-triton", help="write a registered version into a Triton model repository (docs/scaling.md)"
+    )
+    add_config_option(t, top=False)
+    t.add_argument("version")
+    t.add_argument("repo_dir", metavar="REPO_DIR", type=Path)
+    t.add_argument(
+        "--kind",
+        choices=("python", "onnxruntime", "tensorrt"),
+        default="python",
+        help="python: ONNX Runtime in Triton's Python backend (default); onnxruntime: Triton's ONNX Runtime "
+        "backend; tensorrt: the plan built for this GPU (inference.trt_cache_dir)",
+    )
+    t.add_argument("--model-name", help="Triton model name (default: inference.triton.model_name)")
+    t.add_argument("--max-batch", type=int, help="max_batch_size (default: inference.max_batch)")
+    t.add_argument("--keep", type=int, default=2, help="versions left in the entry, this one included")
+    t.add_argument("--plan", type=Path, help="--kind tensorrt: this plan instead of the cached one")
 
     p = sub.add_parser(
         "report",
@@ -183,7 +200,7 @@ def _run(args: argparse.Namespace, config: Config) -> int:
     read_only = (
         args.command in ("status", "report", "classify")
         or (args.command == "db" and args.db_command == "current")
-        or (args.command == "models" and args.models_command == "list")
+        or (args.command == "models" and args.models_command in ("list", "export-triton"))
         or (args.command == "deliveries" and args.deliveries_command == "list")
     )
     engine = make_engine(config.database, read_only=read_only)
@@ -206,7 +223,7 @@ def _run(args: argparse.Namespace, config: Config) -> int:
 
         ensure_at_head(engine, auto_migrate=config.database.auto_migrate and not read_only)
         if args.command == "models":
-            return _models(engine, args)
+            return _models(engine, args, config)
         if args.command == "deliveries":
             return _deliveries(engine, args)
         if args.command == "report":
@@ -242,7 +259,7 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         engine.dispose()
 
 
-def _models(engine: object, args: argparse.Namespace) -> int:
+def _models(engine: object, args: argparse.Namespace, config: Config) -> int:
     from sqlalchemy import Engine
     from sqlalchemy.orm import Session
 
@@ -250,7 +267,22 @@ def _models(engine: object, args: argparse.Namespace) -> int:
 
     assert isinstance(engine, Engine)
     with Session(engine) as session, session.begin():
-        if args.models_command == "register":
+        if args.models_command == "export-triton":
+            from screener.model.triton_repo import export_registered
+
+            done = export_registered(
+                session,
+                args.version,
+                args.repo_dir,
+                model_name=args.model_name or config.inference.triton.model_name,
+                kind=args.kind,
+                max_batch=args.max_batch or config.inference.max_batch,
+                keep=args.keep,
+                plan=args.plan,
+                trt_cache_dir=config.inference.trt_cache_dir,
+            )
+            print(done.summary())
+        elif args.models_command == "register":
             row = register(session, args.model_dir, activate=args.activate)
             print(f"registered {row.version} ({row.status.value}) from {row.path}")
         elif args.models_command == "activate":

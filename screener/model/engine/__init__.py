@@ -1,7 +1,7 @@
-"""Inference engines: one :class:`Engine` protocol, three backends (onnxruntime, torch, tensorrt).
+"""Inference engines: one :class:`Engine` protocol, four backends (onnxruntime, torch, tensorrt, triton).
 
 Backends are imported only when chosen, so ``import screener.model.engine`` stays cheap and works without
-torch's CUDA runtime or TensorRT.
+torch's CUDA runtime, TensorRT or tritonclient.
 """
 
 from __future__ import annotations
@@ -9,12 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from screener.core.config import TritonConfig
 from screener.core.errors import EngineUnavailableError, ModelError
 from screener.core.logs import get_logger
 from screener.model.engine.base import Engine, EngineOutput
 from screener.model.modelcard import CARD_FILE, LoadedModel, load_model_dir
 
-BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt", "triton")
 PRECISIONS = ("auto", "fp32", "int8")
 DEFAULT_TRT_CACHE_DIR = Path("var/trt-cache")
 
@@ -76,6 +77,13 @@ def choose_precision(
     int8 = model.card.int8
     if precision == "fp32":
         return "fp32", "inference.precision is fp32"
+    if backend == "triton":
+        if precision == "int8":
+            raise ModelError(
+                "inference.precision = int8 does not apply to inference.backend = triton: Triton runs the "
+                "graph exported to its repository; set inference.precision = auto or fp32"
+            )
+        return "fp32", "backend triton runs the graph exported to Triton's model repository"
     if backend == "tensorrt" or (backend == "onnxruntime" and on_gpu):
         return "fp32", f"backend {backend} runs on the GPU, where INT8 is not used"
     if precision == "int8" and backend != "onnxruntime":
@@ -127,6 +135,7 @@ def load_engine(
     trt_cache_dir: Path | None = None,
     max_batch: int = 64,
     precision: str = "fp32",
+    triton: TritonConfig | None = None,
 ) -> tuple[Engine, LoadedModel]:
     """Verify ``model_dir`` (every file's sha256) and open it on ``backend``.
 
@@ -137,7 +146,10 @@ def load_engine(
     logged in one ``engine.precision`` line. Raises :class:`~screener.core.errors.ModelError` /
     :class:`~screener.core.errors.ModelIntegrityError` for a bad model directory or an ``int8`` demand the
     card cannot meet, and :class:`~screener.core.errors.EngineUnavailableError` for an unknown backend or
-    precision or a backend this host cannot run.
+    precision or a backend this host cannot run. ``triton`` (the ``inference.triton`` settings, defaults
+    when None) is for the ``triton`` backend, which also verifies that Triton serves exactly this model
+    (:class:`~screener.core.errors.ServedModelMismatchError`) and raises
+    :class:`~screener.core.errors.RemoteEngineError` when Triton cannot be reached.
     """
     if backend not in BACKENDS:
         raise EngineUnavailableError(
@@ -165,6 +177,10 @@ def load_engine(
         from screener.model.engine.torch_backend import TorchEngine
 
         engine = TorchEngine(model, threads=threads, torch_compile=torch_compile, max_batch=max_batch)
+    elif backend == "triton":
+        from screener.model.engine.triton_backend import TritonEngine
+
+        engine = TritonEngine(model, triton if triton is not None else TritonConfig(), max_batch=max_batch)
     else:
         from screener.model.engine.tensorrt_backend import TensorRTEngine
 
