@@ -268,6 +268,33 @@ class _SpoolCollector(Collector):
         return [family]
 
 
+class _StoreCollector(Collector):
+    """1 once the database is no longer this store's index (see ``DatabaseGuard``), else 0, at scrape time.
+
+    Read from the guard, not from the database: it answers when the database is gone, so an alert rule
+    outside the process (``screener_database_lost == 1``) fires even where no alert can be queued in it.
+    """
+
+    def __init__(self, problem: Callable[[], str | None]) -> None:
+        self._problem = problem
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "screener_database_lost",
+            "1 once the database file was deleted, replaced or made read-only, or carries another store's "
+            "identity (the listener answers 0xA700; /healthz names the reason), else 0.",
+        )
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        return [self._family()]
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = self._family()
+        family.add_metric([], 0 if self._problem() is None else 1)
+        return [family]
+
+
 class Metrics:
     """Every metric of one ``screener serve`` process, in a registry of its own.
 
@@ -402,6 +429,10 @@ class Metrics:
         """The remote engine on ``backend`` answered again."""
         self.engine_faults.labels(backend)
         self.engine_available.set(1)
+
+    def watch_store(self, problem: Callable[[], str | None]) -> None:
+        """Export ``screener_database_lost`` from ``problem`` (``DatabaseGuard.problem``: None while fine)."""
+        self.registry.register(_StoreCollector(problem))
 
     def delivery_attempt(self, destination: str, outcome: str) -> None:
         """One delivery attempt ended ``outcome`` (sent, failed, dead) for ``destination`` (AE@host:port)."""

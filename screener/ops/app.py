@@ -107,6 +107,7 @@ def serve(config: Config, stop: threading.Event | None = None, role: str = "all"
         )
 
     metrics = Metrics(engine, spool.root)
+    metrics.watch_store(lambda: guard.problem)  # screener_database_lost, for alert rules outside the process
     health = Health()
     health.register_database(engine, guard=guard.check)
 
