@@ -1,4 +1,4 @@
-"""Wiring for ``screener serve``: database, spool and the roles (listener, worker, sender) with their jobs.
+"""Wiring for ``screener serve``: database, spool, and the roles (listener, worker, settler, sender).
 
 ``--role all`` (the default) runs everything in one process. Past one host, each role runs on its own
 against one PostgreSQL and a shared spool (docs/scaling.md). Runs until SIGTERM/SIGINT, then drains.
@@ -26,7 +26,11 @@ from screener.inference.worker import Worker
 from screener.ingest.listener import CHEST_SOP_CLASSES, Listener
 from screener.ingest.receive import Ingest, reconcile_spool
 from screener.ops.scheduler import build_scheduler
+from screener.results.alerts import AlertRoutes
+from screener.results.channels import ResultChannels
 from screener.results.sender import Sender
+from screener.results.settlement import Settler
+from screener.results.watch import AlertWatch
 
 if TYPE_CHECKING:
     from screener.ops.console.server import ConsoleServer
@@ -34,7 +38,7 @@ if TYPE_CHECKING:
 log = get_logger("screener.serve")
 
 
-ROLES = ("listener", "worker", "sender", "console")
+ROLES = ("listener", "worker", "settler", "sender", "console")
 ANSWER_MARGIN_SECONDS = 1.0  # a C-STORE is answered within database.statement_timeout_seconds + this
 
 
@@ -132,11 +136,37 @@ def serve(config: Config, stop: threading.Event | None = None, role: str = "all"
         health.register("listener", listener.is_alive)
     if "worker" in roles and config.inference.precision == "int8":
         _require_int8(config, engine)
-    worker = Worker(config, engine, spool, stop, metrics) if "worker" in roles else None
+    worker = None
+    if "worker" in roles:
+        worker = Worker(config.inference, config.eligibility, engine, spool, stop, metrics)
+    settler = None
+    if roles & {"worker", "settler"}:
+        # Verdicts and SRs on a thread of their own, so a batch never waits for them; `--role worker` keeps
+        # settling as it always did, `--role settler` settles without a model loaded.
+        settler = Settler(
+            engine,
+            spool,
+            stop,
+            settle_seconds=config.inference.study_settle_seconds,
+            pacs=config.pacs,
+            results=config.results,
+            channels=ResultChannels.of(config),
+        )
     shadow = config.results.mode == "shadow"
-    sender = Sender(config.pacs, engine, spool, stop, metrics, shadow=shadow) if "sender" in roles else None
+    sender = None
+    if "sender" in roles:
+        # HL7, webhooks and email share the DICOM outbox; the sender also checks the alert conditions.
+        watch = AlertWatch(
+            AlertRoutes.of(config), engine, spool, actor="alerts", database_problem=lambda: guard.problem
+        )
+        channels = ResultChannels.of(config)
+        sender = Sender(
+            config.pacs, engine, spool, stop, metrics, shadow=shadow, channels=channels, watch=watch
+        )
     if worker is not None:
         health.register("worker", worker.thread.is_alive)
+    if settler is not None:
+        health.register("settler", settler.thread.is_alive)
     if sender is not None:
         health.register("sender", sender.thread.is_alive)
     scheduler = build_scheduler(config, engine, spool, roles=roles, on_failure=metrics.job_failed)
@@ -160,7 +190,7 @@ def serve(config: Config, stop: threading.Event | None = None, role: str = "all"
     )
     try:
         guard.start()
-        for part in (listener, worker, sender, scheduler):
+        for part in (listener, worker, settler, sender, scheduler):
             if part is not None:
                 part.start()
         destinations = [d.name for d in config.pacs.destinations]
@@ -181,6 +211,8 @@ def serve(config: Config, stop: threading.Event | None = None, role: str = "all"
             listener.drain(config.listener.drain_seconds)
         if worker is not None:
             worker.join(timeout=config.listener.drain_seconds + 60)
+        if settler is not None:
+            settler.join(timeout=60)
         if sender is not None:
             sender.join(timeout=config.pacs.timeout_seconds * 2)
     finally:

@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     add_config_option(p, top=False)
     p.add_argument(
         "--role",
-        choices=["all", "listener", "worker", "sender"],
+        choices=["all", "listener", "worker", "settler", "sender", "console"],
         default="all",
         help="run only one part, for several processes or hosts sharing one PostgreSQL and spool",
     )
@@ -122,17 +122,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="site-performance, drift: also draw a PNG")
 
-    p = sub.add_parser("deliveries", help="results outbox: list and re-drive sends to the PACS")
+    p = sub.add_parser(
+        "deliveries", help="results outbox (DICOM, HL7, webhook, email): list and re-drive deliveries"
+    )
     add_config_option(p, top=False)
     dsub = p.add_subparsers(dest="deliveries_command", required=True, metavar="ACTION")
     d = dsub.add_parser("list", help="recent deliveries with status, attempts and last error")
     add_config_option(d, top=False)
     d.add_argument("--status", choices=["pending", "sent", "failed", "dead"])
+    d.add_argument("--channel", choices=["dicom", "hl7", "webhook", "email"], help="only this channel")
     d.add_argument("--json", action="store_true")
     d = dsub.add_parser("retry", help="re-drive deliveries: by ID, or --dead for every dead one")
     add_config_option(d, top=False)
     d.add_argument("ids", metavar="ID", nargs="*", type=int)
     d.add_argument("--dead", action="store_true", help="re-drive every dead delivery")
+    d.add_argument(
+        "--channel", choices=["dicom", "hl7", "webhook", "email"], help="with --dead: only this one"
+    )
+
+    from screener.ops.console.users_cli import add_users_parser
+
+    add_users_parser(sub, add_config_option)
 
     p = sub.add_parser(
         "bench",
@@ -145,6 +155,12 @@ def _parser() -> argparse.ArgumentParser:
     add_config_option(p, top=False)
     p.add_argument("--model", metavar="DIR", type=Path, help="model directory (default: the active model)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--heatmap",
+        metavar="DIR",
+        type=Path,
+        help="write one PNG per classified image into DIR: the image with the model's heatmap over it",
+    )
     p.add_argument("files", metavar="FILE", nargs="+", type=Path)
     return parser
 
@@ -193,7 +209,7 @@ def _run(args: argparse.Namespace, config: Config) -> int:
     from screener.core.db.session import make_engine
 
     if args.command == "classify" and args.model is not None:
-        return _classify(config, args.model, args.files, args.json)
+        return _classify(config, args.model, args.files, args.json, args.heatmap)
     # Commands that only read open the database read-only: they never create, migrate or write anything
     # (a missing SQLite file is an error, not a new empty database). Commands that write follow
     # database.auto_migrate.
@@ -202,6 +218,7 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         or (args.command == "db" and args.db_command == "current")
         or (args.command == "models" and args.models_command in ("list", "export-triton"))
         or (args.command == "deliveries" and args.deliveries_command == "list")
+        or (args.command == "users" and args.users_command == "list")
     )
     engine = make_engine(config.database, read_only=read_only)
     try:
@@ -224,6 +241,10 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         ensure_at_head(engine, auto_migrate=config.database.auto_migrate and not read_only)
         if args.command == "models":
             return _models(engine, args, config)
+        if args.command == "users":
+            from screener.ops.console.users_cli import users_command
+
+            return users_command(engine, args)
         if args.command == "deliveries":
             return _deliveries(engine, args)
         if args.command == "report":
@@ -251,7 +272,7 @@ def _run(args: argparse.Namespace, config: Config) -> int:
                 raise ModelError(
                     "no active model: pass --model DIR or run `screener models register DIR --activate`"
                 )
-            return _classify(config, Path(row.path), args.files, args.json)
+            return _classify(config, Path(row.path), args.files, args.json, args.heatmap)
         status = collect_status(engine, config.results.mode)
         print(json.dumps(status, indent=2) if args.json else render_status(status))
         return 0
@@ -310,14 +331,16 @@ def _deliveries(engine: object, args: argparse.Namespace) -> int:
             if not args.ids and not args.dead:
                 print("screener: deliveries retry needs IDs or --dead", file=sys.stderr)
                 return 2
-            count = retry_deliveries(session, args.ids, args.dead)
+            count = retry_deliveries(session, args.ids, args.dead, channel=args.channel)
             print(f"re-driven: {count}")
             return 0
-        rows = list_deliveries(session, args.status)
+        rows = list_deliveries(session, args.status, channel=args.channel)
         data = [
             {
                 "id": r.id,
                 "study_result_id": r.study_result_id,
+                "channel": r.channel,
+                "event": r.event,
                 "destination": r.destination,
                 "object": r.object_kind,
                 "status": r.status.value,
@@ -335,17 +358,19 @@ def _deliveries(engine: object, args: argparse.Namespace) -> int:
         print("no deliveries")
     for d in data:
         print(
-            f"{d['id']:>6} {d['status']:<8} {d['object']:<3} {d['destination']:<40} "
+            f"{d['id']:>6} {d['status']:<8} {d['channel']:<7} {d['object']:<7} {d['destination']:<40} "
             f"attempts={d['attempts']:<3} "
             f"{d['last_error'] or ''}"
         )
     return 0
 
 
-def _classify(config: Config, model_dir: Path, files: list[Path], as_json: bool) -> int:
+def _classify(
+    config: Config, model_dir: Path, files: list[Path], as_json: bool, heatmap_dir: Path | None = None
+) -> int:
     from screener.inference.classify import classify_files
 
-    version, results = classify_files(config, model_dir, files)
+    version, results = classify_files(config, model_dir, files, heatmap_dir=heatmap_dir)
     if as_json:
         print(json.dumps({"model_version": version, "results": [r.as_dict() for r in results]}, indent=2))
     else:
@@ -359,6 +384,8 @@ def _classify(config: Config, model_dir: Path, files: list[Path], as_json: bool)
                 print(f"{r.path}: {r.status}: {r.reason}")
             if r.note:
                 print(f"{r.path}: note: {r.note}")
+            if r.heatmap:
+                print(f"{r.path}: heatmap: {r.heatmap}")
     return 0 if all(r.status != "failed" for r in results) else 1
 
 

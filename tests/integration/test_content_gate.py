@@ -161,7 +161,13 @@ def test_training_fits_the_gate_into_the_graph_and_the_card(gated: tuple[Path, P
     model_dir, data = gated
     loaded = load_model_dir(model_dir)
     gate = loaded.card.gate
-    assert gate is not None and gate.method == "mahalanobis" and gate.feature_dims == (512, 512)
+    assert gate is not None and gate.method == "mahalanobis+view" and gate.feature_dims == (512, 512)
+    view = gate.fitted_on["view_check"]
+    assert 0.5 <= view["threshold"] < 1.0 and view["scale"] == pytest.approx(
+        gate.threshold / view["threshold"], rel=1e-3
+    )
+    assert set(view["trained_on"]) >= {"inverted", "part", "rotated", "limb phantom", "positives"}
+    assert {"energy", "mahalanobis_alone", "view_alone"} <= set(gate.alternatives)
     assert gate.fitted_on["split"] == "train" and gate.fitted_on["n"] == sum(
         gate.fitted_on["per_class"].values()
     )
@@ -264,16 +270,22 @@ def test_the_worker_skips_a_refused_instance_and_records_its_score(
                 size_bytes=entry.size_bytes,
             )
         )
-    worker = Worker(config, engine, spool, threading.Event())
-    worker._pool = ThreadPoolExecutor(1)  # in-process preprocessing: the behaviour under test is after it
+    # In-process preprocessing: the behaviour under test is after it.
+    worker = Worker(
+        config.inference,
+        config.eligibility,
+        engine,
+        spool,
+        threading.Event(),
+        pool_factory=lambda: ThreadPoolExecutor(1),
+    )
     try:
-        pending = worker._step(None)
+        pending = worker.step(None)
         assert pending is not None
-        worker._finish(pending)
+        report = worker.open().finish(pending)
+        assert (report.size, report.skipped, report.gated, report.classified) == (1, 1, 1, 0)
     finally:
-        worker._pool.shutdown()
-        if worker.model is not None:
-            worker.model.engine.close()
+        worker.close()
     with Session(engine) as session:
         row = session.scalars(select(Instance)).one()
         assert row.status == InstanceStatus.SKIPPED

@@ -22,17 +22,17 @@ import pytest
 from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy import Engine, create_engine, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
-import screener.inference.worker as worker_module
+import screener.inference.batch as batch_module
 from screener.core.config import EligibilityConfig, load_config
 from screener.core.db.migrate import upgrade
 from screener.core.db.models import Instance, ModelVersion, Prediction
 from screener.core.errors import ModelError, ModelIntegrityError
-from screener.core.spool import Spool
 from screener.imaging.pixels import PreprocessSpec
+from screener.inference.model_slot import ModelSlot
 from screener.inference.prepare import Prepared, prepare_instance
-from screener.inference.worker import MAX_ATTEMPTS, Worker
+from screener.inference.worker import MAX_ATTEMPTS
 from screener.model.modelcard import (
     CARD_FILE,
     INT8_FILE,
@@ -111,16 +111,11 @@ def _add_int8(model_dir: Path, *, passed: bool) -> None:
     (model_dir / CARD_FILE).write_text(card.to_json())
 
 
-def _worker(tmp_path: Path, url: str, engine: Engine) -> Worker:
+def _slot(engine: Engine, retry_seconds: float) -> ModelSlot:
     config = load_config(
-        environ={
-            "SCREENER__DATABASE__URL": url,
-            "SCREENER__STORAGE__SPOOL_DIR": str(tmp_path / "spool"),
-            "SCREENER__INFERENCE__BACKEND": "onnxruntime",
-            "SCREENER__INFERENCE__THREADS": "1",
-        }
+        environ={"SCREENER__INFERENCE__BACKEND": "onnxruntime", "SCREENER__INFERENCE__THREADS": "1"}
     )
-    return Worker(config, engine, Spool(tmp_path / "spool", 0), threading.Event())
+    return ModelSlot(config.inference, sessionmaker(engine), retry_seconds=retry_seconds)
 
 
 def _session(engine: Engine) -> Session:
@@ -135,7 +130,7 @@ def _activate(engine: Engine, version: str) -> None:
 def test_a_rewritten_registered_model_is_refused_and_the_previous_one_keeps_serving(
     tiny_model_dir: Path, tmp_path: Path
 ):
-    url, engine = _database(tmp_path)
+    _, engine = _database(tmp_path)
     swapped_onnx = _copy(tiny_model_dir, tmp_path / "swap-onnx", "swap-onnx")
     swapped_weights = _copy(tiny_model_dir, tmp_path / "swap-weights", "swap-weights")
     added_int8 = _copy(tiny_model_dir, tmp_path / "added-int8", "added-int8")
@@ -149,11 +144,11 @@ def test_a_rewritten_registered_model_is_refused_and_the_previous_one_keeps_serv
     _rewrite(swapped_weights, WEIGHTS_FILE)
     _add_int8(added_int8, passed=True)  # would be served on CPU with inference.precision = auto
 
-    worker = _worker(tmp_path, url, engine)
+    slot = _slot(engine, retry_seconds=3600)
     try:
-        worker._ensure_model()
-        assert worker.model is not None and worker.model.version == "test-tiny-0"
-        serving = worker.model.engine
+        model = slot.refresh()
+        assert model is not None and model.version == "test-tiny-0"
+        serving = model.engine
         refusals = {
             "swap-onnx": (ONNX_FILE, recorded_onnx, sha256_file(swapped_onnx / ONNX_FILE), "new version"),
             "swap-weights": (
@@ -175,8 +170,9 @@ def test_a_rewritten_registered_model_is_refused_and_the_previous_one_keeps_serv
             assert f"model version {version}" in message and name in message and remedy in message
             assert found[:12] in message
             assert expected is None or expected[:12] in message
-            worker._ensure_model()
-            assert worker.model.version == "test-tiny-0" and worker.model.engine is serving, version
+            model = slot.refresh()
+            assert model is not None and model.version == "test-tiny-0" and model.engine is serving, version
+            assert slot.refused is not None and slot.retired == []
         # A card edited without touching any file (thresholds: what the SR reports) is refused too.
         edited = _copy(tiny_model_dir, tmp_path / "edited", "edited")
         with _session(engine) as session, session.begin():
@@ -189,17 +185,19 @@ def test_a_rewritten_registered_model_is_refused_and_the_previous_one_keeps_serv
             row = session.scalars(select(ModelVersion).where(ModelVersion.version == "edited")).one()
         with pytest.raises(ModelIntegrityError, match="thresholds on the card differ"):
             verify_registered(row, read_card(edited), edited)
-        worker._ensure_model()
-        assert worker.model.version == "test-tiny-0"
+        assert slot.refresh() is model and slot.refused is not None  # not tried again for retry_seconds
         # The intended change is recorded by registering again; then the worker loads it.
         with _session(engine) as session, session.begin():
             register(session, edited)
-        worker._failed_model = None  # skip the retry delay after a refusal
-        worker._ensure_model()
-        assert worker.model.version == "edited" and worker.model.thresholds == {"covid19": 0.99}
+        edited_model = slot.refresh()  # registered again: tried at once, not after retry_seconds
+        assert edited_model is not None and edited_model.version == "edited"
+        assert edited_model.thresholds == {"covid19": 0.99}
+        # The engine it replaced is retired, not closed: a batch prepared for it may still be in flight.
+        assert slot.retired == [serving]
+        slot.close_retired()
+        assert slot.retired == []
     finally:
-        for eng in [*worker._to_close, *([worker.model.engine] if worker.model else [])]:
-            eng.close()
+        slot.close()
         engine.dispose()
 
 
@@ -241,7 +239,7 @@ def poison_server(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[int, Engine]]:
     """``serve`` in this process (so its pool runs :func:`crashing_prepare`) on SQLite with the tiny model."""
-    monkeypatch.setattr(worker_module, "prepare_instance", crashing_prepare)
+    monkeypatch.setattr(batch_module, "prepare_instance", crashing_prepare)
     monkeypatch.chdir(tmp_path)
     url, engine = _database(tmp_path)
     with _session(engine) as session, session.begin():
