@@ -14,7 +14,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import cv2
@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import Dataset, WeightedRandomSampler
 
 from screener.core.db.models import Instance, InstanceStatus, Label, Study
+from screener.core.db.types import as_utc
 from screener.core.errors import DataError, ImagingError
 from screener.imaging.part10 import accession_of
 from screener.imaging.pixels import FloatImage, PreprocessSpec, load_unit, to_model_input
@@ -397,10 +398,7 @@ def confirmed_label_samples(
         Label.id, Label.sop_instance_uid, Label.study_instance_uid, Label.accession_number, Label.label
     ).order_by(Label.imported_at, Label.id)
     if since is not None:
-        since_utc = since.replace(tzinfo=UTC) if since.tzinfo is None else since.astimezone(UTC)
-        # SQLite keeps naive UTC; PostgreSQL compares time zones itself.
-        bound = since_utc.replace(tzinfo=None) if engine.dialect.name == "sqlite" else since_utc
-        query = query.where(Label.imported_at > bound)
+        query = query.where(Label.imported_at > as_utc(since))  # UTCDateTime binds it the same everywhere
     rows_query = (
         sa.select(Instance.id, Instance.sop_instance_uid, Instance.spool_name, Study.study_instance_uid)
         .join(Study, Instance.study_id == Study.id, isouter=True)

@@ -236,10 +236,9 @@ def load_observations(engine: Engine, model: str | None) -> dict[str, tuple[str,
     with engine.connect() as conn:
         cards = {str(v): str(c) for v, c in conn.execute(cards_query)}
         for version, at, label, maker, rows, columns, mean, finished_by in conn.execute(query):
-            aware = at if at.tzinfo is not None else at.replace(tzinfo=UTC)  # SQLite: naive UTC
             out.setdefault(version, (cards[version], []))[1].append(
                 Observation(
-                    day=aware.astimezone(UTC).date(),
+                    day=at.astimezone(UTC).date(),
                     label=str(label),
                     manufacturer=maker,
                     rows=rows,

@@ -15,23 +15,26 @@ import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Date, DateTime, Engine, bindparam, text
+from sqlalchemy import Date, Engine, bindparam, select, text
 from sqlalchemy.sql.selectable import TextualSelect
 from sqlalchemy.types import TypeEngine
 
+from screener.core.db.models import ModelVersion
+from screener.core.db.types import UTCDateTime, as_utc
 from screener.core.errors import ScreenerError
-from screener.model.modelcard import CLASSES
+from screener.model.modelcard import CLASSES, ModelCard
+from screener.model.verdict import INDETERMINATE, NOT_ANALYSED
 
 VIEW_REPORTS: tuple[str, ...] = ("daily", "positives", "turnaround", "performance", "deliveries")
 SITE_REPORTS: tuple[str, ...] = ("site-performance", "drift")  # computed from tables, with ReportOptions
 REPORTS: tuple[str, ...] = (*VIEW_REPORTS, *SITE_REPORTS)
 FORMATS: tuple[str, ...] = ("table", "csv", "json")
 PERCENTILES: tuple[float, ...] = (50.0, 90.0, 99.0)
-VERDICTS: tuple[str, ...] = (*CLASSES, "not_analysed")
+NON_CLASS_VERDICTS: tuple[str, ...] = (INDETERMINATE, NOT_ANALYSED)
 
 Row = dict[str, Any]
 
@@ -142,6 +145,41 @@ def delivery_summary(statuses: Iterable[str]) -> str:
     return "sent"
 
 
+# --- the classes of the registered models -----------------------------------------------------------
+
+
+def model_classes(engine: Engine) -> dict[str, tuple[str, ...]]:
+    """``{model version: its card's classes}`` for every registered model, in registration order."""
+    with engine.connect() as conn:
+        rows = conn.execute(select(ModelVersion.version, ModelVersion.card_json).order_by(ModelVersion.id))
+        return {str(version): ModelCard.from_json(card).classes for version, card in rows}
+
+
+def all_classes(engine: Engine) -> tuple[str, ...]:
+    """The classes of every registered model, each once, in the order they first appear (the paper's
+    three when no model is registered yet)."""
+    seen: dict[str, None] = {}
+    for classes in model_classes(engine).values():
+        seen.update(dict.fromkeys(classes))
+    return tuple(seen) or CLASSES
+
+
+def probs_of(value: Any) -> dict[str, float]:
+    """A ``probs`` column read from a view: JSON text (SQLite) or an already parsed object (PostgreSQL)."""
+    if value is None:
+        return {}
+    data = json.loads(value) if isinstance(value, str | bytes) else value
+    return {str(k): float(v) for k, v in dict(data).items()}
+
+
+def _with_probs(row: Row, classes: Sequence[str]) -> Row:
+    """``row`` with its ``probs`` map spread into ``p_<class>`` columns (None where the model lacked it)."""
+    probs = probs_of(row.get("probs"))
+    out = {k: v for k, v in row.items() if k != "probs"}
+    out.update({f"p_{c}": probs.get(c) for c in classes})
+    return out
+
+
 # --- reading the views ---------------------------------------------------------------------------------
 
 _TIMESTAMPS: dict[str, tuple[str, ...]] = {
@@ -177,15 +215,14 @@ def _view_query(view: str, since: date | None, until: date | None) -> TextualSel
     if params:
         query = query.bindparams(*params)
     # By name (keywords), not by position: the views' columns come in their own order.
-    types: dict[str, TypeEngine[Any]] = {name: DateTime(timezone=True) for name in _TIMESTAMPS.get(view, ())}
+    types: dict[str, TypeEngine[Any]] = {name: UTCDateTime() for name in _TIMESTAMPS.get(view, ())}
     types["day"] = Date()
     return query.columns(**types)
 
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, datetime):
-        aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)  # SQLite: naive UTC
-        return aware.astimezone(UTC).isoformat(timespec="milliseconds")
+        return as_utc(value).isoformat(timespec="milliseconds")
     if isinstance(value, date):
         return value.isoformat()
     if isinstance(value, str) or value is None or isinstance(value, bool):
@@ -194,6 +231,8 @@ def _jsonable(value: Any) -> Any:
         return value
     if isinstance(value, float):
         return value
+    if isinstance(value, dict):
+        return value  # a JSON column (``probs``) PostgreSQL has already parsed
     return float(value)  # Decimal from SUM() on PostgreSQL
 
 
@@ -212,41 +251,42 @@ def read_view(engine: Engine, view: str, since: date | None = None, until: date 
 # --- the reports ---------------------------------------------------------------------------------------
 
 _VOLUME = ("received", "queued", "processing", "classified", "skipped", "failed")
-_VERDICT_COUNTS = ("results", "studies", *VERDICTS)
 
 
 def _daily(engine: Engine, since: date | None, until: date | None) -> list[Table]:
     volume = {r["day"]: r for r in read_view(engine, "report_daily_volume", since, until)}
-    verdicts = {r["day"]: r for r in read_view(engine, "report_daily_verdicts", since, until)}
+    verdicts: dict[str, dict[str, int]] = {}
+    results: dict[str, int] = {}
+    studies: dict[str, int] = {}
+    for r in read_view(engine, "report_daily_verdicts", since, until):  # one row per (day, verdict)
+        day = r["day"]
+        verdicts.setdefault(day, {})[str(r["verdict"])] = int(r["results"] or 0)
+        results[day] = results.get(day, 0) + int(r["results"] or 0)
+        studies[day] = studies.get(day, 0) + int(r["studies"] or 0)  # a study counted once per verdict
+    names = [*all_classes(engine), *NON_CLASS_VERDICTS]
+    names += sorted({v for counts in verdicts.values() for v in counts} - set(names))
     rows = []
     for day in sorted(volume.keys() | verdicts.keys()):
         row: Row = {"day": day}
         for name in _VOLUME:
             row[name] = int(volume.get(day, {}).get(name) or 0)
-        for name in _VERDICT_COUNTS:
-            row[name] = int(verdicts.get(day, {}).get(name) or 0)
+        row["results"] = results.get(day, 0)
+        row["studies"] = studies.get(day, 0)
+        for name in names:
+            row[name] = verdicts.get(day, {}).get(name, 0)
         rows.append(row)
     return [Table("Daily volume (instances by arrival day) and verdicts (by result day)", _cols(rows), rows)]
 
 
-_POSITIVE_COLUMNS = (
-    "day",
-    "study_instance_uid",
-    "verdict",
-    "revision",
-    "p_normal",
-    "p_covid19",
-    "p_viral_pneumonia",
-    "arrived_at",
-    "result_at",
-    "model_version",
-    "delivery_status",
-)
+_POSITIVE_HEAD = ("day", "study_instance_uid", "verdict", "revision")
+_POSITIVE_TAIL = ("arrived_at", "result_at", "model_version", "delivery_status")
 
 
 def _positives(engine: Engine, since: date | None, until: date | None) -> list[Table]:
-    rows = read_view(engine, "report_positives", since, until)
-    return [Table("Positive studies (latest result COVID-19 or viral pneumonia)", _POSITIVE_COLUMNS, rows)]
+    classes = all_classes(engine)
+    rows = [_with_probs(r, classes) for r in read_view(engine, "report_positives", since, until)]
+    columns = (*_POSITIVE_HEAD, *(f"p_{c}" for c in classes), *_POSITIVE_TAIL)
+    return [Table("Positive studies (latest result is a finding of its model's card)", columns, rows)]
 
 
 _TURNAROUND_COLUMNS = (
@@ -302,8 +342,9 @@ def _performance(engine: Engine, since: date | None, until: date | None) -> list
     rows = read_view(engine, "report_performance", since, until)
     confusion: list[Row] = []
     metrics: list[Row] = []
+    classes = model_classes(engine)
     for version, counts in performance_by_model(rows).items():
-        per_class = class_metrics(counts)
+        per_class = class_metrics(counts, classes.get(version, CLASSES))
         labels = [m.label for m in per_class]
         for true in labels:
             row: Row = {"model_version": version, "true_label": true}

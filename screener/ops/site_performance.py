@@ -4,8 +4,9 @@ Which instances a label reaches follows ``trainer.data.confirmed_label_samples``
 against the truth ``trainer retrain`` trains on: a label row applies through its most specific key (its
 SOP Instance UID, else its Study Instance UID, else its accession number, matched against the spooled
 headers, read without pixel data and only when such labels exist); where several labels reach one
-instance the latest import wins (``imported_at``, then row id). Labels that name no known class are left
-out and counted.
+instance the latest import wins (``imported_at``, then row id). Labels that name no class of any registered
+model's card are left out and counted. Each model version is measured over its own card's classes; a
+label naming a class that version lacks counts as a miss (calibration and ROC AUC leave it out).
 
 A labelled instance counts for the model version that predicted it (``predictions``) or, when it was not
 analysed (``skipped`` or ``failed``), for the model version that was serving when the worker finished it
@@ -34,7 +35,7 @@ from screener.core.stats import (
     macro_auc,
 )
 from screener.imaging.part10 import accession_of
-from screener.model.modelcard import CLASSES
+from screener.model.modelcard import CLASSES, ModelCard
 
 NOT_RECORDED = "(not recorded)"
 
@@ -49,7 +50,7 @@ class _Case:
     spool_name: str
     model_version: str
     predicted: str | None = None  # None: not analysed
-    probs: tuple[float, ...] | None = None
+    probs: dict[str, float] | None = None
     truth: str | None = None
 
 
@@ -63,7 +64,7 @@ class VersionFigures:
     indeterminate: int  # predictions whose label is none of the classes (an abstention)
     truth: list[str]
     predicted: list[str]
-    probs: list[tuple[float, ...]]
+    probs: list[tuple[float, ...]]  # in the version's class order
     per_class: list[ClassFigures]
     macro_auc: float | None
     ece: float | None
@@ -84,17 +85,16 @@ class VersionFigures:
 class SitePerformance:
     versions: list[VersionFigures]
     labels_ignored: int  # label rows naming no known class
-    classes: tuple[str, ...] = CLASSES
+    classes: tuple[str, ...] = CLASSES  # every class of the versions measured, in order of appearance
 
 
-def _bounds(since: date | None, until: date | None, sqlite: bool) -> tuple[datetime | None, datetime | None]:
-    """[since 00:00 UTC, until + 1 day 00:00 UTC) as bind values (naive UTC on SQLite, as it stores them)."""
+def _bounds(since: date | None, until: date | None) -> tuple[datetime | None, datetime | None]:
+    """[since 00:00 UTC, until + 1 day 00:00 UTC) as bind values."""
 
     def at(day: date | None) -> datetime | None:
         if day is None:
             return None
-        value = datetime.combine(day, time(0), tzinfo=UTC)
-        return value.replace(tzinfo=None) if sqlite else value
+        return datetime.combine(day, time(0), tzinfo=UTC)
 
     return at(since), at(until + timedelta(days=1) if until else None)
 
@@ -110,7 +110,7 @@ def _window(query: Any, column: Any, low: datetime | None, high: datetime | None
 def _load_cases(
     engine: Engine, since: date | None, until: date | None, model: str | None
 ) -> tuple[list[_Case], list[Any]]:
-    low, high = _bounds(since, until, engine.dialect.name == "sqlite")
+    low, high = _bounds(since, until)
     predicted = _window(
         select(
             Instance.id,
@@ -119,9 +119,7 @@ def _load_cases(
             Instance.spool_name,
             ModelVersion.version,
             Prediction.label,
-            Prediction.p_normal,
-            Prediction.p_covid19,
-            Prediction.p_viral_pneumonia,
+            Prediction.probs,
         )
         .join(Instance, Instance.id == Prediction.instance_id)
         .join(ModelVersion, ModelVersion.id == Prediction.model_version_id)
@@ -158,8 +156,8 @@ def _load_cases(
         if not labels:
             return [], []
         cases = [
-            _Case(iid, sop, study, spool, version, label, (float(pn), float(pc), float(pv)))
-            for iid, sop, study, spool, version, label, pn, pc, pv in conn.execute(predicted)
+            _Case(iid, sop, study, spool, version, label, {str(k): float(v) for k, v in probs.items()})
+            for iid, sop, study, spool, version, label, probs in conn.execute(predicted)
         ]
         cases += [
             _Case(iid, sop, study, spool, version or NOT_RECORDED)
@@ -168,7 +166,9 @@ def _load_cases(
     return cases, labels
 
 
-def _attach_truth(cases: list[_Case], labels: Sequence[Any], spool_root: Path | None) -> int:
+def _attach_truth(
+    cases: list[_Case], labels: Sequence[Any], spool_root: Path | None, known: Sequence[str] = CLASSES
+) -> int:
     """Set each case's ``truth`` from the labels (see the module docstring). Returns the label rows
     ignored because they name no known class."""
     by_sop: dict[str, list[_Case]] = defaultdict(list)
@@ -191,7 +191,7 @@ def _attach_truth(cases: list[_Case], labels: Sequence[Any], spool_root: Path | 
     ignored = 0
     for row in labels:  # in import order: a later label overrides an earlier one
         label = str(row.label).strip().lower()
-        if label not in CLASSES:
+        if label not in known:
             ignored += 1
             continue
         if row.sop_instance_uid:
@@ -212,9 +212,11 @@ def figures_for(version: str, cases: Sequence[_Case], classes: Sequence[str] = C
     analysed = [c for c in cases if c.predicted is not None and c.probs is not None]
     truth = [str(c.truth) for c in analysed]
     predicted = [str(c.predicted) for c in analysed]
-    probs = [c.probs for c in analysed if c.probs is not None]
+    probs = [tuple((c.probs or {}).get(k, 0.0) for k in classes) for c in analysed]
     matrix = np.asarray(probs, dtype=np.float64).reshape(len(probs), len(classes))
-    ece, bins = calibration(truth, matrix, classes, ECE_BINS)
+    scored = np.array([t in classes for t in truth], dtype=bool)  # truths this version can score
+    scored_truth = [t for t in truth if t in classes]
+    ece, bins = calibration(scored_truth, matrix[scored], classes, ECE_BINS)
     return VersionFigures(
         model_version=version,
         labelled=len(cases),
@@ -224,7 +226,7 @@ def figures_for(version: str, cases: Sequence[_Case], classes: Sequence[str] = C
         predicted=predicted,
         probs=probs,
         per_class=class_figures(truth, predicted, classes),
-        macro_auc=macro_auc(truth, matrix, classes) if truth else None,
+        macro_auc=macro_auc(scored_truth, matrix[scored], classes) if scored_truth else None,
         ece=ece,
         calibration_bins=bins,
     )
@@ -242,13 +244,19 @@ def site_performance(
     unanalysed, on days [since, until] (UTC, inclusive). ``spool_root`` is where accession-number labels
     are matched against headers; without it they reach nothing."""
     cases, labels = _load_cases(engine, since, until, model)
-    ignored = _attach_truth(cases, labels, spool_root)
+    with engine.connect() as conn:
+        cards = {
+            str(v): ModelCard.from_json(card).classes
+            for v, card in conn.execute(select(ModelVersion.version, ModelVersion.card_json))
+        }
+    known = tuple(dict.fromkeys(c for classes in cards.values() for c in classes)) or CLASSES
+    ignored = _attach_truth(cases, labels, spool_root, known)
     by_version: dict[str, list[_Case]] = defaultdict(list)
     for case in cases:
         if case.truth is not None:
             by_version[case.model_version].append(case)
-    versions = [figures_for(v, by_version[v]) for v in sorted(by_version)]
-    return SitePerformance(versions=versions, labels_ignored=ignored)
+    versions = [figures_for(v, by_version[v], cards.get(v, CLASSES)) for v in sorted(by_version)]
+    return SitePerformance(versions=versions, labels_ignored=ignored, classes=known)
 
 
 def _r(value: float | None) -> float | None:
