@@ -15,7 +15,7 @@ from screener.core.errors import ImageDecodeError, ImagingError
 from screener.imaging.pixels import preprocess_file, read_dicom
 from screener.inference.prepare import Prepared, prepare_dataset, prepare_instance
 from screener.model.engine import load_engine
-from screener.model.verdict import instance_label
+from screener.model.verdict import decide
 
 
 @dataclass(frozen=True)
@@ -125,12 +125,17 @@ def classify_files(
                         novelty,
                     )
                     continue
+                borderline = None
+                if card.gate is not None and card.gate.is_borderline(novelty):
+                    assert novelty is not None
+                    borderline = card.gate.borderline_reason(novelty)
+                decision = decide(probs, card.classes, card.thresholds, card.findings, borderline=borderline)
                 results[p.instance_id] = FileResult(
                     str(files[p.instance_id]),
                     "classified",
-                    instance_label(probs, card.classes, card.thresholds),
+                    decision.label,
                     dict(zip(card.classes, probs, strict=True)),
-                    None,
+                    decision.reason,
                     notes.get(p.instance_id),
                     novelty,
                 )

@@ -24,7 +24,78 @@ from screener.imaging.pixels import PreprocessSpec
 from screener.model.onnx_safety import check_model_onnx_files
 
 CLASSES: tuple[str, ...] = ("normal", "covid19", "viral_pneumonia")
-"""The label map, in model output order. The single source: everything else derives from it."""
+"""The paper's three classes, in model output order: the default label map of a new model, not a schema.
+A served model's classes are its card's :attr:`ModelCard.classes`, described by :attr:`ModelCard.concepts`."""
+
+RESERVED_LABELS: tuple[str, ...] = ("not_analysed", "indeterminate")
+"""Verdicts that are not classes: no card may name a class so."""
+
+CONCEPT_SCHEMES: tuple[str, ...] = ("SCT", "LN", "DCM", "RADLEX", "99CXRS")
+"""Coding schemes a class concept may use: SNOMED CT, LOINC, DICOM, RadLex, and the screener's local scheme
+(declared in every SR it writes)."""
+
+
+@dataclass(frozen=True)
+class ClassConcept:
+    """One entry of the card's ``concepts`` section: what a class means, for the SR and for the verdict.
+
+    ``code`` / ``scheme`` / ``meaning``: the coded finding written in the SR (SNOMED CT for the paper's
+    three). ``finding``: true when the class flags the study (a positive to review); false for a class such
+    as ``normal``. ``priority``: among finding classes that reach their operating point on one image, the
+    lowest wins (COVID-19 before viral pneumonia); ties go to the class listed first. ``probability_code``:
+    the local code (scheme ``99CXRS``) of the class's probability in the SR.
+    """
+
+    meaning: str
+    code: str
+    scheme: str
+    finding: bool
+    probability_code: str
+    priority: int = 100
+
+    def validate(self, name: str) -> None:
+        """Check every field; raises :class:`ModelError` naming the offending key and value."""
+        key = f"concepts.{name}"
+        if not isinstance(self.meaning, str) or not 1 <= len(self.meaning) <= 64:
+            raise _bad(f"{key}.meaning", self.meaning, "must be 1-64 characters (the code meaning, LO)")
+        if not isinstance(self.code, str) or not _CODE_RE.match(self.code):
+            raise _bad(
+                f"{key}.code", self.code, "must be 1-16 letters, digits, '.', '-' or '_' (a code value)"
+            )
+        if self.scheme not in CONCEPT_SCHEMES:
+            raise _bad(
+                f"{key}.scheme", self.scheme, f"unknown coding scheme; known: {', '.join(CONCEPT_SCHEMES)}"
+            )
+        if not isinstance(self.finding, bool):
+            raise _bad(f"{key}.finding", self.finding, "must be true (flags the study) or false")
+        if not isinstance(self.probability_code, str) or not _CODE_RE.match(self.probability_code):
+            raise _bad(
+                f"{key}.probability_code", self.probability_code, "must be 1-16 letters, digits, '.', '-'"
+            )
+        if (
+            isinstance(self.priority, bool)
+            or not isinstance(self.priority, int)
+            or not 0 <= self.priority <= 999
+        ):
+            raise _bad(f"{key}.priority", self.priority, "must be an integer between 0 and 999")
+
+
+# SNOMED CT. For "normal" 17621005 "Normal" rather than 281900007 "No abnormality detected": 17621005 is the
+# value DICOM's own context groups use for a normal result (CID 222 "Normal-Abnormal", CID 242 ...), so PACS
+# and viewers recognise it, and the model's "normal" class means "none of the model's findings", which does
+# not warrant claiming no abnormality of any kind. 427359005 "Solitary nodule of lung" is what the JSRT
+# database's nodule cases show.
+DEFAULT_CONCEPTS: dict[str, ClassConcept] = {
+    "normal": ClassConcept("Normal", "17621005", "SCT", False, "CXRS-P-NORMAL", 100),
+    "covid19": ClassConcept("COVID-19", "840539006", "SCT", True, "CXRS-P-COVID19", 10),
+    "viral_pneumonia": ClassConcept("Viral pneumonia", "75570004", "SCT", True, "CXRS-P-VIRALPNEU", 20),
+    "bacterial_pneumonia": ClassConcept(
+        "Bacterial pneumonia", "53084003", "SCT", True, "CXRS-P-BACTPNEU", 30
+    ),
+    "lung_nodule": ClassConcept("Solitary nodule of lung", "427359005", "SCT", True, "CXRS-P-NODULE", 40),
+}
+"""Concepts a card need not spell out: a class of one of these names takes this entry unless the card's
+``concepts`` section gives its own."""
 
 ARCHITECTURE_NAMES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 """Backbones a card may name; ``screener.model.fused.ARCHITECTURES`` maps each to its factory."""
@@ -49,6 +120,8 @@ INT8_GATE_FIGURES: tuple[str, ...] = (
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_CLASS_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+_CODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,15}$")
 _CHUNK = 1 << 20
 
 
@@ -162,7 +235,7 @@ class LungCropSpec:
             raise _bad("lung_crop.segmenter", self.segmenter, "must be an object")
 
 
-GATE_METHODS: tuple[str, ...] = ("mahalanobis",)
+GATE_METHODS: tuple[str, ...] = ("mahalanobis", "mahalanobis+view")
 """Novelty scores the card's ``gate`` may name (the graph computes it; see :mod:`screener.model.novelty`)."""
 
 
@@ -172,7 +245,9 @@ class GateSpec:
 
     The graph's extra output ``novelty`` [N] is the squared Mahalanobis distance (tied covariance,
     smallest over the classes) of the two networks' concatenated pooled features from the training
-    split's class means (:mod:`screener.model.novelty`); the means and the whitening matrix are buffers in
+    split's class means (:mod:`screener.model.novelty`); with method ``mahalanobis+view`` it is raised to
+    the view check's scaled "not a frontal chest" probability where that is higher (same units, same
+    threshold); the means, the whitening matrix and the view check's weights are buffers in
     ``weights.safetensors``, so the card's sha256 list covers them. An image whose novelty exceeds
     ``threshold`` (or is not a finite number) is not classified: it is skipped with :meth:`reason`.
     ``feature_dims`` are the two networks' feature sizes; ``fitted_on`` says which images the statistics
@@ -188,6 +263,7 @@ class GateSpec:
     validation: dict[str, Any] = field(default_factory=dict)
     checks: dict[str, Any] = field(default_factory=dict)
     alternatives: dict[str, Any] = field(default_factory=dict)
+    borderline: float | None = None
 
     @property
     def feature_size(self) -> int:
@@ -211,6 +287,27 @@ class GateSpec:
         for key in ("fitted_on", "validation", "checks", "alternatives"):
             if not isinstance(getattr(self, key), dict):
                 raise _bad(f"gate.{key}", getattr(self, key), "must be an object")
+        edge = self.borderline
+        if edge is not None and (
+            isinstance(edge, bool) or not isinstance(edge, int | float) or not 0 < edge < self.threshold
+        ):
+            raise _bad(
+                "gate.borderline", edge, f"must be null or a number in (0, threshold {self.threshold})"
+            )
+
+    def is_borderline(self, novelty: float | None) -> bool:
+        """True when an image the gate lets through lies in its borderline band (``borderline`` <
+        novelty <= ``threshold``): classified, but its verdict is ``indeterminate``."""
+        if novelty is None or self.borderline is None or self.refuses(novelty):
+            return False
+        return novelty > self.borderline
+
+    def borderline_reason(self, novelty: float) -> str:
+        """Why an image in the borderline band gets no label: names the score and the band."""
+        return (
+            f"image-content gate borderline: novelty {novelty:.1f} in ({self.borderline:.1f}, "
+            f"{self.threshold:.1f}]: too unlike the training images for a confident label"
+        )
 
     def refuses(self, novelty: float | None) -> bool:
         """True when an image with this novelty score must not be classified (NaN included)."""
@@ -224,6 +321,32 @@ class GateSpec:
             f"image-content gate: novelty {novelty:.1f} > threshold {self.threshold:.1f}: not like the "
             "frontal chest radiographs the model was trained on"
         )
+
+
+HEATMAP_METHODS: tuple[str, ...] = ("cam",)
+"""How the graph's ``heatmap`` output may be computed (see :mod:`screener.model.cam`)."""
+
+
+@dataclass(frozen=True)
+class HeatmapSpec:
+    """The card's ``heatmap`` section: the graph's extra output ``heatmap`` ``[N, size, size]`` float32.
+
+    ``method`` ``cam``: the class activation map (Zhou et al. 2016) of the fused prediction's class from
+    each network's last convolutional features, each scaled to a maximum of 1 and mixed with the fusion
+    weight, mapped back from the lung crop (where the graph has one) to the whole network input, values in
+    [0, 1]. The map covers the letterboxed ``input_size`` square the networks were given. Cards without
+    the section (older models) have no ``heatmap`` output and are served as before.
+    """
+
+    method: str = "cam"
+    size: int = 64
+
+    def validate(self) -> None:
+        """Check every field; raises :class:`ModelError` naming the offending key and value."""
+        if self.method not in HEATMAP_METHODS:
+            raise _bad("heatmap.method", self.method, f"unknown method; known: {', '.join(HEATMAP_METHODS)}")
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or not 8 <= self.size <= 1024:
+            raise _bad("heatmap.size", self.size, "must be an integer between 8 and 1024")
 
 
 CALIBRATION_KEYS: tuple[str, ...] = ("temperature_a", "temperature_b")
@@ -262,6 +385,30 @@ class ModelCard:
     lung_crop: LungCropSpec | None = None
     sources: dict[str, dict[str, int]] = field(default_factory=dict)
     gate: GateSpec | None = None
+    concepts: dict[str, ClassConcept] = field(default_factory=dict)
+    heatmap: HeatmapSpec | None = None
+
+    def concept(self, name: str) -> ClassConcept:
+        """The concept of class ``name``: the card's own entry, else :data:`DEFAULT_CONCEPTS`.
+
+        Raises :class:`ModelError` for a name the card does not list or that has no concept."""
+        if name not in self.classes:
+            raise _bad("classes", name, f"is not a class of model {self.version} ({', '.join(self.classes)})")
+        found = self.concepts.get(name) or DEFAULT_CONCEPTS.get(name)
+        if found is None:
+            raise _bad(f"concepts.{name}", None, "is required: the class has no default concept")
+        return found
+
+    def resolved_concepts(self) -> dict[str, ClassConcept]:
+        """Every class's concept, in output order (defaults filled in)."""
+        return {name: self.concept(name) for name in self.classes}
+
+    @property
+    def findings(self) -> tuple[str, ...]:
+        """The classes that flag a study, most urgent first (priority, then output order)."""
+        order = {name: n for n, name in enumerate(self.classes)}
+        flagged = [name for name in self.classes if self.concept(name).finding]
+        return tuple(sorted(flagged, key=lambda c: (self.concept(c).priority, order[c])))
 
     def temperature(self, which: str) -> float:
         """The softmax temperature of network ``"a"`` or ``"b"`` (1.0: uncalibrated)."""
@@ -273,13 +420,7 @@ class ModelCard:
             raise _bad(
                 "version", self.version, "must be 1-64 characters of letters, digits, '.', '_', '+', '-'"
             )
-        if not isinstance(self.classes, tuple) or len(self.classes) < 2:
-            raise _bad("classes", self.classes, "must list at least two classes")
-        for name in self.classes:
-            if name not in CLASSES:
-                raise _bad("classes", name, f"unknown class; known classes are {', '.join(CLASSES)}")
-        if len(set(self.classes)) != len(self.classes):
-            raise _bad("classes", self.classes, "lists a class twice")
+        self._validate_classes()
         if not isinstance(self.architectures, tuple) or len(self.architectures) != 2:
             raise _bad("architectures", self.architectures, "must name exactly two backbones")
         for arch in self.architectures:
@@ -350,6 +491,8 @@ class ModelCard:
             raise _bad("sources", self.sources, "must map source names to class counts")
         if self.gate is not None:
             self.gate.validate()
+        if self.heatmap is not None:
+            self.heatmap.validate()
         if self.int8 is not None:
             self.int8.validate()
             if self.files.get(INT8_FILE) != self.int8.sha256:
@@ -361,15 +504,41 @@ class ModelCard:
                 f"files.{INT8_FILE}", self.files[INT8_FILE], "is listed but the card has no int8 section"
             )
 
+    def _validate_classes(self) -> None:
+        if not isinstance(self.classes, tuple) or len(self.classes) < 2:
+            raise _bad("classes", self.classes, "must list at least two classes")
+        for name in self.classes:
+            if not isinstance(name, str) or not _CLASS_RE.match(name) or name in RESERVED_LABELS:
+                raise _bad(
+                    "classes",
+                    name,
+                    "must be 1-32 lower-case letters, digits or '_', starting with a letter, "
+                    f"and not {' or '.join(RESERVED_LABELS)}",
+                )
+        if len(set(self.classes)) != len(self.classes):
+            raise _bad("classes", self.classes, "lists a class twice")
+        if not isinstance(self.concepts, dict):
+            raise _bad("concepts", self.concepts, "must map class names to concepts")
+        for name, concept in self.concepts.items():
+            if name not in self.classes:
+                raise _bad(f"concepts.{name}", name, "names a class the model does not output")
+            concept.validate(name)
+        concepts = self.resolved_concepts()  # raises for a class without a concept
+        if not any(c.finding for c in concepts.values()):
+            raise _bad("concepts", sorted(concepts), "no class is a finding: nothing could ever flag a study")
+        codes = [c.probability_code for c in concepts.values()]
+        if len(set(codes)) != len(codes):
+            raise _bad("concepts", codes, "two classes share a probability_code")
+
     def to_json(self) -> str:
         """The card as indented, key-sorted JSON. Raises :class:`ModelError` if the card is invalid."""
         self.validate()
         data = asdict(self)
         # Cards without these sections stay as they were written before the sections existed.
-        for optional in ("int8", "lung_crop", "gate"):
+        for optional in ("int8", "lung_crop", "gate", "heatmap"):
             if data[optional] is None:
                 del data[optional]
-        for optional in ("calibration", "sources"):
+        for optional in ("calibration", "sources", "concepts"):
             if not data[optional]:
                 del data[optional]
         return json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
@@ -417,6 +586,8 @@ class ModelCard:
             lung_crop=_lung_crop_from_dict(data["lung_crop"]) if data.get("lung_crop") is not None else None,
             sources=_as_dict("sources", data.get("sources", {})),
             gate=_gate_from_dict(data["gate"]) if data.get("gate") is not None else None,
+            concepts=_concepts_from_dict(data.get("concepts", {})),
+            heatmap=_heatmap_from_dict(data["heatmap"]) if data.get("heatmap") is not None else None,
         )
         card.validate()
         return card
@@ -465,6 +636,25 @@ def _int8_from_dict(value: object) -> Int8Card:
     )
 
 
+def _concepts_from_dict(value: object) -> dict[str, ClassConcept]:
+    data = _as_dict("concepts", value)
+    fields = ClassConcept.__dataclass_fields__
+    out: dict[str, ClassConcept] = {}
+    for name, item in data.items():
+        entry = _as_dict(f"concepts.{name}", item)
+        _refuse_unknown_keys(f"concepts.{name}", entry, fields)
+        for key in ("meaning", "code", "scheme", "finding", "probability_code"):
+            if key not in entry:
+                raise _bad(f"concepts.{name}.{key}", None, "is required")
+        out[name] = ClassConcept(**entry)
+    return out
+
+
+def default_concepts(classes: Collection[str]) -> dict[str, ClassConcept]:
+    """The :data:`DEFAULT_CONCEPTS` entries of ``classes`` (those with a default), for a new card."""
+    return {name: DEFAULT_CONCEPTS[name] for name in classes if name in DEFAULT_CONCEPTS}
+
+
 def _lung_crop_from_dict(value: object) -> LungCropSpec:
     data = _as_dict("lung_crop", value)
     _refuse_unknown_keys("lung_crop", data, LungCropSpec.__dataclass_fields__)
@@ -493,7 +683,16 @@ def _gate_from_dict(value: object) -> GateSpec:
         validation=_as_dict("gate.validation", data.get("validation", {})),
         checks=_as_dict("gate.checks", data.get("checks", {})),
         alternatives=_as_dict("gate.alternatives", data.get("alternatives", {})),
+        borderline=data.get("borderline"),
     )
+    spec.validate()
+    return spec
+
+
+def _heatmap_from_dict(value: object) -> HeatmapSpec:
+    data = _as_dict("heatmap", value)
+    _refuse_unknown_keys("heatmap", data, HeatmapSpec.__dataclass_fields__)
+    spec = HeatmapSpec(**data)
     spec.validate()
     return spec
 

@@ -62,6 +62,7 @@ def render_tables() -> str:
     from screener.core.config import ListenerConfig, PacsConfig
     from screener.ingest import receive as ingest
     from screener.ingest.listener import CHEST_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION
+    from screener.model.modelcard import DEFAULT_CONCEPTS
     from screener.results import sc, sr
     from screener.results.sender import DELIVERED_WARNINGS, SENT_TRANSFER_SYNTAXES
 
@@ -225,12 +226,16 @@ def render_tables() -> str:
     out.append("### Table G.9: Coded concepts in the SR (TID 1500 content)")
     out.append("")
     rows = [_code_row("Procedure reported", sr.PROCEDURE_CODE)]
-    rows += [_code_row(f"Finding: {cls}", sr.FINDING_CODES[cls]) for cls in sr.CLASSES]
-    rows += [_code_row(f"Measurement: probability of {cls}", sr.PROBABILITY_CODES[cls]) for cls in sr.CLASSES]
+    # The classes are the model card's (`concepts`); these are the defaults a card need not spell out.
+    concepts = DEFAULT_CONCEPTS.items()
+    rows += [_code_row(f"Finding: {cls} (default)", sr.finding_code(c)) for cls, c in concepts]
+    rows.append(_code_row("Finding: indeterminate", sr.INDETERMINATE_CODE))
+    rows += [_code_row(f"Measurement: probability of {cls}", sr.probability_code(c)) for cls, c in concepts]
     rows.append(_code_row("Measurement unit", sr.PROBABILITY_UNIT))
     rows.append(_code_row("Qualitative evaluation name", sr.ANALYSIS_STATUS))
     rows += [_code_row(f"Analysis status: {key}", code) for key, code in sr.STATUS_CODES.items()]
     rows.append(_code_row("Text: reason not analysed", sr.REASON_NOT_ANALYSED))
+    rows.append(_code_row("Text: reason indeterminate", sr.REASON_INDETERMINATE))
     rows.append(_code_row("Text: disclaimer", sr.DISCLAIMER_CONCEPT))
     rows.append(_code_row("Contributing Equipment purpose", sr.EQUIPMENT_PURPOSE))
     out.append(_table(("Use", "Code Value", "Coding Scheme", "Code Meaning"), rows))

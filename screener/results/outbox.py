@@ -27,6 +27,7 @@ from screener.core.db.models import (
     StudyResult,
 )
 from screener.core.spool import Spool
+from screener.model.modelcard import ModelCard
 from screener.results.sc import build_secondary_capture
 from screener.results.sr import AlgorithmInfo, AnalysedImage, StudyVerdictInput, build_sr, derive_uid
 
@@ -41,6 +42,8 @@ class BuiltObject:
 def algorithm_info(model: ModelVersion, pacs: PacsConfig) -> AlgorithmInfo:
     card: dict[str, Any] = json.loads(model.card_json)
     preprocessing = card.get("preprocessing") or {}
+    # The operating points (card thresholds) decide labels and abstention: the SR names them (TID 4019).
+    thresholds = card.get("thresholds") or {}
     return AlgorithmInfo(
         name=f"CXR Screener fused ResNet ({model.architectures})",
         version=model.version,
@@ -48,7 +51,8 @@ def algorithm_info(model: ModelVersion, pacs: PacsConfig) -> AlgorithmInfo:
             "architectures": model.architectures,
             "fusion_weight": f"{model.fusion_weight:.4f}",
             "input_size": str(preprocessing.get("input_size", card.get("input_size", ""))),
-        },
+        }
+        | {f"threshold.{cls}": f"{float(value):.4f}" for cls, value in thresholds.items()},
         manufacturer=pacs.manufacturer,
         model_name="CXR Screener",
         software_version=__version__,
@@ -78,14 +82,9 @@ def build_objects(session: Session, spool: Spool, pacs: PacsConfig, result: Stud
         .order_by(Instance.received_at, Instance.id)
     ).all()
     images = []
+    concepts = ModelCard.from_json(model.card_json).resolved_concepts()
     for inst, pred in rows:
-        probs = None
-        if pred is not None:
-            probs = {
-                "normal": pred.p_normal,
-                "covid19": pred.p_covid19,
-                "viral_pneumonia": pred.p_viral_pneumonia,
-            }
+        probs = dict(pred.probs) if pred is not None else None
         status = inst.status.value
         images.append(
             AnalysedImage(
@@ -95,19 +94,18 @@ def build_objects(session: Session, spool: Spool, pacs: PacsConfig, result: Stud
                 status=status if pred is not None or status != "classified" else "failed",
                 label=pred.label if pred is not None else None,
                 probs=probs,
-                reason=inst.status_reason if pred is None else None,
+                reason=inst.status_reason if pred is None else pred.reason,
             )
         )
     source_row = next((inst for inst, pred in rows if pred is not None), rows[0][0])
     source = dcmread(spool.path(source_row.spool_name), stop_before_pixels=True)
-    verdict_probs = None
-    if result.p_normal is not None:
-        verdict_probs = {
-            "normal": result.p_normal,
-            "covid19": result.p_covid19 or 0.0,
-            "viral_pneumonia": result.p_viral_pneumonia or 0.0,
-        }
-    verdict = StudyVerdictInput(label=result.verdict, probs=verdict_probs, revision=result.revision)
+    verdict = StudyVerdictInput(
+        label=result.verdict,
+        probs=dict(result.probs) if result.probs is not None else None,
+        revision=result.revision,
+        concepts=concepts,
+        reason=result.reason,
+    )
     algorithm = algorithm_info(model, pacs)
     sr = build_sr(
         source,

@@ -2,8 +2,9 @@
 
 A Secondary Capture Image (PS3.3 A.8.1, SOP Class 1.2.840.10008.5.1.4.1.1.7): 512 x 512, 8-bit
 MONOCHROME2, white text on black, in the source's study, in its own series. The pixels show the verdict,
-the three class probabilities, the model version and "NOT FOR DIAGNOSTIC USE"; they never show a patient
-identifier. ``render_lines`` is the only source of drawn text, so a test can check every drawn string.
+the probability of each of the model card's classes, the model version and "NOT FOR DIAGNOSTIC USE"; they
+never show a patient identifier. ``render_lines`` is the only source of drawn text, so a test can check
+every drawn string.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from screener.model.verdict import INDETERMINATE
 from screener.results.sr import (
-    CLASSES,
     NOT_ANALYSED,
     PATIENT_STUDY_TYPE2,
     AlgorithmInfo,
@@ -32,12 +33,7 @@ SIZE = 512
 SERIES_NUMBER = 9802
 SERIES_DESCRIPTION = "AI summary - not a diagnosis (CXR Screener)"
 
-_DISPLAY = {
-    "normal": "Normal",
-    "covid19": "COVID-19",
-    "viral_pneumonia": "Viral pneumonia",
-    NOT_ANALYSED: "Not analysed",
-}
+_DISPLAY = {NOT_ANALYSED: "Not analysed", INDETERMINATE: "Indeterminate"}
 
 _PATIENT_STUDY_TYPE3 = ("IssuerOfPatientID", "StudyDescription")
 
@@ -47,12 +43,13 @@ def render_lines(verdict: StudyVerdictInput, algorithm: AlgorithmInfo) -> list[s
 
     Raises ValueError for an unknown label or bad probabilities.
     """
-    if verdict.label not in _DISPLAY:
-        raise ValueError(f"study verdict label {verdict.label!r} is not one of {tuple(_DISPLAY)}")
-    lines = ["CXR Screener - AI result", f"Verdict: {_DISPLAY[verdict.label]}"]
+    display = {name: concept.meaning for name, concept in verdict.concepts.items()} | _DISPLAY
+    if verdict.label not in display:
+        raise ValueError(f"study verdict label {verdict.label!r} is not one of {tuple(display)}")
+    lines = ["CXR Screener - AI result", f"Verdict: {display[verdict.label]}"]
     if verdict.probs is not None:
-        check_probabilities(verdict.probs, "study verdict")
-        lines += [f"  P({_DISPLAY[c]}) = {verdict.probs[c]:.3f}" for c in CLASSES]
+        check_probabilities(verdict.probs, "study verdict", verdict.classes)
+        lines += [f"  P({display[c]}) = {verdict.probs[c]:.3f}" for c in verdict.classes]
     else:
         lines.append("  no image could be analysed")
     lines += [

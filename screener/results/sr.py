@@ -6,9 +6,14 @@ content tree is PS3.16 TID 1500 "Measurement Report", built with highdicom:
 - TID 1001 observation context with a device observer (TID 1004: device UID, manufacturer, model);
 - TID 1600 image library listing every source image;
 - one TID 1501 measurement group per image, tracked by TID 4108, carrying the algorithm (TID 4019), a
-  coded "Finding" (SNOMED CT) and the three class probabilities (TID 300), or, for an image that was not
+  coded "Finding" and one probability per class of the model (TID 300), or, for an image that was not
   analysed, a coded status and the reason as text (the coded-question / text-answer row of TID 1501);
 - one more TID 1501 group with the study verdict, its probabilities and the disclaimer.
+
+The classes, their finding codes and probability codes come from the model card's ``concepts``
+(:class:`screener.model.modelcard.ClassConcept`; SNOMED CT for the paper's three). An image or study whose
+label is ``indeterminate`` (no class reached its operating point, or the image-content gate found it
+borderline) carries SNOMED CT 82334004 "Indeterminate" as its finding, its probabilities, and the reason.
 
 Patient and study attributes come only from the source header (highdicom copies the Patient and General
 Study modules); nothing else in the document identifies the patient. All UIDs are derived from
@@ -23,7 +28,7 @@ import hashlib
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import highdicom as hd
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
@@ -31,13 +36,16 @@ from highdicom.sr import CodedConcept
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
+from screener.model.modelcard import CLASSES as PAPER_CLASSES
+from screener.model.modelcard import ClassConcept, default_concepts
+from screener.model.verdict import INDETERMINATE
+
 SR_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR Storage
 SERIES_DESCRIPTION = "AI result - not a diagnosis (CXR Screener)"
 DISCLAIMER = (
     "Result of an automated screening algorithm (CXR Screener). Not a diagnosis; "
     "not verified by a physician. Not for diagnostic use."
 )
-CLASSES: tuple[str, ...] = ("normal", "covid19", "viral_pneumonia")
 NOT_ANALYSED = "not_analysed"
 IMAGE_STATUSES: tuple[str, ...] = ("classified", "skipped", "failed")
 PROBABILITY_TOLERANCE = 1e-3
@@ -51,23 +59,28 @@ def _local(value: str, meaning: str) -> CodedConcept:
     return CodedConcept(value=value, scheme_designator=LOCAL_SCHEME, meaning=meaning)
 
 
-# Findings, SNOMED CT. For "normal" we use 17621005 "Normal" rather than 281900007 "No abnormality
-# detected": 17621005 is the value DICOM's own context groups use for a normal result (CID 222
-# "Normal-Abnormal", CID 242 ...), so PACS and viewers recognise it, and the model's "normal" class means
-# "no COVID-19 or viral pneumonia pattern", which does not warrant claiming no abnormality of any kind.
-FINDING_CODES: Mapping[str, CodedConcept] = {
-    "normal": CodedConcept(value="17621005", scheme_designator="SCT", meaning="Normal"),
-    "covid19": CodedConcept(value="840539006", scheme_designator="SCT", meaning="COVID-19"),
-    "viral_pneumonia": CodedConcept(value="75570004", scheme_designator="SCT", meaning="Viral pneumonia"),
-}
+PAPER_CONCEPTS: Mapping[str, ClassConcept] = default_concepts(PAPER_CLASSES)
+"""The concepts of the paper's three classes, for callers without a model card."""
 
-# No standard code names "probability that this radiograph shows class X"; local codes, declared in
-# CodingSchemeIdentificationSequence (PS3.3 C.12.1).
-PROBABILITY_CODES: Mapping[str, CodedConcept] = {
-    "normal": _local("CXRS-P-NORMAL", "Probability of normal"),
-    "covid19": _local("CXRS-P-COVID19", "Probability of COVID-19"),
-    "viral_pneumonia": _local("CXRS-P-VIRALPNEU", "Probability of viral pneumonia"),
-}
+# SNOMED CT 82334004 "Indeterminate" (qualifier value): the model withheld a label.
+INDETERMINATE_CODE = CodedConcept(value="82334004", scheme_designator="SCT", meaning="Indeterminate")
+REASON_INDETERMINATE = _local("CXRS-REASON-IND", "Reason indeterminate")
+
+
+def finding_code(concept: ClassConcept) -> CodedConcept:
+    """The coded finding of a class (its card concept, SNOMED CT for the paper's three)."""
+    return CodedConcept(value=concept.code, scheme_designator=concept.scheme, meaning=concept.meaning)
+
+
+def probability_code(concept: ClassConcept) -> CodedConcept:
+    """No standard code names "probability that this radiograph shows class X": a local code, declared in
+    CodingSchemeIdentificationSequence (PS3.3 C.12.1)."""
+    meaning = concept.meaning
+    if meaning[1:2].islower():  # "Normal" -> "normal"; "COVID-19" stays
+        meaning = meaning[0].lower() + meaning[1:]
+    return _local(concept.probability_code, f"Probability of {meaning}"[:64])
+
+
 PROBABILITY_UNIT = CodedConcept(value="1", scheme_designator="UCUM", meaning="no units")
 
 ANALYSIS_STATUS = _local("CXRS-STATUS", "Analysis status")
@@ -127,9 +140,19 @@ class AlgorithmInfo:
 
 @dataclass(frozen=True)
 class StudyVerdictInput:
-    label: str  # "normal" | "covid19" | "viral_pneumonia" | "not_analysed"
+    """The study verdict: a class of ``concepts`` (the card's, in output order), "indeterminate" or
+    "not_analysed"; ``reason`` says why it is indeterminate."""
+
+    label: str
     probs: Mapping[str, float] | None
     revision: int
+    concepts: Mapping[str, ClassConcept] = field(default_factory=lambda: dict(PAPER_CONCEPTS))
+    reason: str | None = None
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The model's classes, in output order."""
+        return tuple(self.concepts)
 
 
 def derive_uid(uid_root: str, *parts: str) -> str:
@@ -152,10 +175,12 @@ def derive_uid(uid_root: str, *parts: str) -> str:
     return f"{root}.{str(int(digest, 16))[:room]}"
 
 
-def check_probabilities(probs: Mapping[str, float], what: str) -> None:
+def check_probabilities(
+    probs: Mapping[str, float], what: str, classes: Sequence[str] = PAPER_CLASSES
+) -> None:
     """Raise ValueError unless ``probs`` has one probability in [0, 1] per class and they sum to 1."""
-    if set(probs) != set(CLASSES):
-        raise ValueError(f"{what}: probabilities for {sorted(probs)}, expected {sorted(CLASSES)}")
+    if set(probs) != set(classes):
+        raise ValueError(f"{what}: probabilities for {sorted(probs)}, expected {sorted(classes)}")
     for cls, p in probs.items():
         if not (math.isfinite(p) and 0.0 <= p <= 1.0):
             raise ValueError(f"{what}: probability of {cls} is {p!r}, not in [0, 1]")
@@ -165,6 +190,8 @@ def check_probabilities(probs: Mapping[str, float], what: str) -> None:
 
 
 def _validate(source: Dataset, images: Sequence[AnalysedImage], verdict: StudyVerdictInput) -> None:
+    classes = verdict.classes
+    labels = (*classes, INDETERMINATE)
     if not images:
         raise ValueError("images is empty: an SR needs at least one source image")
     if verdict.revision < 1:
@@ -178,28 +205,34 @@ def _validate(source: Dataset, images: Sequence[AnalysedImage], verdict: StudyVe
         if image.status not in IMAGE_STATUSES:
             raise ValueError(f"{what}: status {image.status!r} is not one of {IMAGE_STATUSES}")
         if image.status == "classified":
-            if image.label not in CLASSES:
-                raise ValueError(f"{what}: label {image.label!r} is not one of {CLASSES}")
+            if image.label not in labels:
+                raise ValueError(f"{what}: label {image.label!r} is not one of {labels}")
             if image.probs is None:
                 raise ValueError(f"{what}: classified but has no probabilities")
-            check_probabilities(image.probs, what)
+            check_probabilities(image.probs, what, classes)
     if source.SOPInstanceUID not in seen:
         raise ValueError(f"source SOP Instance UID {source.SOPInstanceUID} is not one of the images")
     if verdict.label == NOT_ANALYSED:
         if verdict.probs is not None:
             raise ValueError(f"study verdict {NOT_ANALYSED!r} carries probabilities {dict(verdict.probs)}")
-    elif verdict.label not in CLASSES:
-        raise ValueError(f"study verdict label {verdict.label!r} is not one of {(*CLASSES, NOT_ANALYSED)}")
+    elif verdict.label not in labels:
+        raise ValueError(f"study verdict label {verdict.label!r} is not one of {(*labels, NOT_ANALYSED)}")
     elif verdict.probs is None:
         raise ValueError(f"study verdict {verdict.label!r} has no probabilities")
     else:
-        check_probabilities(verdict.probs, "study verdict")
+        check_probabilities(verdict.probs, "study verdict", classes)
 
 
-def _probability_measurements(probs: Mapping[str, float]) -> list[hd.sr.Measurement]:
+def _finding(label: str, concepts: Mapping[str, ClassConcept]) -> CodedConcept:
+    return INDETERMINATE_CODE if label == INDETERMINATE else finding_code(concepts[label])
+
+
+def _probability_measurements(
+    probs: Mapping[str, float], concepts: Mapping[str, ClassConcept]
+) -> list[hd.sr.Measurement]:
     return [
-        hd.sr.Measurement(name=PROBABILITY_CODES[cls], value=float(probs[cls]), unit=PROBABILITY_UNIT)
-        for cls in CLASSES
+        hd.sr.Measurement(name=probability_code(concept), value=float(probs[cls]), unit=PROBABILITY_UNIT)
+        for cls, concept in concepts.items()
     ]
 
 
@@ -211,7 +244,11 @@ def _add_text(group: hd.sr.MeasurementsAndQualitativeEvaluations, name: CodedCon
 
 
 def _image_group(
-    image: AnalysedImage, number: int, tracking_uid: str, algorithm_id: hd.sr.AlgorithmIdentification
+    image: AnalysedImage,
+    number: int,
+    tracking_uid: str,
+    algorithm_id: hd.sr.AlgorithmIdentification,
+    concepts: Mapping[str, ClassConcept],
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 for one image: finding + probabilities, or status + reason when not analysed."""
     classified = image.status == "classified" and image.label is not None and image.probs is not None
@@ -225,9 +262,9 @@ def _image_group(
         ]
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=f"Image {number}"),
-        finding_type=FINDING_CODES[image.label] if classified and image.label else None,
+        finding_type=_finding(image.label, concepts) if classified and image.label else None,
         algorithm_id=algorithm_id if classified else None,
-        measurements=_probability_measurements(image.probs) if classified and image.probs else None,
+        measurements=_probability_measurements(image.probs, concepts) if classified and image.probs else None,
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(name=ANALYSIS_STATUS, value=STATUS_CODES[image.status])
         ],
@@ -235,6 +272,8 @@ def _image_group(
     )
     if not classified:
         _add_text(group, REASON_NOT_ANALYSED, image.reason or "no reason recorded")
+    elif image.label == INDETERMINATE:
+        _add_text(group, REASON_INDETERMINATE, image.reason or "no reason recorded")
     return group
 
 
@@ -255,9 +294,11 @@ def _verdict_group(
     ]
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier="Study verdict"),
-        finding_type=FINDING_CODES[verdict.label] if analysed else None,
+        finding_type=_finding(verdict.label, verdict.concepts) if analysed else None,
         algorithm_id=algorithm_id,
-        measurements=_probability_measurements(verdict.probs) if analysed and verdict.probs else None,
+        measurements=(
+            _probability_measurements(verdict.probs, verdict.concepts) if analysed and verdict.probs else None
+        ),
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(
                 name=ANALYSIS_STATUS, value=STATUS_CODES["classified" if analysed else NOT_ANALYSED]
@@ -267,6 +308,11 @@ def _verdict_group(
     )
     if not analysed:
         _add_text(group, REASON_NOT_ANALYSED, "no image of the study could be analysed")
+    elif verdict.label == INDETERMINATE:
+        why = verdict.reason or next(
+            (i.reason for i in images if i.label == INDETERMINATE and i.reason), "no reason recorded"
+        )
+        _add_text(group, REASON_INDETERMINATE, why)
     _add_text(group, DISCLAIMER_CONCEPT, DISCLAIMER)
     return group
 
@@ -381,7 +427,13 @@ def build_sr(
         manufacturer=algorithm.manufacturer,
     )
     groups = [
-        _image_group(image, n, derive_uid(uid_root, *key, "image", image.sop_instance_uid), algorithm_id)
+        _image_group(
+            image,
+            n,
+            derive_uid(uid_root, *key, "image", image.sop_instance_uid),
+            algorithm_id,
+            verdict.concepts,
+        )
         for n, image in enumerate(images, start=1)
     ]
     groups.append(_verdict_group(verdict, images, derive_uid(uid_root, *key, "verdict"), algorithm_id))

@@ -11,7 +11,7 @@ import pytest
 from screener.ingest.listener import CHEST_SOP_CLASSES, TRANSFER_SYNTAXES
 from screener.ops import conformance
 from screener.results.sc import SC_SOP_CLASS_UID
-from screener.results.sr import FINDING_CODES, SR_SOP_CLASS_UID
+from screener.results.sr import INDETERMINATE_CODE, PAPER_CONCEPTS, SR_SOP_CLASS_UID
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "conformance.md"
@@ -36,8 +36,8 @@ def test_document_names_every_class_syntax_and_code() -> None:
     assert f"`{SR_SOP_CLASS_UID}`" in document
     assert "Comprehensive 3D SR Storage" in document
     assert f"`{SC_SOP_CLASS_UID}`" in document
-    for code in FINDING_CODES.values():
-        assert f"`{code.value}`" in document
+    for code in [c.code for c in PAPER_CONCEPTS.values()] + [INDETERMINATE_CODE.value]:
+        assert f"`{code}`" in document
     for status in ("`0x0000`", "`0xA700`", "`0x0111`", "`0xC000`"):
         assert status in document
 

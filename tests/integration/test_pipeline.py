@@ -106,7 +106,8 @@ def test_real_radiographs_are_classified_exactly_once(served: Server, cxr3_dir: 
 
     preds = server.rows(
         "SELECT i.sop_instance_uid, count(*), min(p.label), "
-        "min(p.p_normal + p.p_covid19 + p.p_viral_pneumonia) "
+        "min(json_extract(p.probs, '$.normal') + json_extract(p.probs, '$.covid19') "
+        "+ json_extract(p.probs, '$.viral_pneumonia')) "
         "FROM predictions p JOIN instances i ON i.id = p.instance_id GROUP BY i.sop_instance_uid"
     )
     classified = {u for u, (s, _) in by_uid.items() if s == "classified"}

@@ -15,12 +15,13 @@ from pydicom import Dataset, dcmread
 
 from screener.results.sc import SIZE, build_secondary_capture, render_lines
 from screener.results.sr import (
-    PROBABILITY_CODES,
+    PAPER_CONCEPTS,
     AlgorithmInfo,
     AnalysedImage,
     StudyVerdictInput,
     build_sr,
     derive_uid,
+    probability_code,
 )
 
 UID_ROOT = "1.2.826.0.1.3680043.10.999"
@@ -122,7 +123,7 @@ def test_sr_is_valid_and_carries_the_result(source: Dataset, tmp_path: Path) -> 
     assert _finding(by_id["Study verdict"]) == "840539006"
     for label, probs in (("Image 1", COVID), ("Image 2", NORMAL), ("Study verdict", COVID)):
         got = {m.name.value: m.value for m in by_id[label].get_measurements()}
-        assert got == {PROBABILITY_CODES[c].value: pytest.approx(p) for c, p in probs.items()}
+        assert got == {probability_code(PAPER_CONCEPTS[c]).value: pytest.approx(p) for c, p in probs.items()}
     for label, reason in (
         ("Image 3", "view position LL is not frontal"),
         ("Image 4", "undecodable pixel data"),

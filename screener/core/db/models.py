@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -152,7 +153,10 @@ class ModelVersion(Base):
 
 
 class Prediction(Base):
-    """One classification of one instance by one model version (unique)."""
+    """One classification of one instance by one model version (unique).
+
+    ``probs``: ``{class: probability}`` over the classes of that model's card (migration 0012); ``label``
+    one of them or ``indeterminate``, with ``reason`` saying why (migration 0013)."""
 
     __tablename__ = "predictions"
     __table_args__ = (UniqueConstraint("instance_id", "model_version_id"),)
@@ -161,9 +165,8 @@ class Prediction(Base):
     instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
     model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
     label: Mapped[str] = mapped_column(String(32))
-    p_normal: Mapped[float] = mapped_column(Float)
-    p_covid19: Mapped[float] = mapped_column(Float)
-    p_viral_pneumonia: Mapped[float] = mapped_column(Float)
+    probs: Mapped[dict[str, float]] = mapped_column(JSON)
+    reason: Mapped[str | None] = mapped_column(Text)
     probs_a: Mapped[list[float]] = mapped_column(JSON)
     probs_b: Mapped[list[float]] = mapped_column(JSON)
     disagreement: Mapped[float] = mapped_column(Float)
@@ -175,7 +178,11 @@ class Prediction(Base):
 
 
 class StudyResult(Base):
-    """A study verdict by one model version; a new revision when the study changed after the last one."""
+    """A study verdict by one model version; a new revision when the study changed after the last one.
+
+    ``verdict``: a class of the model's card, ``indeterminate`` (``reason`` says why) or ``not_analysed``;
+    ``probs`` the carrying image's ``{class: probability}`` (None when not analysed); ``flagged`` whether
+    the verdict is a finding of the card (a positive to review)."""
 
     __tablename__ = "study_results"
     __table_args__ = (UniqueConstraint("study_id", "model_version_id", "revision"),)
@@ -185,9 +192,9 @@ class StudyResult(Base):
     model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
     revision: Mapped[int] = mapped_column(Integer, default=1)
     verdict: Mapped[str] = mapped_column(String(32))
-    p_normal: Mapped[float | None] = mapped_column(Float)
-    p_covid19: Mapped[float | None] = mapped_column(Float)
-    p_viral_pneumonia: Mapped[float | None] = mapped_column(Float)
+    probs: Mapped[dict[str, float] | None] = mapped_column(JSON(none_as_null=True))
+    flagged: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    reason: Mapped[str | None] = mapped_column(Text)
     instances_total: Mapped[int] = mapped_column(Integer)
     instances_classified: Mapped[int] = mapped_column(Integer)
     instances_skipped: Mapped[int] = mapped_column(Integer)
