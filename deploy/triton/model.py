@@ -1,0 +1,1 @@
+../../screener/model/triton_model.py

@@ -1,0 +1,139 @@
+"""The triton engine backend against a real Triton Inference Server (the wheel's tritonserver, CPU).
+
+The model is exported with ``screener models export-triton`` into a Python-backend entry that runs the same
+ONNX graph with ONNX Runtime; the engine must answer exactly as the local ONNX Runtime engine does, verify
+the served model, and refuse a Triton that serves another version.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from screener.core.config import TritonConfig
+from screener.core.errors import RemoteEngineError, ServedModelMismatchError
+from screener.imaging.pixels import preprocess_file
+from screener.model.engine import load_engine
+from screener.model.engine.base import EngineOutput
+from screener.model.engine.onnx_backend import OnnxRuntimeEngine
+from screener.model.engine.triton_backend import TritonEngine
+from screener.model.modelcard import CARD_FILE, LoadedModel, load_model_dir
+from screener.model.triton_local import LocalTriton
+from screener.model.triton_repo import export_triton, triton_version
+from tests.helpers import free_port
+from tests.triton_support import require_triton, running_triton
+
+PARITY_IMAGES = 12  # real cxr3 radiographs, 4 per class
+TOLERANCE = 1e-5
+
+
+def _other_version(src: Path, dest: Path, version: str) -> Path:
+    """The same graph under another version name: another card, so another card sha256."""
+    shutil.copytree(src, dest)
+    card = json.loads((dest / CARD_FILE).read_text())
+    card["version"] = version
+    (dest / CARD_FILE).write_text(json.dumps(card, indent=2))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def served(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[LocalTriton, Path]]:
+    require_triton()
+    root = tmp_path_factory.mktemp("triton")
+    repo = root / "repo"
+    exported = export_triton(tiny_model_dir, repo, max_batch=8)
+    with running_triton(repo, root / "server") as server:
+        server.wait_model("cxr-screener", exported.triton_version)
+        yield server, repo
+
+
+@pytest.fixture(scope="module")
+def cxr3_batch(cxr3_dir: Path, tiny_model_dir: Path) -> tuple[np.ndarray, EngineOutput]:
+    """Real radiographs preprocessed per the card, and the local ONNX Runtime engine's answer to them."""
+    spec = load_model_dir(tiny_model_dir).card.preprocessing
+    paths = [
+        p
+        for cls in ("normal", "covid19", "viral_pneumonia")
+        for p in sorted((cxr3_dir / cls).glob("*.png"))[:4]
+    ]
+    assert len(paths) == PARITY_IMAGES
+    batch = np.stack([preprocess_file(p, spec, 100_000_000) for p in paths]).astype(np.float32)
+    return batch, OnnxRuntimeEngine(load_model_dir(tiny_model_dir), threads=1).infer(batch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("protocol", "shared_memory"), [("grpc", False), ("http", False), ("grpc", True), ("http", True)]
+)
+def test_triton_answers_as_the_local_onnxruntime_engine_on_real_radiographs(
+    served: tuple[LocalTriton, Path],
+    tiny_model_dir: Path,
+    cxr3_batch: tuple[np.ndarray, EngineOutput],
+    protocol: str,
+    shared_memory: bool,
+):
+    server, _ = served
+    batch, local = cxr3_batch
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    settings = TritonConfig(url=url, protocol=protocol, shared_memory=shared_memory)  # type: ignore[arg-type]
+    engine, _ = load_engine(tiny_model_dir, "triton", max_batch=5, triton=settings)  # 12 images: 3 requests
+    try:
+        assert isinstance(engine, TritonEngine) and engine.name == "triton"
+        remote = engine.infer(batch)
+        with pytest.raises(ValueError, match="batch shape"):
+            engine.infer(batch[:, :1])
+    finally:
+        engine.close()
+    for key in ("probs", "probs_a", "probs_b"):
+        got, want = getattr(remote, key), getattr(local, key)
+        assert got.shape == want.shape == (PARITY_IMAGES, 3) and got.dtype == np.float32
+        assert float(np.abs(got - want).max()) <= TOLERANCE, key
+    assert remote.novelty is None and local.novelty is None
+
+
+def test_a_triton_serving_another_version_is_refused(
+    served: tuple[LocalTriton, Path], tiny_model_dir: Path, tmp_path: Path
+):
+    server, _ = served
+    other = _other_version(tiny_model_dir, tmp_path / "other", "test-tiny-other")
+    loaded: LoadedModel = load_model_dir(other)
+    with pytest.raises(ServedModelMismatchError) as refused:
+        TritonEngine(loaded, TritonConfig(url=server.grpc_url))
+    message = str(refused.value)
+    served_version = triton_version(_card_sha(tiny_model_dir))
+    assert f"serves cxr-screener version(s) {served_version}" in message
+    assert "test-tiny-other" in message and "screener models export-triton test-tiny-other" in message
+
+
+def test_a_config_that_names_another_card_is_refused(served: tuple[LocalTriton, Path], tiny_model_dir: Path):
+    """Same version number, but config.pbtxt lists another card sha256: the served files are not ours."""
+    server, repo = served
+    exported = export_triton(tiny_model_dir, repo, model_name="cxr-tampered")
+    config = exported.model_dir / "config.pbtxt"
+    config.write_text(config.read_text().replace(exported.card_sha256, "0" * 64))
+    server.wait_model("cxr-tampered", exported.triton_version)  # loaded by the repository poll
+    settings = TritonConfig(url=server.http_url, protocol="http", model_name="cxr-tampered")
+    with pytest.raises(ServedModelMismatchError, match=r"card_sha256:\d+ = '0000000000000000'"):
+        TritonEngine(load_model_dir(tiny_model_dir), settings)
+
+
+def test_an_unreachable_triton_is_a_remote_fault_naming_the_url(tiny_model_dir: Path):
+    pytest.importorskip("tritonclient.grpc")
+    port = free_port()
+    with pytest.raises(RemoteEngineError, match=f"Triton at 127.0.0.1:{port} \\(grpc\\)"):
+        TritonEngine(
+            load_model_dir(tiny_model_dir), TritonConfig(url=f"127.0.0.1:{port}", connect_timeout_seconds=2)
+        )
+
+
+def _card_sha(model_dir: Path) -> str:
+    from screener.model.modelcard import sha256_file
+
+    return sha256_file(model_dir / CARD_FILE)
