@@ -3,7 +3,6 @@ spooled chest radiograph), and a signed-in Starlette test client."""
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from screener.core.db.models import (
     Study,
     StudyResult,
 )
+from screener.model.modelcard import ModelCard, PreprocessSpec
 from screener.ops.console import accounts
 from screener.ops.console.web import ConsoleContext, build_app
 from tests.helpers import rg1_dir
@@ -69,12 +69,18 @@ def make_db(tmp: Path, url: str | None = None) -> ConsoleDb:
             architectures="resnet18+resnet34",
             fusion_weight=0.5,
             onnx_sha256="0" * 64,
-            card_json=json.dumps(
-                {
-                    "classes": ["normal", "covid19", "viral_pneumonia"],
-                    "metrics": {"accuracy": 0.9, "macro_f1": 0.88},
-                }
-            ),
+            card_json=ModelCard(
+                version="cxr-test-1",
+                classes=("normal", "covid19", "viral_pneumonia"),
+                architectures=("resnet18", "resnet34"),
+                input_size=224,
+                preprocessing=PreprocessSpec(),
+                fusion_weight=0.5,
+                created_at=(now - timedelta(days=2)).isoformat(),
+                files={"model.onnx": "0" * 64, "weights.safetensors": "1" * 64},
+                opset=17,
+                metrics={"accuracy": 0.9, "macro_f1": 0.88},
+            ).to_json(),
             activated_at=now - timedelta(days=1),
         )
         s.add(model)

@@ -15,6 +15,7 @@ from screener.ops.console.web import ConsoleContext, build_app
 log = get_logger("screener.console")
 
 START_SECONDS = 10.0
+GRACE_SECONDS = 3
 
 
 class ConsoleServer:
@@ -34,6 +35,7 @@ class ConsoleServer:
             server_header=False,
             proxy_headers=False,
             lifespan="off",
+            timeout_graceful_shutdown=GRACE_SECONDS,  # then open keep-alive connections are dropped
         )
         self._server = uvicorn.Server(self._config)
         self.thread = threading.Thread(target=self._server.run, name="console", daemon=True)
