@@ -178,6 +178,31 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", action="append", help="run only this fold (group name); repeat for several")
 
+    p = command("adapt", "fine-tune a model on a site's labelled images; figures before/after on the site")
+    p.add_argument("--model", type=Path, required=True, help="base model directory (e.g. the active model)")
+    p.add_argument(
+        "--data",
+        required=True,
+        action="append",
+        help="the site's labelled images, in any form `train` reads; repeat to merge",
+    )
+    p.add_argument("--out", type=Path, required=True, help="new model directory (must not exist)")
+    p.add_argument(
+        "--eval-data",
+        action="append",
+        help="site images kept apart for the before/after figures (default: hold out 25%% of --data)",
+    )
+    p.add_argument(
+        "--preset", choices=["quick", "robust", "paper"], help="recipe (default: the base model's)"
+    )
+    p.add_argument("--epochs", type=int, help="epochs per backbone (default: the preset's)")
+    p.add_argument("--samples-per-epoch", type=int, help="balanced draws per epoch (default: the preset's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model-version", help="version for the card (default: BASE+site)")
+    p.add_argument(
+        "--register", action="store_true", help="record the model as a candidate in model_versions"
+    )
+
     command(
         "retrain", "the nightly job: fine-tune on new confirmed labels, evaluate, promote through the gate"
     )
@@ -459,6 +484,12 @@ def _crossval(config: Config, args: argparse.Namespace) -> int:
     return run_crossval(args)
 
 
+def _adapt(config: Config, args: argparse.Namespace) -> int:
+    from trainer.jobs import run_adapt
+
+    return run_adapt(config, args)
+
+
 def _retrain(config: Config, args: argparse.Namespace) -> int:
     from trainer.jobs import run_retrain
 
@@ -474,6 +505,7 @@ _COMMANDS = {
     "export": _export,
     "gate": _gate,
     "retrain": _retrain,
+    "adapt": _adapt,
     "crossval": _crossval,
 }
 

@@ -78,6 +78,7 @@ class FusedResNet(nn.Module):
         lung_crop: LungCropSpec | None = None,
         temperatures: tuple[float, float] = (1.0, 1.0),
         gate_dims: tuple[int, int] | None = None,
+        gate_view: bool = False,
     ) -> None:
         super().__init__()
         self.arch_a = arch_a
@@ -98,21 +99,22 @@ class FusedResNet(nn.Module):
         self.set_temperatures(*temperatures)
         self.novelty_gate: MahalanobisGate | None = None
         if gate_dims is not None:
-            self.add_gate(gate_dims)
+            self.add_gate(gate_dims, view=gate_view)
 
     @property
     def feature_dims(self) -> tuple[int, int]:
         """The pooled feature size of each network (the input size of its ``fc`` head)."""
         return int(self.net_a.fc.in_features), int(self.net_b.fc.in_features)
 
-    def add_gate(self, gate_dims: tuple[int, int] | None = None) -> MahalanobisGate:
-        """Give the model an (unfitted) image-content gate and return it. Raises :class:`ModelError`
-        when ``gate_dims`` (default: the networks' own) differ from the networks' feature sizes."""
+    def add_gate(self, gate_dims: tuple[int, int] | None = None, *, view: bool = False) -> MahalanobisGate:
+        """Give the model an (unfitted) image-content gate, with a view check on the input image where
+        ``view``, and return it. Raises :class:`ModelError` when ``gate_dims`` (default: the networks'
+        own) differ from the networks' feature sizes."""
         dims = tuple(gate_dims) if gate_dims is not None else self.feature_dims
         if dims != self.feature_dims:
             raise ModelError(f"gate feature sizes {dims} differ from the networks' {self.feature_dims}")
         num_classes = int(self.net_a.fc.out_features)
-        self.novelty_gate = MahalanobisGate(sum(self.feature_dims), num_classes)
+        self.novelty_gate = MahalanobisGate(sum(self.feature_dims), num_classes, view=view)
         return self.novelty_gate
 
     def set_temperatures(self, temperature_a: float, temperature_b: float) -> None:
@@ -136,6 +138,7 @@ class FusedResNet(nn.Module):
         self.fusion_weight.fill_(_checked_weight(weight))
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        whole = image  # the gate's view check looks at the whole input, not the lung crop
         if self.lung_crop is not None:
             image = self.lung_crop(image)
         if self.novelty_gate is None:
@@ -149,7 +152,7 @@ class FusedResNet(nn.Module):
         probs = w * probs_a + (1.0 - w) * probs_b
         if self.novelty_gate is None:
             return probs, probs_a, probs_b
-        return probs, probs_a, probs_b, self.novelty_gate(torch.cat((features_a, features_b), dim=1))
+        return probs, probs_a, probs_b, self.novelty_gate(torch.cat((features_a, features_b), dim=1), whole)
 
 
 def _checked_weight(weight: float) -> float:
@@ -161,6 +164,11 @@ def _checked_weight(weight: float) -> float:
 
 def _gate_dims(gate: GateSpec | None) -> tuple[int, int] | None:
     return None if gate is None else (int(gate.feature_dims[0]), int(gate.feature_dims[1]))
+
+
+def gate_has_view(gate: GateSpec | None) -> bool:
+    """True when the card's gate includes the view check (method ``mahalanobis+view``)."""
+    return gate is not None and gate.method == "mahalanobis+view"
 
 
 def load_fused_from_safetensors(path: Path, card: ModelCard) -> FusedResNet:
@@ -184,6 +192,7 @@ def load_fused_from_safetensors(path: Path, card: ModelCard) -> FusedResNet:
         lung_crop=card.lung_crop,
         temperatures=(card.temperature("a"), card.temperature("b")),
         gate_dims=_gate_dims(card.gate),
+        gate_view=gate_has_view(card.gate),
     )
     try:
         state = load_file(str(path), device="cpu")

@@ -79,6 +79,7 @@ class HalfFused(nn.Module):
         self.memory_format = memory_format
 
     def forward(self, image: torch.Tensor) -> _Outputs:
+        whole = image  # FP32: the gate's view check looks at the whole input
         if self.lung_crop is not None:
             image = self.lung_crop(image)
         x = image.to(dtype=torch.float16, memory_format=self.memory_format)
@@ -94,7 +95,7 @@ class HalfFused(nn.Module):
         if self.novelty_gate is None:
             return probs, probs_a, probs_b
         features = torch.cat((features_a.float(), features_b.float()), dim=1)
-        return probs, probs_a, probs_b, self.novelty_gate(features)
+        return probs, probs_a, probs_b, self.novelty_gate(features, whole)
 
 
 @dataclass
