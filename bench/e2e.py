@@ -32,6 +32,12 @@ Data (``--data``), each instance re-UID'd (new study, series and SOP Instance UI
     python bench/e2e.py                                    # 500 instances, random fused model
     python bench/e2e.py --quick                            # 40 instances
     python bench/e2e.py --data j2k-lossless --model DIR    # issue 9's comparison on JPEG 2000
+    python bench/e2e.py --settling 50 --settle 3 --rate 4  # C-STORE -> prediction while 50 studies settle
+
+``--settling N`` first sends N other studies (one instance each), waits for their predictions, and starts
+sending the measured instances just as those N studies become due (``--settle`` seconds after the last
+of them arrived), so that N verdicts and SRs are made while the measured instances are classified. The
+table then says when, relative to the start of the measured sending, the N verdicts were made.
 """
 
 from __future__ import annotations
@@ -271,14 +277,25 @@ class RunResult:
     inference_ms: float
     batch_mean: float
     srs_at_pacs: int
+    settled: tuple[float, float] | None = None  # first and last --settling verdict, s after measured start
 
 
 def _utc(value: Any) -> float:
     return datetime.fromisoformat(str(value)).replace(tzinfo=UTC).timestamp()
 
 
-def run_once(args: argparse.Namespace, mode: str, model: Path, files: list[Path], work: Path) -> RunResult:
-    """One `screener serve` lifecycle in ``mode``: send every file, wait for predictions and SRs."""
+def run_once(
+    args: argparse.Namespace,
+    mode: str,
+    model: Path,
+    files: list[Path],
+    work: Path,
+    settling: list[Path] | None = None,
+) -> RunResult:
+    """One `screener serve` lifecycle in ``mode``: send every file, wait for predictions and SRs.
+
+    ``settling``: studies sent first, classified, and due for their verdict as ``files`` start to go."""
+    settling = settling or []
     work.mkdir(parents=True)
     pacs = SrReceiver().start()
     port = free_port()
@@ -316,6 +333,7 @@ def run_once(args: argparse.Namespace, mode: str, model: Path, files: list[Path]
     with log_path.open("wb") as log:
         proc = subprocess.Popen([*screener, "serve"], env=env, cwd=work, stdout=log, stderr=subprocess.STDOUT)
     n = len(files)
+    total = n + len(settling)
     db = create_engine(db_url)
     try:
         deadline = time.monotonic() + 300
@@ -323,7 +341,19 @@ def run_once(args: argparse.Namespace, mode: str, model: Path, files: list[Path]
             if time.monotonic() > deadline or proc.poll() is not None:
                 sys.exit(f"bench: serve did not load the model:\n{log_path.read_text()[-4000:]}")
             time.sleep(0.1)
-        with Progress(3 * n) as bar:
+        with Progress(3 * total) as bar:
+            if settling:
+                burst = send_all(settling, port, args.data == "j2k-lossless", 0.0, bar)
+                deadline = time.monotonic() + 120 + len(settling) * args.patience
+                while time.monotonic() < deadline:
+                    with db.connect() as conn:
+                        if conn.execute(text("SELECT count(*) FROM predictions")).scalar_one() >= len(
+                            settling
+                        ):
+                            break
+                    time.sleep(0.1)
+                # They become due settle seconds after the last of them arrived: start sending then.
+                time.sleep(max(0.0, burst[-1] + args.settle - time.time()))
             sent_at = time.time()
             acks = send_all(files, port, args.data == "j2k-lossless", args.rate, bar)
             deadline = time.monotonic() + 120 + n * args.patience
@@ -339,7 +369,7 @@ def run_once(args: argparse.Namespace, mode: str, model: Path, files: list[Path]
                 for _ in range(int(sent) - done_sr):
                     bar.step("SR delivered")
                 done_pred, done_sr = int(pred), int(sent)
-                if (done_pred >= n and done_sr >= n) or time.monotonic() > deadline:
+                if (done_pred >= total and done_sr >= total) or time.monotonic() > deadline:
                     break
                 if proc.poll() is not None:
                     sys.exit(f"bench: serve exited {proc.returncode}:\n{log_path.read_text()[-4000:]}")
@@ -353,6 +383,15 @@ def run_once(args: argparse.Namespace, mode: str, model: Path, files: list[Path]
                         "SELECT i.sop_instance_uid, p.created_at, p.backend, p.preprocess_ms, "
                         "p.inference_ms, p.batch_size FROM predictions p "
                         "JOIN instances i ON i.id = p.instance_id"
+                    )
+                )
+            }
+            verdicts = {
+                str(r[0]): _utc(r[1])
+                for r in conn.execute(
+                    text(
+                        "SELECT i.sop_instance_uid, r.created_at FROM study_results r "
+                        "JOIN instances i ON i.study_id = r.study_id"
                     )
                 )
             }
@@ -374,7 +413,7 @@ def run_once(args: argparse.Namespace, mode: str, model: Path, files: list[Path]
         finally:
             db.dispose()
             pacs.stop()
-    if len(predictions) < n or len(srs) < n:
+    if len(predictions) < total or len(srs) < total:
         sys.exit(
             f"bench: {mode}: {len(predictions)} predictions and {len(srs)} SRs of {n} within the time "
             f"allowed; see {log_path} (--keep)"
@@ -388,7 +427,15 @@ def run_once(args: argparse.Namespace, mode: str, model: Path, files: list[Path]
     ack = dict(zip(sent_uids, acks, strict=True))
     to_pred = [_utc(predictions[u][0]) - ack[u] for u in sent_uids]
     to_sr = [srs[u] - ack[u] for u in sent_uids]
-    last_pred = max(_utc(v[0]) for v in predictions.values())
+    last_pred = max(_utc(predictions[u][0]) for u in sent_uids)
+    settled = None
+    if settling:
+        burst_uids = [
+            str(dcmread(p, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+            for p in settling
+        ]
+        made = [verdicts[u] - sent_at for u in burst_uids if u in verdicts]
+        settled = (min(made), max(made)) if made else None
     precision = "?"
     for line in log_path.read_text(errors="replace").splitlines():
         if '"engine.precision"' in line:
@@ -402,13 +449,14 @@ def run_once(args: argparse.Namespace, mode: str, model: Path, files: list[Path]
         to_prediction=percentiles(to_pred),
         to_sr=percentiles(to_sr),
         sustained=n / (last_pred - sent_at),
-        sustained_sr=n / (max(srs.values()) - sent_at),
+        sustained_sr=n / (max(srs[u] for u in sent_uids) - sent_at),
         backend=",".join(sorted({str(v[1]) for v in predictions.values()})),
         precision=precision,
         preprocess_ms=statistics.median(float(v[2]) for v in predictions.values()),
         inference_ms=statistics.median(float(v[3]) for v in predictions.values()),
         batch_mean=float(np.mean([float(v[4]) for v in predictions.values()])),
         srs_at_pacs=len(pacs.received),
+        settled=settled,
     )
 
 
@@ -429,6 +477,9 @@ def main() -> int:
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--max-batch", type=int, default=0, help="inference.max_batch (default 8 CPU, 32 GPU)")
     ap.add_argument("--settle", type=float, default=0.2, help="inference.study_settle_seconds")
+    ap.add_argument(
+        "--settling", type=int, default=0, help="studies that settle while the measured instances go (above)"
+    )
     ap.add_argument("--sweep", type=float, default=0.2, help="pacs.sweep_seconds")
     ap.add_argument(
         "--patience", type=float, default=5.0, help="seconds allowed per instance before giving up"
@@ -455,12 +506,13 @@ def main() -> int:
             model = work / "model"
             create_random_model_dir(model, seed=0, version="bench-e2e")
         files = build_data(args.data, n, work / "data", args.cxr3)
+        settling = build_data(args.data, args.settling, work / "settling", args.cxr3) if args.settling else []
         head = dcmread(files[0], stop_before_pixels=True)
         results: list[RunResult] = []
         for r in range(args.rounds):
             for m in modes if r % 2 == 0 else reversed(modes):
                 print(f"# round {r + 1}: {m}", file=sys.stderr)
-                results.append(run_once(args, m, model, files, work / f"run-{r}-{m}"))
+                results.append(run_once(args, m, model, files, work / f"run-{r}-{m}", settling))
                 if not args.keep:
                     shutil.rmtree(work / f"run-{r}-{m}" / "spool", ignore_errors=True)
     finally:
@@ -488,6 +540,14 @@ def main() -> int:
             f"{res.preprocess_ms:>8.0f} {res.inference_ms:>12.0f}"
         )
     print("SRs received by the PACS per run: " + ", ".join(f"{r.mode} {r.srs_at_pacs}" for r in results))
+    if args.settling:
+        print(
+            f"{args.settling} settling studies' verdicts made, s after the measured sending began: "
+            + ", ".join(
+                f"{r.mode} {r.settled[0]:.1f}..{r.settled[1]:.1f}" if r.settled else f"{r.mode} none"
+                for r in results
+            )
+        )
     if args.json:
         args.json.write_text(json.dumps([vars(r) for r in results], indent=2) + "\n")
     by_mode = {m: statistics.median(r.sustained for r in results if r.mode == m) for m in modes}

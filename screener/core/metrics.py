@@ -36,10 +36,11 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, func, select
 
 from screener.core.config import Config
 from screener.core.db.models import Delivery, DeliveryStatus, Instance, InstanceStatus
+from screener.core.db.session import bound_statements, ping
 from screener.core.errors import ScreenerError
 from screener.core.logs import get_logger
 
@@ -187,8 +188,7 @@ class Health:
 
 
 def _select_one(engine: Engine) -> bool:
-    with engine.connect() as conn:
-        return conn.execute(text("SELECT 1")).scalar() == 1
+    return ping(engine)
 
 
 # --- metrics ------------------------------------------------------------------------------------------
@@ -203,8 +203,7 @@ class _DatabaseCollector(Collector):
     @staticmethod
     def _read(engine: Engine) -> tuple[int, dict[str, int]]:
         with engine.connect() as conn, conn.begin():
-            if engine.dialect.name == "postgresql":
-                conn.execute(text(f"SET LOCAL statement_timeout = {int(DATABASE_TIMEOUT_SECONDS * 1000)}"))
+            bound_statements(conn, DATABASE_TIMEOUT_SECONDS)
             depth = conn.execute(
                 select(func.count())
                 .select_from(Instance)

@@ -23,6 +23,8 @@ from sqlalchemy.orm import Session
 
 from screener.core.config import Config
 from screener.core.db.models import Delivery, DeliveryStatus, Instance, InstanceStatus, StudyResult, utcnow
+from screener.core.db.queue import LeasedQueue
+from screener.core.leases import owner_id
 from screener.core.logs import get_logger
 from screener.core.spool import Spool
 from screener.ingest.receive import reconcile_spool
@@ -34,14 +36,10 @@ _DONE = (InstanceStatus.CLASSIFIED, InstanceStatus.SKIPPED, InstanceStatus.FAILE
 
 def reclaim_expired_leases(db: Engine) -> int:
     """Put instances whose worker lease expired back in the queue (their worker died). Returns how many."""
-    with Session(db) as session, session.begin():
-        result = session.execute(
-            update(Instance)
-            .where(Instance.status == InstanceStatus.PROCESSING, Instance.lease_expires_at < utcnow())
-            .values(status=InstanceStatus.QUEUED, lease_owner=None, lease_expires_at=None)
-            .execution_options(synchronize_session=False)
-        )
-        count = int(getattr(result, "rowcount", 0) or 0)
+    queue = LeasedQueue(db, Instance, owner=owner_id("scheduler"), lease_seconds=1)  # only reclaims
+    count = queue.reclaim_expired(
+        {"status": InstanceStatus.QUEUED}, where=[Instance.status == InstanceStatus.PROCESSING]
+    )
     if count:
         log.warning("leases.reclaimed", instances=count)
     return count

@@ -7,7 +7,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -124,3 +124,16 @@ def _make_read_only_engine(config: DatabaseConfig, url: URL) -> Engine:
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def ping(engine: Engine) -> bool:
+    """Whether the database answers a trivial query (raises SQLAlchemyError when it cannot be reached)."""
+    with engine.connect() as conn:
+        return conn.execute(text("SELECT 1")).scalar() == 1
+
+
+def bound_statements(conn: Connection, seconds: float) -> None:
+    """In the connection's current transaction, end any statement running past ``seconds`` (PostgreSQL;
+    SQLite has no statement timeout, its waits are bounded by its busy timeout)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text(f"SET LOCAL statement_timeout = {int(seconds * 1000)}"))
