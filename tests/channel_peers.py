@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import threading
+import traceback
 from dataclasses import dataclass, field
 from email import message_from_bytes
 from email.message import Message as MailMessage
@@ -40,6 +41,7 @@ class Hl7Receiver:
         self.port = port
         self.answer = answer
         self.received: list[Received] = []
+        self.errors: list[str] = []
         self.lock = threading.Lock()
         self.server: MLLPServer | None = None
         self.thread: threading.Thread | None = None
@@ -49,6 +51,15 @@ class Hl7Receiver:
 
         class Handler(AbstractHandler):  # type: ignore[misc]
             def reply(self) -> str:
+                try:
+                    return self._reply()
+                except Exception as exc:  # recorded for the test to show, then the connection is closed
+                    receiver.errors.append(
+                        f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}\n{self.incoming_message!r}"
+                    )
+                    raise
+
+            def _reply(self) -> str:
                 text = self.incoming_message
                 msg = parse_message(text, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
                 valid = bool(msg.validate())
