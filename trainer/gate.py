@@ -38,8 +38,9 @@ from screener.imaging.pixels import PreprocessSpec, load_unit, to_model_input
 from screener.model.export import export_model_dir
 from screener.model.fused import FusedResNet, load_fused_from_safetensors
 from screener.model.modelcard import CLASSES, GateSpec, ModelCard, load_model_dir
-from screener.model.novelty import backbone_features
+from screener.model.novelty import VIEW_SIZE, ViewCheck, backbone_features
 from trainer.data import ImageDataset, Sample, Splits
+from trainer.viewcheck import ViewCheckFit, fit_view_check, not_chest_probability
 
 log = get_logger("trainer.gate")
 
@@ -196,11 +197,13 @@ def pass_threshold(scores: npt.ArrayLike, quantile: float = PASS_QUANTILE) -> fl
 
 @dataclass(frozen=True)
 class Scored:
-    """Per-image outputs of the model on a set of inputs: features ``[N, D]``, each network's logits."""
+    """Per-image outputs of the model on a set of inputs: features ``[N, D]``, each network's logits, and
+    the whole input as the view check reads it (``[N, 1, VIEW_SIZE, VIEW_SIZE]``)."""
 
     features: FloatArray
     logits_a: FloatArray
     logits_b: FloatArray
+    small: torch.Tensor
 
 
 def model_features(model: FusedResNet, batches: Iterable[torch.Tensor], device: torch.device) -> Scored:
@@ -208,10 +211,12 @@ def model_features(model: FusedResNet, batches: Iterable[torch.Tensor], device: 
     feats: list[FloatArray] = []
     la: list[FloatArray] = []
     lb: list[FloatArray] = []
+    small: list[torch.Tensor] = []
     model.eval()
     with torch.no_grad():
         for batch in batches:
             image = batch.to(device)
+            small.append(ViewCheck.prepare(image).cpu())
             if model.lung_crop is not None:
                 image = model.lung_crop(image)
             fa, za = backbone_features(model.net_a, image)
@@ -221,8 +226,8 @@ def model_features(model: FusedResNet, batches: Iterable[torch.Tensor], device: 
             lb.append(zb.double().cpu().numpy())
     if not feats:
         empty = np.zeros((0, 0))
-        return Scored(empty, empty, empty)
-    return Scored(np.concatenate(feats), np.concatenate(la), np.concatenate(lb))
+        return Scored(empty, empty, empty, torch.zeros(0, 1, VIEW_SIZE, VIEW_SIZE))
+    return Scored(np.concatenate(feats), np.concatenate(la), np.concatenate(lb), torch.cat(small))
 
 
 def _dataset_batches(samples: Sequence[Sample], spec: PreprocessSpec) -> Iterable[torch.Tensor]:
@@ -320,15 +325,20 @@ def fit_gate(
     device: torch.device | None = None,
     check_chests: int = CHECK_CHESTS,
     quantile: float = PASS_QUANTILE,
+    view: bool = True,
+    seed: int = 0,
+    classes: Sequence[str] = CLASSES,
 ) -> GateSpec:
     """Fit ``model``'s image-content gate on ``splits.train`` and choose its threshold on ``splits.val``;
     the model gets the fitted :class:`screener.model.novelty.MahalanobisGate` and the card section is
     returned.
 
     The features come from the model itself on unaugmented images through the serving preprocessing.
-    The non-chest and transformed-chest check images are scored too and recorded (the gate is not
-    tuned on them: the threshold comes from validation chests alone). Raises :class:`DataError` when a
-    split is empty or an image cannot be read.
+    With ``view`` (the default) the gate also gets a view check (:mod:`trainer.viewcheck`) trained on the
+    training split and synthetic negatives made from it; its threshold is the larger of 0.5 and the
+    ``quantile`` of the validation chests' probabilities, mapped onto the Mahalanobis threshold. The
+    non-chest and transformed-chest check images are scored and recorded, never trained or tuned on.
+    Raises :class:`DataError` when a split is empty or an image cannot be read.
     """
     if not splits.train or not splits.val:
         raise DataError(
@@ -338,9 +348,9 @@ def fit_gate(
     target = device or torch.device("cpu")
     model.to(target).eval()
     train = model_features(model, _dataset_batches(splits.train, spec), target)
-    labels = np.array([CLASSES.index(s.label) for s in splits.train], dtype=np.int64)
-    fit = fit_mahalanobis(train.features, labels, len(CLASSES))
-    gate = model.add_gate()
+    labels = np.array([list(classes).index(s.label) for s in splits.train], dtype=np.int64)
+    fit = fit_mahalanobis(train.features, labels, len(classes))  # ``classes``: the model's outputs
+    gate = model.add_gate(view=view)
     gate.set_statistics(torch.from_numpy(fit.whitening), torch.from_numpy(fit.means))
     gate.to(target)
 
@@ -352,6 +362,18 @@ def fit_gate(
     energy_threshold = pass_threshold(val_energy, quantile)
     if not threshold > 0:
         raise ModelError(f"gate threshold {threshold!r} is not positive: the features are degenerate")
+    view_fit: ViewCheckFit | None = None
+    view_threshold = 1.0
+    val_view = np.zeros(val_maha.shape)
+    if view:
+        view_fit = fit_view_check(train.small, splits.train, splits.val, spec, seed=seed)
+        val_view = not_chest_probability(view_fit.view, val.small)
+        view_threshold = max(0.5, pass_threshold(val_view, quantile))
+        if view_threshold >= 1.0:
+            raise ModelError("the view check calls validation chests not-a-chest with certainty: retrain it")
+        gate.set_view(view_fit.view, threshold / view_threshold)
+        gate.to(target)
+    val_combined = np.maximum(val_maha, threshold * val_view / view_threshold) if view else val_maha
 
     cases = non_chest_cases(spec) + transformed_chest_cases(splits.val, spec, check_chests)
     scored = [c for c in cases if c.array is not None]
@@ -360,6 +382,12 @@ def fit_gate(
     )
     maha = _graph_scores(model, checks_out.features, target) if scored else np.zeros(0)
     energy = energy_scores(checks_out.logits_a, checks_out.logits_b) if scored else np.zeros(0)
+    p_view = (
+        not_chest_probability(view_fit.view, checks_out.small)
+        if view_fit is not None and scored
+        else np.zeros(len(scored))
+    )
+    combined = np.maximum(maha, threshold * p_view / view_threshold) if view else maha
     by_name = {c.name: k for k, c in enumerate(scored)}
     results: list[dict[str, Any]] = []
     for case in cases:
@@ -367,16 +395,20 @@ def fit_gate(
             results.append({"name": case.name, "kind": case.kind, "refused_by": case.refused_by})
             continue
         k = by_name[case.name]
-        results.append(
-            {
-                "name": case.name,
-                "kind": case.kind,
-                "novelty": round(float(maha[k]), 3),
-                "refused": bool(not maha[k] <= threshold),
-                "energy": round(float(energy[k]), 4),
-                "energy_refused": bool(not energy[k] <= energy_threshold),
-            }
-        )
+        row: dict[str, Any] = {
+            "name": case.name,
+            "kind": case.kind,
+            "novelty": round(float(combined[k]), 3),
+            "refused": bool(not combined[k] <= threshold),
+            "mahalanobis": round(float(maha[k]), 3),
+            "mahalanobis_refused": bool(not maha[k] <= threshold),
+            "energy": round(float(energy[k]), 4),
+            "energy_refused": bool(not energy[k] <= energy_threshold),
+        }
+        if view:
+            row["not_chest"] = round(float(p_view[k]), 4)
+            row["view_refused"] = bool(p_view[k] > view_threshold)
+        results.append(row)
     n_scored = len(scored)
     checks = {
         "cases": results,
@@ -384,7 +416,7 @@ def fit_gate(
         "refused": sum(1 for r in results if r.get("refused")),
         "refused_before_the_gate": sum(1 for r in results if r.get("refused_by")),
     }
-    alternatives = {
+    alternatives: dict[str, Any] = {
         "energy": {
             "score": "-logsumexp(logits), mean of both networks (Liu et al. 2020), not in the graph",
             "threshold": round(energy_threshold, 4),
@@ -392,26 +424,50 @@ def fit_gate(
             "validation_pass_rate": round(float(np.mean(val_energy <= energy_threshold)), 4),
             "checks_refused": sum(1 for r in results if r.get("energy_refused")),
             "checks_scored": n_scored,
-        }
+        },
+        "mahalanobis_alone": {
+            "score": "squared Mahalanobis distance of the pooled features (the gate without the view check)",
+            "validation_pass_rate": round(float(np.mean(val_maha <= threshold)), 4),
+            "checks_refused": sum(1 for r in results if r.get("mahalanobis_refused")),
+            "checks_scored": n_scored,
+        },
     }
+    if view_fit is not None:
+        alternatives["view_alone"] = {
+            "score": "the view check's probability of not a frontal chest",
+            "threshold": round(view_threshold, 4),
+            "validation_pass_rate": round(float(np.mean(val_view <= view_threshold)), 4),
+            "checks_refused": sum(1 for r in results if r.get("view_refused")),
+            "checks_scored": n_scored,
+        }
+    fitted_on: dict[str, Any] = {
+        "split": "train",
+        "n": int(labels.size),
+        "per_class": {c: fit.counts[i] for i, c in enumerate(classes)},
+        "covariance": "tied, Ledoit-Wolf shrinkage towards a scaled identity",
+        "shrinkage": round(fit.shrinkage, 6),
+        "features": "global-average-pooled features of both networks, concatenated (after the lung crop)",
+    }
+    if view_fit is not None:
+        fitted_on["view_check"] = {
+            "input": f"the whole model input (before the lung crop), grey, {VIEW_SIZE} px",
+            "threshold": round(view_threshold, 4),
+            "scale": round(threshold / view_threshold, 4),
+            "epochs": view_fit.epochs,
+            "trained_on": view_fit.train_counts,
+            "validation_negatives_refused": view_fit.held_out,
+        }
     spec_out = GateSpec(
-        method="mahalanobis",
+        method="mahalanobis+view" if view else "mahalanobis",
         threshold=threshold,
         feature_dims=model.feature_dims,
-        fitted_on={
-            "split": "train",
-            "n": int(labels.size),
-            "per_class": {c: fit.counts[i] for i, c in enumerate(CLASSES)},
-            "covariance": "tied, Ledoit-Wolf shrinkage towards a scaled identity",
-            "shrinkage": round(fit.shrinkage, 6),
-            "features": "global-average-pooled features of both networks, concatenated (after the lung crop)",
-        },
+        fitted_on=fitted_on,
         validation={
             "split": "val",
             "n": int(val_maha.size),
             "quantile": quantile,
-            "pass_rate": round(float(np.mean(val_maha <= threshold)), 4),
-            "novelty": _summary(val_maha),
+            "pass_rate": round(float(np.mean(val_combined <= threshold)), 4),
+            "novelty": _summary(val_combined),
         },
         checks=checks,
         alternatives=alternatives,
@@ -419,24 +475,26 @@ def fit_gate(
     spec_out.validate()
     log.info(
         "gate.fitted",
+        method=spec_out.method,
         threshold=spec_out.threshold,
         shrinkage=round(fit.shrinkage, 4),
         train=int(labels.size),
         val_pass_rate=spec_out.validation["pass_rate"],
         checks_refused=f"{checks['refused']}/{n_scored}",
+        mahalanobis_checks_refused=f"{alternatives['mahalanobis_alone']['checks_refused']}/{n_scored}",
         energy_checks_refused=f"{alternatives['energy']['checks_refused']}/{n_scored}",
     )
     return spec_out
 
 
 def _graph_scores(model: FusedResNet, features: FloatArray, device: torch.device) -> FloatArray:
-    """The gate's scores as the graph computes them (float32 module), for the threshold."""
+    """The gate's Mahalanobis scores as the graph computes them (float32 module), for the threshold."""
     if model.novelty_gate is None:
         raise ModelError("the model has no image-content gate")
     if features.size == 0:
         return np.zeros(0)
     with torch.no_grad():
-        scores = model.novelty_gate(torch.from_numpy(features.astype(np.float32)).to(device))
+        scores = model.novelty_gate.mahalanobis(torch.from_numpy(features.astype(np.float32)).to(device))
     out: FloatArray = scores.double().cpu().numpy()
     return out
 
@@ -453,16 +511,18 @@ def add_gate(
     limit: int | None = None,
     version: str | None = None,
     device: str | None = None,
+    view: bool = True,
 ) -> ModelCard:
-    """Write ``out``: ``model_dir``'s model with an image-content gate fitted on its own training split.
+    """Write ``out``: ``model_dir``'s model with an image-content gate fitted on its own training split
+    (replacing the gate it has, if any; with ``view`` the gate includes the view check).
 
     ``data``, ``seed`` and ``limit`` must reproduce the training split (as ``trainer export --int8``:
     the split's digest must equal the card's). The new directory keeps the weights, preprocessing, lung
     crop, calibration, thresholds, metrics and sources; its card records ``parent_version`` (the model it
     came from), a new ``version`` (default ``<version>+gate``) and the ``gate`` section. An INT8 graph is
     not carried over (the graph changed): quantise the new directory again.
-    Raises :class:`ModelError` when ``out`` exists or ``model_dir`` fails verification or already has a
-    gate, and :class:`DataError` when ``data`` does not reproduce the training split.
+    Raises :class:`ModelError` when ``out`` exists or ``model_dir`` fails verification, and
+    :class:`DataError` when ``data`` does not reproduce the training split.
     """
     from trainer.quantize import model_split
 
@@ -471,14 +531,11 @@ def add_gate(
         raise ModelError(f"{out} already exists: model directories are immutable; choose a new directory")
     loaded = load_model_dir(Path(model_dir))
     card = loaded.card
-    if card.gate is not None:
-        raise ModelError(
-            f"model {card.version} already has an image-content gate (threshold {card.gate.threshold})"
-        )
     splits = model_split(loaded, data, seed=seed, limit=limit)
     model = load_fused_from_safetensors(loaded.weights_path, card)
+    model.novelty_gate = None  # a refit replaces the old statistics entirely
     target = torch.device(device) if device else torch.device("cpu")
-    gate = fit_gate(model, splits, card.preprocessing, device=target)
+    gate = fit_gate(model, splits, card.preprocessing, device=target, view=view, seed=seed)
     model.to("cpu")
     new_version = version or f"{card.version}+gate"[:64]
     return export_model_dir(
@@ -490,7 +547,7 @@ def add_gate(
         training_data_digest=card.training_data_digest,
         parent_version=card.version,
         thresholds=card.thresholds,
-        notes=f"{card.notes}; image-content gate added to {card.version} on "
+        notes=f"{card.notes}; image-content gate ({gate.method}) fitted on {card.version} on "
         f"{datetime.now(UTC).date().isoformat()}".lstrip("; "),
         opset=card.opset,
         sources=card.sources,

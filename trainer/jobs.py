@@ -26,7 +26,6 @@ from screener.core.db.migrate import open_database
 from screener.core.db.models import Label, TrainingRun, utcnow
 from screener.core.errors import DataError, ScreenerError, TrainingError
 from screener.core.logs import get_logger
-from screener.model.modelcard import load_model_dir
 from screener.model.registry import active_version, register
 from trainer.data import Sample, confirmed_label_samples, limit_per_class, load_roots, load_samples
 from trainer.evaluate import evaluate_model
@@ -82,6 +81,7 @@ def _run_train(config: Config, args: argparse.Namespace) -> int:
     command re-run after an interruption resumes it.
     """
     from trainer.crossval import out_of_source_figures
+    from trainer.operating_points import parse_targets
     from trainer.pipeline import train_and_export
     from trainer.train import barrier, distributed_rank_world
 
@@ -108,6 +108,7 @@ def _run_train(config: Config, args: argparse.Namespace) -> int:
     samples = load_roots(args.data)
     if args.limit:
         samples = limit_per_class(samples, args.limit, seed=args.seed)
+    targets = parse_targets(args.target_sensitivity, sorted({s.label for s in samples}))
     version = args.model_version or _version(args.preset)
     outcome = train_and_export(
         preset=args.preset,
@@ -123,6 +124,7 @@ def _run_train(config: Config, args: argparse.Namespace) -> int:
         segmentation_data=args.segmentation_data,
         segmenter_epochs=args.segmenter_epochs,
         out_of_source=out_of_source_figures(args.crossval, args.preset) if args.crossval else None,
+        target_sensitivity=targets,
     )
     from trainer.train import is_main_process
 
@@ -175,6 +177,49 @@ def _run_train(config: Config, args: argparse.Namespace) -> int:
     finally:
         engine.dispose()
     return 0
+
+
+def run_adapt(config: Config, args: argparse.Namespace) -> int:
+    """`trainer adapt`: fine-tune ``--model`` on the site's ``--data``, print the site figures before and
+    after, and with ``--register`` record the new model as a candidate (promote it with `trainer models
+    promote`, whose gate compares it with the active model on the site's evaluation data)."""
+    from trainer.adapt import adapt_model, summary_line
+
+    if args.out.exists():
+        raise TrainingError(f"{args.out} already exists: model directories are immutable; choose a new one")
+    run_dir = run_dir_for(args.out)
+    open_run(run_dir, kind="adapt", model_dir=args.out, recipe={"base": str(args.model), "data": args.data})
+    evaluation = load_roots(args.eval_data) if args.eval_data else None
+    outcome = adapt_model(
+        args.model,
+        load_roots(args.data),
+        args.out,
+        evaluation=evaluation,
+        preset=args.preset,
+        epochs=args.epochs,
+        samples_per_epoch=args.samples_per_epoch,
+        seed=args.seed,
+        version=args.model_version,
+        workdir=run_dir,
+        source="trainer adapt --data " + " ".join(str(d) for d in args.data),
+    )
+    finish_run(run_dir, outcome.card.version)
+    print(f"model {outcome.card.version} (adapted from {outcome.card.parent_version}) written to {args.out}")
+    print(summary_line(outcome))
+    split_csv = write_split_csv(outcome.test_samples, args.out.with_name(f"{args.out.name}-site-test.csv"))
+    print(f"site test images ({len(outcome.test_samples)}): {split_csv}")
+    if not outcome.improved:
+        print("the adapted model is NOT better than its base on the site test split: do not promote it")
+    if args.register:
+        engine = open_database(config.database)
+        try:
+            with Session(engine) as session, session.begin():
+                register(session, outcome.model_dir)
+                record_registration(session, outcome.card.version, "trainer adapt", None)
+        finally:
+            engine.dispose()
+        print(f"registered {outcome.card.version} as a candidate")
+    return 0 if outcome.improved else EXIT_KEPT
 
 
 def write_split_csv(samples: list[Sample], path: Path) -> Path:
@@ -277,32 +322,50 @@ def _gather(config: Config, engine: Engine) -> list[Sample]:
 
 
 def _train_evaluate_promote(config: Config, engine: Engine, run_id: int) -> tuple[Any, Any]:
+    """With an active model: :func:`trainer.adapt.adapt_model` on the gathered images (the same code as
+    `trainer adapt`, the site data being the confirmed labels in SQL); without one: train from scratch.
+    Then both are evaluated on ``trainer.eval_data`` (default: the held-out site test split) and the
+    candidate goes through the promotion gate."""
+    from trainer.adapt import adapt_model
     from trainer.pipeline import train_and_export
 
     samples = _gather(config, engine)
     with Session(engine) as session:
         active = active_version(session)
-    parent = load_model_dir(Path(active.path)) if active is not None else None
     version = _version(config.trainer.preset)
     out = config.trainer.workdir / "models" / version
     run_dir = run_dir_for(out)
     open_run(run_dir, kind="retrain", model_dir=out, recipe={"version": version})
     log.info("retrain.run", folder=str(run_dir))
-    outcome = train_and_export(
-        preset=config.trainer.preset,
-        data=samples,
-        out=out,
-        epochs=config.trainer.epochs or None,
-        samples_per_epoch=config.trainer.samples_per_epoch or None,
-        pretrained_dir=config.trainer.pretrained_dir,
-        version=version,
-        parent=parent,
-        workdir=run_dir,
-    )
+    if active is not None:
+        adapted = adapt_model(
+            Path(active.path),
+            samples,
+            out,
+            preset=config.trainer.preset,
+            epochs=config.trainer.epochs or None,
+            samples_per_epoch=config.trainer.samples_per_epoch or None,
+            version=version,
+            workdir=run_dir,
+            progress=False,
+            source="confirmed labels in SQL" + (" + trainer.base_data" if config.trainer.base_data else ""),
+        )
+        outcome: Any = adapted.training
+        test_samples = adapted.test_samples
+    else:
+        outcome = train_and_export(
+            preset=config.trainer.preset,
+            data=samples,
+            out=out,
+            epochs=config.trainer.epochs or None,
+            samples_per_epoch=config.trainer.samples_per_epoch or None,
+            pretrained_dir=config.trainer.pretrained_dir,
+            version=version,
+            workdir=run_dir,
+        )
+        test_samples = outcome.test_samples
     finish_run(run_dir, version)
-    eval_samples = (
-        load_samples(config.trainer.eval_data) if config.trainer.eval_data else outcome.test_samples
-    )
+    eval_samples = load_samples(config.trainer.eval_data) if config.trainer.eval_data else test_samples
     candidate_report = evaluate_model(
         outcome.model_dir, eval_samples, out.parent / f"{version}-eval", progress=False
     )

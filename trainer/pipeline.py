@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,11 +33,13 @@ from screener.model.fused import ARCHITECTURES, FusedResNet
 from screener.model.lungs import LungCrop, load_lung_crop
 from screener.model.modelcard import CLASSES, LoadedModel, LungCropSpec, ModelCard, read_card
 from trainer.augment import Augmenter, Chain, SiteAugmenter
+from trainer.calibrate import choose_temperatures, compare_methods
 from trainer.data import (
     ImageDataset,
     Sample,
     Splits,
     balanced_sampler,
+    dataset_classes,
     format_source_table,
     limit_per_class,
     load_samples,
@@ -57,6 +59,7 @@ from trainer.fuse import (
     log_loss,
     predict_probs,
 )
+from trainer.operating_points import pick_thresholds
 from trainer.train import (
     BackboneResult,
     TrainConfig,
@@ -202,7 +205,7 @@ def _reference(val_ds: ImageDataset, probs: np.ndarray) -> dict[str, Any]:
     return {
         "source": "validation split",
         "n": len(means),
-        "prediction_mix": {c: float(np.mean(predicted == i)) for i, c in enumerate(CLASSES)},
+        "prediction_mix": {c: float(np.mean(predicted == i)) for i, c in enumerate(val_ds.classes)},
         "intensity_histogram": {"edges": list(REFERENCE_EDGES), "counts": [int(c) for c in counts]},
     }
 
@@ -218,6 +221,7 @@ def _test_metrics(
     loader: DataLoader[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
     temperatures: tuple[float, float] = (1.0, 1.0),
+    classes: Sequence[str] = CLASSES,
 ) -> dict[str, Any]:
     probs_a, probs_b, labels = predict_probs(net_a, net_b, loader, device)
     probs_a = apply_temperature(probs_a, temperatures[0])
@@ -225,7 +229,7 @@ def _test_metrics(
     fused = fused_probs(weight, probs_a, probs_b)
     predicted = fused.argmax(axis=1)
     per_class = {}
-    for index, name in enumerate(CLASSES):
+    for index, name in enumerate(classes):
         positives = labels == index
         per_class[name] = {
             "n": int(positives.sum()),
@@ -266,6 +270,10 @@ def train_and_export(
     segmenter: LungCrop | None = None,
     segmenter_epochs: int | None = None,
     out_of_source: Mapping[str, Any] | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    extra_metrics: Mapping[str, Any] | None = None,
+    target_sensitivity: Mapping[str, float] | None = None,
 ) -> TrainOutcome:
     """Train the preset's candidate backbones on ``data``, fuse the best two, export to ``out``.
 
@@ -274,7 +282,12 @@ def train_and_export(
     override the preset (``samples_per_epoch=0``: one draw per training image). With ``parent`` (a
     verified model directory: the active model) this is fine-tuning: the candidates default to the
     parent's two architectures, each initialised from the parent's weights, the parent's preprocessing
-    is kept, and the card records ``parent_version``.
+    is kept, and the card records ``parent_version``. ``val_fraction`` and ``test_fraction`` are the
+    split's (:func:`trainer.data.split_samples`); ``extra_metrics`` are added to the card's metrics
+    (``trainer adapt`` records the adaptation there). The model's classes are those the data holds
+    (:func:`trainer.data.dataset_classes`; a parent's, when fine-tuning). ``target_sensitivity``
+    (``{class: sensitivity}``) sets the card's operating points on the validation split
+    (:func:`trainer.operating_points.pick_thresholds`); without it the card has none (argmax).
     Backbones train in ``workdir/<index>-<arch>/`` (default ``out``'s sibling ``.<out name>.work``) and
     resume from their checkpoints when re-run. The card's metrics hold each candidate's validation
     accuracy/loss, the chosen pair, the fusion summary and trajectory, the pretrained flags, the test
@@ -330,7 +343,16 @@ def train_and_export(
             advice="every image of this class comes from one source: the model may learn the source, not "
             "the disease; add images of it from other sources and check with trainer crossval",
         )
-    splits = split_samples(samples, spec=spec, seed=seed)
+    classes = parent.card.classes if parent is not None else dataset_classes(samples)
+    strays = sorted({s.label for s in samples} - set(classes))
+    if strays:
+        raise TrainingError(
+            f"labels {strays} are not classes of parent model {parent.card.version if parent else ''} "
+            f"({', '.join(classes)}): fine-tuning keeps the parent's classes; train a new model instead"
+        )
+    splits = split_samples(
+        samples, spec=spec, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction
+    )
     digest = splits.digest()
     log.info("split_done", counts=splits.counts(), digest=digest[:12], preset=preset, world_size=world)
 
@@ -357,9 +379,16 @@ def train_and_export(
             parameter.requires_grad_(False)
     augment = Chain((Augmenter(), SiteAugmenter())) if recipe.site_augment else Augmenter()
     train_ds = ImageDataset(
-        splits.train, spec, augment=augment, seed=seed, cache=True, crop=crop, crop_jitter=recipe.crop_jitter
+        splits.train,
+        spec,
+        augment=augment,
+        seed=seed,
+        cache=True,
+        crop=crop,
+        crop_jitter=recipe.crop_jitter,
+        classes=classes,
     )
-    val_ds = ImageDataset(splits.val, spec, seed=seed, cache=True, crop=crop)
+    val_ds = ImageDataset(splits.val, spec, seed=seed, cache=True, crop=crop, classes=classes)
     results: list[BackboneResult] = []
     unused_parent = list(parent_states)
     for index, arch in enumerate(candidates):
@@ -375,6 +404,7 @@ def train_and_export(
             pretrained_dir=pretrained_dir,
             device=device,
             limit_batches=limit_batches,
+            num_classes=len(classes),
         )
         sampler = balanced_sampler(
             splits.train, seed=seed + index, num_samples=budget, source_power=recipe.source_power
@@ -400,29 +430,43 @@ def train_and_export(
     probs_a, probs_b, labels = predict_probs(net_a, net_b, val_loader, target)
     temperatures = (1.0, 1.0)
     calibration: dict[str, Any] = {}
+    raw_a, raw_b = probs_a, probs_b
     if recipe.calibrate:
-        before = fused_probs(0.5, probs_a, probs_b)
-        temperatures = (fit_temperature(probs_a, labels), fit_temperature(probs_b, labels))
-        probs_a = apply_temperature(probs_a, temperatures[0])
-        probs_b = apply_temperature(probs_b, temperatures[1])
-        calibration = {
-            "method": "temperature scaling per network on the validation split",
-            "temperature_a": temperatures[0],
-            "temperature_b": temperatures[1],
-            "val_ece_before": calibration_bins(labels, before)[0],
-        }
+        temperatures = (fit_temperature(raw_a, labels), fit_temperature(raw_b, labels))
+        probs_a = apply_temperature(raw_a, temperatures[0])
+        probs_b = apply_temperature(raw_b, temperatures[1])
     fusion = fuse_probs(
         probs_a, probs_b, labels, method=fusion_method, rounds=recipe.fusion_rounds, seed=seed
     )
-    if calibration:
-        calibration["val_ece_after"] = calibration_bins(labels, fused_probs(fusion.weight, probs_a, probs_b))[
-            0
-        ]
-        log.info("calibrated", **calibration)
-    test_loader = _loader(ImageDataset(splits.test, spec, seed=seed, crop=crop), batch, workers)
-    test = (
-        _test_metrics(net_a, net_b, fusion.weight, test_loader, target, temperatures) if splits.test else {}
+    if recipe.calibrate:
+        # The fusion weight is chosen on per-network calibrated outputs; then every calibration method is
+        # measured with that weight and the in-graph one with the lowest cross-fitted ECE is kept.
+        table = compare_methods(raw_a, raw_b, labels, fusion.weight, seed=seed)
+        method, temperatures = choose_temperatures(table)
+        probs_a = apply_temperature(raw_a, temperatures[0])
+        probs_b = apply_temperature(raw_b, temperatures[1])
+        calibration = {
+            "method": f"{method} temperature scaling on the validation split (trainer.calibrate)",
+            "temperature_a": temperatures[0],
+            "temperature_b": temperatures[1],
+            "val_ece_before": table["none"]["val_ece"],
+            "val_ece_after": calibration_bins(labels, fused_probs(fusion.weight, probs_a, probs_b))[0],
+            "alternatives": table,
+        }
+        log.info("calibrated", method=method, temperatures=temperatures, val_ece=calibration["val_ece_after"])
+    test_loader = _loader(
+        ImageDataset(splits.test, spec, seed=seed, crop=crop, classes=classes), batch, workers
     )
+    test = (
+        _test_metrics(net_a, net_b, fusion.weight, test_loader, target, temperatures, classes)
+        if splits.test
+        else {}
+    )
+    points = pick_thresholds(
+        fused_probs(fusion.weight, probs_a, probs_b), labels, classes, dict(target_sensitivity or {})
+    )
+    if points.thresholds:
+        log.info("operating_points", thresholds=points.thresholds)
 
     model = FusedResNet(
         first.arch,
@@ -430,6 +474,7 @@ def train_and_export(
         fusion_weight=fusion.weight,
         lung_crop=crop.spec if crop is not None else None,
         temperatures=temperatures,
+        num_classes=len(classes),
     )
     model.net_a.load_state_dict(net_a.state_dict())
     model.net_b.load_state_dict(net_b.state_dict())
@@ -440,15 +485,18 @@ def train_and_export(
     if recipe.gate:
         from trainer.gate import fit_gate
 
-        gate = fit_gate(model, splits, spec, device=target)
+        gate = fit_gate(model, splits, spec, device=target, classes=classes)
         model.to("cpu")
     metrics = _card_metrics(
         preset, results, (first, second), fusion, test, splits, time.perf_counter() - started
     )
     if calibration:
         metrics["calibration"] = calibration
+    if points.details:
+        metrics["operating_points"] = {"split": "validation", "classes": points.details}
     if out_of_source:
         metrics["out_of_source"] = dict(out_of_source)
+    metrics.update(extra_metrics or {})
     metrics["reference"] = _reference(val_ds, fused_probs(fusion.weight, probs_a, probs_b))
     if version is None:
         version = f"{preset}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-seed{seed}"
@@ -464,6 +512,8 @@ def train_and_export(
             notes=f"trainer preset {preset}: {first.arch}+{second.arch}, fusion {fusion_method}",
             sources=sources,
             gate=gate,
+            classes=classes,
+            thresholds=points.thresholds,
         )
         log.info(
             "model_exported",

@@ -316,7 +316,8 @@ def _load(sample: Sample, spec: PreprocessSpec) -> FloatArray:
 
 
 def head_nodes(path: Path) -> list[str]:
-    """Names of the nodes after the global average pools: the classifier heads, softmaxes and fusion.
+    """Names of the nodes after the global average pools (the classifier heads, softmaxes and fusion) and
+    of the image-content gate (``/novelty_gate/``).
 
     They stay FP32. Quantised, the output probabilities would be rounded to steps of about 1/255 and the
     logits to 8 bits, which flips the label of images whose two top classes are close (on the quick
@@ -337,10 +338,14 @@ def head_nodes(path: Path) -> list[str]:
             if id(node) not in seen:
                 seen[id(node)] = node
                 frontier.extend(node.output)
+    # The image-content gate's view check reads the input image, not the pools: its nodes stay FP32 too.
+    for node in graph.node:
+        if "novelty_gate" in node.name:
+            seen[id(node)] = node
     names = [node.name for node in seen.values()]
     if not all(names):
         raise ModelError(f"{path}: a node after the global average pool has no name; re-export the model")
-    return sorted(names)
+    return sorted(set(names))
 
 
 def lung_crop_nodes(path: Path) -> list[str]:

@@ -8,15 +8,28 @@ outputs of both fused ResNets, concatenated. The precision matrix is stored fact
 matrix ``W`` (``Sigma^-1 = W W^T``), so the score is ``min_c ||x W - mu_c W||^2``: one matrix product and a
 few element-wise operators, exportable to ONNX and run by every engine, in FP32.
 
-The statistics are fitted by the trainer (``trainer.gate``); this module only holds and applies them.
+Beside it, optionally, a view check (:class:`ViewCheck`): a small CNN on the whole model input (before the
+lung crop) that scores "not a frontal chest radiograph" (rotated, upside down, inverted, a part of an
+image, another anatomy). Mahalanobis distances on a chest classifier's features do not see orientation
+or polarity well (a lung crop and contrast enhancement make a rotated or inverted chest look
+chest-like), so the gate's score becomes ``max(mahalanobis, view_scale * p_not_chest)``, still in the
+Mahalanobis score's units, with ``view_scale`` mapping the view check's threshold onto the gate's.
+
+The statistics and weights are fitted by the trainer (``trainer.gate``); this module only holds and
+applies them.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.nn import functional
+
+VIEW_SIZE = 64
+"""Side in pixels at which the view check looks at the model input."""
 
 if TYPE_CHECKING:
     from torchvision.models import ResNet
@@ -32,23 +45,77 @@ def backbone_features(net: ResNet, image: torch.Tensor) -> tuple[torch.Tensor, t
     return features, net.fc(features)
 
 
+class ViewCheck(nn.Module):
+    """``forward(image [N, 3, S, S]) -> logit [N]`` of "this is not a frontal chest radiograph".
+
+    The model input (already contrast-enhanced and normalised) is averaged over its channels and resized
+    to :data:`VIEW_SIZE`; four stride-2 convolutions keep a 4 x 4 map whose layout (where the bright and
+    dark parts are) a linear layer reads: orientation is exactly what a global pool would lose. About
+    70,000 parameters: negligible beside the ResNets.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = (1, 16, 32, 64, 64)
+        for c_in, c_out in itertools.pairwise(channels):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out)]
+            layers.append(nn.ReLU(inplace=True))
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(channels[-1] * (VIEW_SIZE // 16) ** 2, 1)
+
+    @staticmethod
+    def prepare(image: torch.Tensor) -> torch.Tensor:
+        """``[N, 3, S, S]`` model input -> ``[N, 1, VIEW_SIZE, VIEW_SIZE]``: what :meth:`classify` reads."""
+        x = image.float().mean(dim=1, keepdim=True)
+        if x.shape[-1] != VIEW_SIZE or x.shape[-2] != VIEW_SIZE:
+            x = functional.interpolate(x, size=(VIEW_SIZE, VIEW_SIZE), mode="bilinear", align_corners=False)
+        return x
+
+    def classify(self, small: torch.Tensor) -> torch.Tensor:
+        """Logits ``[N]`` of prepared ``[N, 1, VIEW_SIZE, VIEW_SIZE]`` inputs."""
+        logits: torch.Tensor = self.head(torch.flatten(self.features(small), 1))
+        return logits[:, 0]
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.prepare(image))
+
+
 class MahalanobisGate(nn.Module):
-    """``forward(features [N, D]) -> novelty [N]``: the squared Mahalanobis distance to the nearest class.
+    """``forward(features [N, D], image) -> novelty [N]``: the squared Mahalanobis distance to the nearest
+    class, raised to ``view_scale * sigmoid(view(image))`` where that is higher (with a view check).
 
     Buffers (persisted in the state dict, so in ``weights.safetensors``): ``whitening`` ``[D, D]`` and
-    ``means`` ``[C, D]`` (the class means, already whitened). Computed in float32 whatever the input
+    ``means`` ``[C, D]`` (the class means, already whitened); with ``view=True`` also the
+    :class:`ViewCheck` weights (``view.``) and ``view_scale``. Computed in float32 whatever the input
     dtype: the scores of unusual images reach 1e4-1e6, past what FP16 holds with any precision.
     """
 
     whitening: torch.Tensor
     means: torch.Tensor
+    view_scale: torch.Tensor
 
-    def __init__(self, feature_size: int, num_classes: int) -> None:
+    def __init__(self, feature_size: int, num_classes: int, *, view: bool = False) -> None:
         super().__init__()
         if feature_size < 1 or num_classes < 1:
             raise ValueError(f"feature size {feature_size} and class count {num_classes} must be >= 1")
         self.register_buffer("whitening", torch.eye(feature_size, dtype=torch.float32))
         self.register_buffer("means", torch.zeros(num_classes, feature_size, dtype=torch.float32))
+        self.view: ViewCheck | None = None
+        if view:
+            self.view = ViewCheck()
+            self.register_buffer("view_scale", torch.tensor(1.0, dtype=torch.float32))
+
+    def set_view(self, view: ViewCheck, scale: float) -> None:
+        """Load a trained view check and the factor that maps its probability onto the gate's score
+        units. Raises ``ValueError`` when the gate was built without a view check or ``scale`` is not a
+        finite positive number."""
+        if self.view is None:
+            raise ValueError("this gate was built without a view check (MahalanobisGate(view=True))")
+        if not (float(scale) > 0.0 and float(scale) < float("inf")):
+            raise ValueError(f"view scale {scale!r} must be a finite number > 0")
+        self.view.load_state_dict(view.state_dict())
+        self.view_scale.fill_(float(scale))
 
     def set_statistics(self, whitening: torch.Tensor, means: torch.Tensor) -> None:
         """Load fitted statistics; raises ``ValueError`` when their shapes do not fit the gate's."""
@@ -64,7 +131,16 @@ class MahalanobisGate(nn.Module):
         self.whitening.copy_(whitening.to(torch.float32))
         self.means.copy_(means.to(torch.float32))
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def mahalanobis(self, features: torch.Tensor) -> torch.Tensor:
+        """The squared Mahalanobis distance of ``features`` ``[N, D]`` to the nearest class mean."""
         z = torch.matmul(features.float(), self.whitening)  # [N, D]
         diff = z.unsqueeze(1) - self.means.unsqueeze(0)  # [N, C, D]
         return (diff * diff).sum(dim=2).min(dim=1).values
+
+    def forward(self, features: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        distance = self.mahalanobis(features)
+        if self.view is None:
+            return distance
+        if image is None:
+            raise ValueError("a gate with a view check needs the model input image")
+        return torch.maximum(distance, self.view_scale * torch.sigmoid(self.view(image)))

@@ -22,6 +22,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from pydicom import dcmread
+from pydicom.uid import UID
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
@@ -178,7 +179,7 @@ def test_training_fits_the_gate_into_the_graph_and_the_card(gated: tuple[Path, P
     assert any(name.endswith("rotated 90") for name in cases)
 
     graph = onnx.load(str(loaded.onnx_path))
-    assert [o.name for o in graph.graph.output] == ["probs", "probs_a", "probs_b", "novelty"]
+    assert [o.name for o in graph.graph.output][:4] == ["probs", "probs_a", "probs_b", "novelty"]
     kept_fp32 = head_nodes(loaded.onnx_path)
     assert any("novelty_gate" in name for name in kept_fp32)  # INT8 leaves the gate in FP32
 
@@ -207,6 +208,62 @@ def test_training_fits_the_gate_into_the_graph_and_the_card(gated: tuple[Path, P
             engine.close()
         assert got.novelty is not None
         np.testing.assert_allclose(got.novelty, torch_out[3], rtol=1e-3, err_msg=backend)
+
+
+REWRITTEN_NON_CHESTS = (
+    "RG3_UNCI.dcm",
+    "RG3_UNCR.dcm",
+    "RG3_J2KI.dcm",
+    "RG3_J2KR.dcm",
+    "MR_small.dcm",
+    "MR2_UNCR.dcm",
+    "CT_small.dcm",
+    "693_UNCR.dcm",
+    "JPEG2000_UNC.dcm",
+    "JPGLosslessP14SV1_1s_1f_8b.dcm",
+    "mlut_18.dcm",
+    "vlut_04.dcm",
+)
+"""pydicom-data images that are not chests: a CR tibia in four encodings, MR, CT, NM, grey US and OT."""
+CR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1")
+
+
+def _as_cr_chest_pa(name: str, dest: Path) -> Path:
+    """A copy of pydicom-data's ``name`` whose header says CR, CHEST, PA (pixels untouched)."""
+    from pydicom.data import get_testdata_file
+
+    ds = dcmread(str(get_testdata_file(name)))
+    ds.Modality = "CR"
+    ds.SOPClassUID = CR_IMAGE_STORAGE
+    ds.file_meta.MediaStorageSOPClassUID = CR_IMAGE_STORAGE
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = "PA"
+    for keyword in ("SeriesDescription", "StudyDescription", "ProtocolName"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    path = dest / name
+    ds.save_as(path)
+    return path
+
+
+def test_non_chests_with_headers_rewritten_to_cr_chest_pa_are_refused_by_the_image_content_gate(
+    gated: tuple[Path, Path], tmp_path: Path
+) -> None:
+    model_dir, _ = gated
+    files = [_as_cr_chest_pa(name, tmp_path) for name in (*REWRITTEN_NON_CHESTS, "RG1_UNCR.dcm")]
+    config = load_config(
+        environ={"SCREENER__INFERENCE__BACKEND": "onnxruntime", "SCREENER__INFERENCE__THREADS": "1"}
+    )
+    _, results = classify_files(config, model_dir, files)
+    threshold = read_card(model_dir).gate.threshold  # type: ignore[union-attr]
+    by_name = {f.name: r for f, r in zip(files, results, strict=True)}
+    for name in REWRITTEN_NON_CHESTS:
+        result = by_name[name]
+        assert result.status == "skipped" and result.label is None and result.probs is None, name
+        assert result.reason is not None and result.reason.startswith("image-content gate: novelty"), name
+        assert result.novelty is not None and result.novelty > threshold, name
+    chest = by_name["RG1_UNCR.dcm"]  # a real CR chest PA (another source than the training images)
+    assert chest.status == "classified" and chest.label in CLASSES and chest.novelty is not None
 
 
 def test_classify_refuses_an_image_above_the_threshold_naming_score_and_threshold(

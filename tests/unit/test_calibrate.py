@@ -1,0 +1,72 @@
+"""Calibration of the fused output (trainer.calibrate): the methods, their cross-fitted ECE, the choice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from screener.core.errors import TrainingError
+from trainer.calibrate import (
+    IN_GRAPH,
+    METHODS,
+    apply_method,
+    choose_temperatures,
+    compare_methods,
+    ece,
+    fit_joint_temperatures,
+    fit_method,
+)
+from trainer.fuse import fused_probs, log_loss
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    out: np.ndarray = e / e.sum(axis=1, keepdims=True)
+    return out
+
+
+def _overconfident(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two 'networks' whose logits are a calibrated model's times 3 and 2: both overconfident."""
+    rng = np.random.default_rng(seed)
+    true_logits = rng.normal(size=(n, 3)) * 1.5
+    labels = np.array([rng.choice(3, p=p) for p in _softmax(true_logits)], dtype=np.int64)
+    noise = rng.normal(scale=0.3, size=(2, n, 3))
+    return _softmax(3 * (true_logits + noise[0])), _softmax(2 * (true_logits + noise[1])), labels
+
+
+def test_joint_temperatures_calibrate_the_fused_output_better_than_per_network() -> None:
+    pa, pb, y = _overconfident(2000, 0)
+    w = 0.6
+    per_net = fit_method("per_network", pa, pb, y, w)
+    joint = fit_joint_temperatures(pa, pb, y, w)
+    assert joint[0] > 1.5 and joint[1] > 1.2  # both networks were overconfident: T > 1 cools them
+    fused_joint = apply_method("joint", {"temperature_a": joint[0], "temperature_b": joint[1]}, pa, pb, w)
+    fused_per = apply_method("per_network", per_net, pa, pb, w)
+    assert log_loss(fused_joint, y) <= log_loss(fused_per, y) + 1e-3
+    assert ece(y, fused_joint) < 0.5 * ece(y, fused_probs(w, pa, pb))
+    # Temperatures never change a network's argmax.
+    assert (fused_joint.argmax(1) == fused_probs(w, pa, pb).argmax(1)).mean() > 0.95
+
+
+def test_compare_methods_reports_every_method_and_the_choice_is_one_the_graph_runs() -> None:
+    pa, pb, y = _overconfident(600, 1)
+    table = compare_methods(pa, pb, y, 0.5)
+    assert list(table) == list(METHODS)
+    for method, row in table.items():
+        assert row["in_graph"] == (method in IN_GRAPH)
+        assert 0.0 <= row["val_ece"] <= 1.0 and row["cross_fitted_ece"] is not None
+    assert table["joint"]["val_ece"] < table["none"]["val_ece"]
+    method, (ta, tb) = choose_temperatures(table)
+    assert method in IN_GRAPH and method != "none"
+    assert (ta, tb) == (table[method]["params"]["temperature_a"], table[method]["params"]["temperature_b"])
+
+
+def test_few_images_are_not_cross_fitted_and_bad_input_is_refused() -> None:
+    pa, pb, y = _overconfident(12, 2)
+    table = compare_methods(pa, pb, y, 0.5)
+    assert table["joint"]["cross_fitted_ece"] is None
+    assert choose_temperatures(table)[0] in IN_GRAPH
+    with pytest.raises(TrainingError, match="unknown calibration method 'platt'"):
+        fit_method("platt", pa, pb, y, 0.5)
+    with pytest.raises(TrainingError, match="matching, non-empty"):
+        fit_joint_temperatures(pa, pb[:5], y, 0.5)

@@ -1,0 +1,71 @@
+"""The image-content gate's view check: negatives made from chests, the network, the combined score."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from screener.model.novelty import VIEW_SIZE, MahalanobisGate, ViewCheck
+from trainer.viewcheck import NEGATIVE_KINDS, negative_from, not_chest_probability, train_view_check
+
+
+def _chest_like(rng: np.random.Generator, size: int = 96) -> np.ndarray:
+    """A crude frontal-chest layout: bright below and at the sides, two dark lung fields, noise."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    img = 0.35 + 0.5 * yy**2
+    for cx in (0.3, 0.7):
+        img -= 0.3 * np.exp(-(((xx - cx) / 0.12) ** 2 + ((yy - 0.45) / 0.22) ** 2))
+    img += rng.normal(scale=0.03, size=img.shape)
+    out: np.ndarray = np.clip(img, 0, 1).astype(np.float32)
+    return out
+
+
+def test_every_negative_kind_is_a_grey_image_and_unknown_kinds_are_refused() -> None:
+    rng = np.random.default_rng(0)
+    unit = _chest_like(rng)
+    for kind in NEGATIVE_KINDS:
+        out = negative_from(unit, kind, rng)
+        assert out.ndim == 2 and out.dtype == np.float32 and 0.0 <= out.min() <= out.max() <= 1.0, kind
+    np.testing.assert_allclose(negative_from(unit, "inverted", rng), 1.0 - unit, atol=1e-6)
+    assert max(negative_from(unit, "part", rng).shape) <= 0.5 * unit.shape[0]
+    with pytest.raises(ValueError, match="unknown negative kind 'lateral'"):
+        negative_from(unit, "lateral", rng)
+
+
+def test_the_gate_score_is_the_larger_of_the_distance_and_the_scaled_view_probability() -> None:
+    torch.manual_seed(0)
+    gate = MahalanobisGate(4, 2, view=True)
+    view = ViewCheck()
+    with torch.no_grad():
+        view.head.bias.fill_(5.0)  # "not a chest" with p = sigmoid(5 + ...) for every image
+    gate.set_view(view, 100.0)
+    image = torch.zeros(3, 3, 128, 128)
+    assert ViewCheck.prepare(image).shape == (3, 1, VIEW_SIZE, VIEW_SIZE)
+    features = torch.tensor([[0.0, 0.0, 0.0, 0.0], [50.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    p = torch.sigmoid(view(image))
+    expected = torch.maximum(gate.mahalanobis(features), 100.0 * p)
+    torch.testing.assert_close(gate(features, image), expected)
+    with torch.no_grad():
+        assert float(gate(features, image)[1]) == pytest.approx(2500.0)  # the distance wins
+    with pytest.raises(ValueError, match="needs the model input image"):
+        gate(features)
+    with pytest.raises(ValueError, match="built without a view check"):
+        MahalanobisGate(4, 2).set_view(view, 1.0)
+    with pytest.raises(ValueError, match="must be a finite number > 0"):
+        gate.set_view(view, 0.0)
+
+
+def test_the_view_check_learns_upright_from_rotated_on_held_out_images() -> None:
+    rng = np.random.default_rng(1)
+
+    def small(images: list[np.ndarray]) -> torch.Tensor:
+        return ViewCheck.prepare(torch.from_numpy(np.stack(images)[:, None].repeat(3, axis=1)))
+
+    upright = small([_chest_like(rng) for _ in range(96)])
+    rotated = torch.rot90(upright, 1, dims=(2, 3))
+    upside_down = torch.rot90(upright, 2, dims=(2, 3))
+    view = train_view_check(upright[:64], torch.cat((rotated[:32], upside_down[:32])), epochs=4)
+    p_chest = not_chest_probability(view, upright[64:])
+    p_other = not_chest_probability(view, torch.cat((rotated[64:], upside_down[64:])))
+    assert np.mean(p_chest < 0.5) >= 0.9 and np.mean(p_other > 0.5) >= 0.9
