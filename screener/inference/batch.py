@@ -24,12 +24,14 @@ import numpy as np
 
 from screener.core.config import EligibilityConfig, InferenceConfig
 from screener.core.db.models import InstanceStatus, Prediction
+from screener.core.errors import RemoteEngineError
 from screener.core.logs import get_logger
 from screener.core.metrics import Metrics
 from screener.core.spool import Spool
 from screener.inference.instance_queue import ClaimedInstance, InstanceQueue
 from screener.inference.model_slot import LoadedModel
 from screener.inference.prepare import Prepared, init_pool_process, prepare_instance
+from screener.model.heatmap import encode_png
 from screener.model.verdict import decide
 
 log = get_logger("screener.worker")
@@ -119,7 +121,8 @@ class BatchRunner:
 
     def finish(self, batch: Batch) -> BatchReport:
         """Wait for the batch's preprocessing, run the engine, record every row. Returns what became of
-        them."""
+        them. A remote engine's fault (:class:`RemoteEngineError`) releases every row, uncounted, and
+        propagates."""
         prepared: list[Prepared] = []
         for fut in batch.futures:
             try:
@@ -139,7 +142,13 @@ class BatchRunner:
         output = None
         if ok:
             arrays = np.stack([p.array for p in ok if p.array is not None]).astype(np.float32, copy=False)
-            output = model.engine.infer(arrays)
+            try:
+                output = model.engine.infer(arrays)
+            except RemoteEngineError:
+                # The inference server's fault, not the instances': back to the queue, the attempt does not
+                # count; the worker backs off (screener.inference.engine_backoff).
+                self.queue.release([r.instance_id for r in batch.rows], crashed=False)
+                raise
         infer_ms = (time.perf_counter() - started) * 1000
         per_image_ms = infer_ms / max(1, len(ok))
         counts = {"classified": 0, "skipped": 0, "failed": 0, "lost_lease": 0}
@@ -157,6 +166,7 @@ class BatchRunner:
                 pa = [float(x) for x in output.probs_a[k]]
                 pb = [float(x) for x in output.probs_b[k]]
                 novelty = float(output.novelty[k]) if output.novelty is not None else None
+                heatmap = encode_png(output.heatmap[k]) if output.heatmap is not None else None
                 k += 1
                 seen = _seen(p, model, novelty)
                 if model.gate is not None and model.gate.refuses(novelty):
@@ -175,7 +185,15 @@ class BatchRunner:
                     continue
                 session.add(
                     _prediction(
-                        p, model, probs, pa, pb, novelty, batch_size=len(ok), inference_ms=per_image_ms
+                        p,
+                        model,
+                        probs,
+                        pa,
+                        pb,
+                        novelty,
+                        batch_size=len(ok),
+                        inference_ms=per_image_ms,
+                        heatmap=heatmap,
                     )
                 )
                 counts["classified"] += 1
@@ -215,6 +233,7 @@ def _prediction(
     *,
     batch_size: int,
     inference_ms: float,
+    heatmap: bytes | None = None,
 ) -> Prediction:
     borderline = None
     if model.gate is not None and model.gate.is_borderline(novelty):
@@ -234,6 +253,7 @@ def _prediction(
         batch_size=batch_size,
         preprocess_ms=round(p.ms, 2),
         inference_ms=round(inference_ms, 2),
+        heatmap=heatmap,
     )
 
 

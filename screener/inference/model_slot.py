@@ -17,7 +17,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session, sessionmaker
 
 from screener.core.config import InferenceConfig
-from screener.core.errors import ModelIntegrityError, ScreenerError
+from screener.core.errors import ModelIntegrityError, RemoteEngineError, ScreenerError
 from screener.core.logs import get_logger
 from screener.core.metrics import Metrics
 from screener.imaging.pixels import PreprocessSpec
@@ -105,6 +105,7 @@ class ModelSlot:
                 trt_cache_dir=inf.trt_cache_dir,
                 max_batch=inf.max_batch,
                 precision=inf.precision,
+                triton=inf.triton,
             )
             try:
                 verify_registered(row, loaded.card, model_dir)
@@ -112,7 +113,9 @@ class ModelSlot:
                 engine.close()
                 raise
         except ScreenerError as exc:
-            self.refused = (row.id, row.card_json, time.monotonic() + self.retry_seconds)
+            # An unreachable inference server is retried sooner than a model that failed its checks.
+            retry = inf.triton.max_retry_seconds if isinstance(exc, RemoteEngineError) else self.retry_seconds
+            self.refused = (row.id, row.card_json, time.monotonic() + min(retry, self.retry_seconds))
             log.error(
                 "model.load_failed",
                 version=row.version,

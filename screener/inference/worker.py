@@ -34,11 +34,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from screener.core.config import EligibilityConfig, InferenceConfig
 from screener.core.db.models import utcnow
+from screener.core.errors import RemoteEngineError
 from screener.core.leases import owner_id
 from screener.core.logs import get_logger
 from screener.core.metrics import Metrics
 from screener.core.spool import Spool
 from screener.inference.batch import Batch, BatchRunner
+from screener.inference.engine_backoff import EngineBackoff
 from screener.inference.instance_queue import MAX_ATTEMPTS, InstanceQueue
 from screener.inference.model_slot import LoadedModel, ModelSlot
 
@@ -67,6 +69,9 @@ class Worker:
         metrics = metrics or Metrics()
         sessions: sessionmaker[Session] = sessionmaker(db, expire_on_commit=False)
         self.slot = ModelSlot(inference, sessions, metrics)
+        self.backoff = EngineBackoff(
+            inference.triton.retry_seconds, inference.triton.max_retry_seconds, metrics
+        )
         self.queue = InstanceQueue(db, owner=self.owner, lease_seconds=inference.lease_seconds)
         self.eligibility = eligibility
         self.spool = spool
@@ -99,6 +104,8 @@ class Worker:
         try:
             if pending is not None and self.runner is not None:
                 self.runner.finish(pending)
+        except RemoteEngineError as exc:  # its rows are back in the queue for the next worker
+            log.warning("engine.unavailable", error=str(exc), released=len(pending.rows) if pending else 0)
         finally:
             if self.runner is not None:
                 self.runner.close()
@@ -142,7 +149,17 @@ class Worker:
             return None
         nxt = self.next_batch(model, pending)
         if pending is not None:
-            runner.finish(pending)
+            try:
+                report = runner.finish(pending)
+            except RemoteEngineError as exc:
+                # Triton down, the model unloaded, a timeout: nothing failed; wait, then try again.
+                delay = self.backoff.failed(exc, backend=model.engine.name, released=len(pending.rows))
+                if nxt is not None:
+                    runner.abandon(nxt)
+                self.stop.wait(delay)
+                return None
+            if not report.requeued:
+                self.backoff.succeeded(model.engine.name)
         self.slot.close_retired()
         return nxt
 

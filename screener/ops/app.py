@@ -165,6 +165,8 @@ def serve(config: Config, stop: threading.Event | None = None, role: str = "all"
         )
     if worker is not None:
         health.register("worker", worker.thread.is_alive)
+        if config.inference.backend == "triton":  # the remote engine: failing while the worker backs off
+            health.register("engine", worker.backoff.check)
     if settler is not None:
         health.register("settler", settler.thread.is_alive)
     if sender is not None:
