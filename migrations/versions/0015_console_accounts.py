@@ -6,6 +6,9 @@ the database lets no one sign in. A review that names a class (agree, or disagre
 also adds a ``labels`` row, exactly as ``trainer labels import`` would (``label_id`` points at it); "not
 assessable" and the optional comment live here only, since ``labels`` holds classes.
 
+Two indexes serve the console's dashboard windows (the last day, week or 30 days) with range scans:
+``instances.received_at`` and ``study_results.created_at``.
+
 Revision ID: 0015
 Revises: 0014
 Create Date: 2026-12-02
@@ -75,9 +78,13 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_study_reviews")),
     )
     op.create_index(op.f("ix_study_reviews_study_id"), "study_reviews", ["study_id"])
+    op.create_index("ix_instances_received_at", "instances", ["received_at"])
+    op.create_index("ix_study_results_created_at", "study_results", ["created_at"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_study_results_created_at", table_name="study_results")
+    op.drop_index("ix_instances_received_at", table_name="instances")
     op.drop_index(op.f("ix_study_reviews_study_id"), table_name="study_reviews")
     op.drop_table("study_reviews")
     op.drop_index(op.f("ix_console_sessions_user_id"), table_name="console_sessions")

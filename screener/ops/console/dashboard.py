@@ -92,23 +92,20 @@ def _received(session: Session, engine: Engine, since: datetime, bucket: str) ->
 
 
 def _turnaround_rows(session: Session, since: datetime) -> list[dict[str, Any]]:
-    sr = (
-        select(
-            Delivery.study_result_id.label("rid"),
-            func.count().label("n"),
-            func.sum(case((Delivery.status == "sent", 0), else_=1)).label("unsent"),
-            func.max(Delivery.sent_at).label("last_sent"),
-        )
-        .join(StudyResult, StudyResult.id == Delivery.study_result_id)
-        .where(Delivery.object_kind == "sr", StudyResult.created_at >= since)
-        .group_by(Delivery.study_result_id)
-        .subquery()
-    )
+    """``seconds_to_result`` and ``seconds_to_delivery`` of every result since ``since``, as the
+    ``report_turnaround`` view defines them (delivery: the last SR sent, when every SR of the result was)."""
     query = (
-        select(Study.first_received_at, StudyResult.created_at, sr.c.n, sr.c.unsent, sr.c.last_sent)
+        select(
+            Study.first_received_at,
+            StudyResult.created_at,
+            func.count(Delivery.id),
+            func.sum(case((Delivery.status == "sent", 0), else_=1)),
+            func.max(Delivery.sent_at),
+        )
         .join(Study, Study.id == StudyResult.study_id)
-        .outerjoin(sr, sr.c.rid == StudyResult.id)
+        .outerjoin(Delivery, (Delivery.study_result_id == StudyResult.id) & (Delivery.object_kind == "sr"))
         .where(StudyResult.created_at >= since)
+        .group_by(StudyResult.id, Study.first_received_at, StudyResult.created_at)
     )
     rows: list[dict[str, Any]] = []
     for arrived, result_at, n, unsent, last_sent in session.execute(query):
@@ -160,10 +157,15 @@ def collect_dashboard(
     status = collect_status(engine, results_mode)
     with Session(engine) as session:
         received = _received(session, engine, since, bucket)
-        waiting = [InstanceStatus.QUEUED, InstanceStatus.PROCESSING]
-        depth, oldest = session.execute(
-            select(func.count(), func.min(Instance.received_at)).where(Instance.status.in_(waiting))
-        ).one()
+        # Depth as screener_queue_depth (queued + processing, from the status counts); the oldest through
+        # the (status, received_at) index.
+        depth = (
+            status["instances"][InstanceStatus.QUEUED.value]
+            + status["instances"][InstanceStatus.PROCESSING.value]
+        )
+        oldest = session.scalar(
+            select(func.min(Instance.received_at)).where(Instance.status == InstanceStatus.QUEUED)
+        )
         verdicts = {
             str(v): int(n)
             for v, n in session.execute(
