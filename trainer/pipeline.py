@@ -191,6 +191,10 @@ def parent_backbone_states(parent: LoadedModel) -> list[tuple[str, dict[str, tor
     return out
 
 
+MIN_CALIBRATION_IMAGES = 100
+"""Validation images from which every preset fits its calibration (trainer.calibrate)."""
+
+
 REFERENCE_EDGES: tuple[float, ...] = tuple(round(i / 10, 1) for i in range(11))
 """Bin edges of the mean grey level ([0, 1] decoded image) in the card's drift reference."""
 
@@ -431,14 +435,17 @@ def train_and_export(
     temperatures = (1.0, 1.0)
     calibration: dict[str, Any] = {}
     raw_a, raw_b = probs_a, probs_b
-    if recipe.calibrate:
+    # Every preset calibrates once the validation split is big enough to fit on (the robust and paper
+    # presets always do); a handful of validation images would only add noise.
+    calibrate = recipe.calibrate or labels.size >= MIN_CALIBRATION_IMAGES
+    if calibrate:
         temperatures = (fit_temperature(raw_a, labels), fit_temperature(raw_b, labels))
         probs_a = apply_temperature(raw_a, temperatures[0])
         probs_b = apply_temperature(raw_b, temperatures[1])
     fusion = fuse_probs(
         probs_a, probs_b, labels, method=fusion_method, rounds=recipe.fusion_rounds, seed=seed
     )
-    if recipe.calibrate:
+    if calibrate:
         # The fusion weight is chosen on per-network calibrated outputs; then every calibration method is
         # measured with that weight and the in-graph one with the lowest cross-fitted ECE is kept.
         table = compare_methods(raw_a, raw_b, labels, fusion.weight, seed=seed)
