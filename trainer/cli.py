@@ -67,6 +67,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model-version", help="version for the card (default: preset + timestamp)")
     p.add_argument(
+        "--target-sensitivity",
+        action="append",
+        default=[],
+        metavar="CLASS=SENSITIVITY",
+        help="operating point: the highest threshold on CLASS that keeps this validation sensitivity "
+        "(e.g. covid19=0.95; repeatable); other classes get Youden's optimum, and an image whose classes "
+        "all fall short is indeterminate. Default: no thresholds (argmax)",
+    )
+    p.add_argument(
         "--register", action="store_true", help="record the model as a candidate in model_versions"
     )
     p.add_argument("--activate", action="store_true", help="register, then promote through the gate")

@@ -28,8 +28,8 @@ from screener.core.db.types import as_utc
 from screener.core.errors import DataError, ImagingError
 from screener.imaging.part10 import accession_of
 from screener.imaging.pixels import FloatImage, PreprocessSpec, load_unit, to_model_input
-from screener.model.modelcard import CLASSES
-from trainer.labels import canonical_label, describe_label
+from screener.model.modelcard import CLASSES as PAPER_CLASSES
+from trainer.labels import CLASSES, canonical_label, describe_label
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom"})
 """File name endings an image folder may hold; files without an ending are taken when they are DICOM."""
@@ -148,11 +148,33 @@ def load_roots(roots: Sequence[Path | str]) -> list[Sample]:
 
 
 def source_table(samples: Iterable[Sample]) -> dict[str, dict[str, int]]:
-    """``{source: {class: count}}`` (every class in ``CLASSES``, zeros included), sources sorted."""
+    """``{source: {class: count}}`` (the paper's three classes and any other class present, zeros included),
+    sources sorted."""
     table: dict[str, Counter[str]] = defaultdict(Counter)
     for sample in samples:
         table[sample.source or "unknown"][sample.label] += 1
-    return {source: {c: table[source].get(c, 0) for c in CLASSES} for source in sorted(table)}
+    shown = _shown_classes(c for counts in table.values() for c in counts)
+    return {source: {c: table[source].get(c, 0) for c in shown} for source in sorted(table)}
+
+
+def _shown_classes(labels: Iterable[str]) -> tuple[str, ...]:
+    """The paper's three classes, then any other trainable class among ``labels`` (:data:`CLASSES` order)."""
+    present = set(labels)
+    return tuple(c for c in CLASSES if c in PAPER_CLASSES or c in present)
+
+
+def dataset_classes(samples: Iterable[Sample]) -> tuple[str, ...]:
+    """The classes a model trained on ``samples`` outputs: those present, in :data:`CLASSES` order.
+
+    Raises :class:`DataError` when fewer than two classes are present."""
+    present = {s.label for s in samples}
+    classes = tuple(c for c in CLASSES if c in present)
+    if len(classes) < 2:
+        raise DataError(
+            f"the data holds {len(classes)} class(es) ({', '.join(classes) or 'none'}): a model needs at "
+            f"least two of {', '.join(CLASSES)}"
+        )
+    return classes
 
 
 def single_source_classes(table: dict[str, dict[str, int]]) -> dict[str, str]:
@@ -169,16 +191,17 @@ def format_source_table(table: dict[str, dict[str, int]], max_rows: int = 40) ->
     """The class x source table as aligned text (sources with the most images first, then a total)."""
     ordered = sorted(table.items(), key=lambda item: (-sum(item[1].values()), item[0]))
     width = max([len(s) for s, _ in ordered[:max_rows]] + [6])
-    head = f"{'source':<{width}} " + " ".join(f"{c:>15}" for c in CLASSES) + f" {'total':>7}"
+    shown = _shown_classes(c for _, counts in ordered for c in counts)
+    head = f"{'source':<{width}} " + " ".join(f"{c:>15}" for c in shown) + f" {'total':>7}"
     lines = [head]
     for source, counts in ordered[:max_rows]:
-        cells = " ".join(f"{counts.get(c, 0):>15}" for c in CLASSES)
+        cells = " ".join(f"{counts.get(c, 0):>15}" for c in shown)
         lines.append(f"{source:<{width}} {cells} {sum(counts.values()):>7}")
     if len(ordered) > max_rows:
         rest = ordered[max_rows:]
-        cells = " ".join(f"{sum(r[1].get(c, 0) for r in rest):>15}" for c in CLASSES)
+        cells = " ".join(f"{sum(r[1].get(c, 0) for r in rest):>15}" for c in shown)
         lines.append(f"{f'({len(rest)} more)':<{width}} {cells} {sum(sum(r[1].values()) for r in rest):>7}")
-    totals = " ".join(f"{sum(r[1].get(c, 0) for r in ordered):>15}" for c in CLASSES)
+    totals = " ".join(f"{sum(r[1].get(c, 0) for r in ordered):>15}" for c in shown)
     lines.append(f"{'total':<{width}} {totals} {sum(sum(r[1].values()) for r in ordered):>7}")
     return "\n".join(lines)
 
@@ -619,7 +642,7 @@ class Splits:
         return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
     def counts(self) -> dict[str, dict[str, int]]:
-        """``{split: {class: count}}`` for every split and every class in ``CLASSES`` (zeros included)."""
+        """``{split: {class: count}}`` for every split (see :func:`class_counts`)."""
         return {name: class_counts(samples) for name, samples in self.items()}
 
 
@@ -728,20 +751,20 @@ def limit_per_class(samples: list[Sample], n: int, seed: int = 0) -> list[Sample
 
 
 def class_counts(samples: Iterable[Sample]) -> dict[str, int]:
-    """``{class: count}`` for every class in ``CLASSES`` (in that order, zeros included), plus any other
-    label found."""
+    """``{class: count}`` for the paper's three classes and every other trainable class found (in
+    :data:`CLASSES` order, zeros included), plus any other label found."""
     counts = Counter(s.label for s in samples)
-    return {label: counts.get(label, 0) for label in CLASSES} | {
+    return {label: counts.get(label, 0) for label in _shown_classes(counts)} | {
         label: count for label, count in sorted(counts.items()) if label not in CLASSES
     }
 
 
-def _check_labels(samples: Iterable[Sample]) -> None:
+def _check_labels(samples: Iterable[Sample], classes: Sequence[str] = CLASSES) -> None:
     for sample in samples:
-        if sample.label not in CLASSES:
+        if sample.label not in classes:
             raise DataError(
                 f"sample {sample.key} has label {describe_label(sample.label)}, "
-                f"not one of {', '.join(CLASSES)}"
+                f"not one of {', '.join(classes)}"
             )
 
 
@@ -749,7 +772,7 @@ def _check_labels(samples: Iterable[Sample]) -> None:
 
 
 class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
-    """Samples as ``(float32 [3, S, S] tensor, class index into CLASSES)``, preprocessed as in serving.
+    """Samples as ``(float32 [3, S, S] tensor, class index into classes)``, preprocessed as in serving.
 
     Item ``i`` is ``to_model_input(augment(load_unit(path)))`` (augmentation only when ``augment`` is
     given), so training sees exactly the screener's input. The augmentation of item ``i`` is drawn from
@@ -775,8 +798,10 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
         cache: bool = False,
         crop: torch.nn.Module | None = None,
         crop_jitter: float = 0.0,
+        classes: Sequence[str] = CLASSES,
     ) -> None:
-        _check_labels(samples)
+        _check_labels(samples, classes)
+        self.classes = tuple(classes)
         self.crop = crop
         self.crop_jitter = crop_jitter
         self.samples = list(samples)
@@ -831,7 +856,7 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
             generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 100_003 + index)
             with torch.no_grad():
                 tensor = self.crop(tensor[None], jitter, generator)[0]
-        return tensor, CLASSES.index(self.samples[index].label)
+        return tensor, self.classes.index(self.samples[index].label)
 
 
 def sampling_weights(samples: Sequence[Sample], source_power: float | None = None) -> list[float]:

@@ -31,6 +31,7 @@ from screener.core.stats import binary_auc, calibration_of_indices
 from screener.imaging.pixels import preprocess_file
 from screener.model.verdict import instance_label
 from trainer.data import Sample
+from trainer.operating_points import plot_selective, selective_summary
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -45,6 +46,7 @@ GATE_CLASS = "covid19"
 REPORT_FILE = "report.json"
 CONFUSION_PNG = "confusion.png"
 ROC_PNG = "roc.png"
+SELECTIVE_PNG = "selective.png"
 RELIABILITY_PNG = "reliability.png"
 PROBS_NPY = "probs.npy"
 LUNG_CROPS_PNG = "lung_crops.png"
@@ -171,10 +173,24 @@ def _check_inputs(y_true: npt.ArrayLike, probs: npt.ArrayLike, k: int) -> tuple[
 
 def predict_labels(probs: npt.ArrayLike, classes: Sequence[str], thresholds: Mapping[str, float]) -> IntArray:
     """Class index per row, decided by :func:`screener.model.verdict.instance_label` as the screener
-    decides."""
+    decides; where no class reaches its operating point (``indeterminate``) the most probable class, so
+    the figures are those of a forced decision (:func:`abstained` counts those rows)."""
     index = {name: i for i, name in enumerate(classes)}
     rows = np.asarray(probs, dtype=np.float64).tolist()
-    return np.array([index[instance_label(row, classes, thresholds)] for row in rows], dtype=np.int64)
+    labels = [instance_label(row, classes, thresholds) for row in rows]
+    return np.array(
+        [
+            index[label] if label in index else int(np.argmax(row))
+            for label, row in zip(labels, rows, strict=True)
+        ],
+        dtype=np.int64,
+    )
+
+
+def abstained(probs: npt.ArrayLike, classes: Sequence[str], thresholds: Mapping[str, float]) -> int:
+    """How many rows are ``indeterminate`` under ``thresholds`` (no class reaches its operating point)."""
+    rows = np.asarray(probs, dtype=np.float64).tolist()
+    return sum(1 for row in rows if instance_label(row, classes, thresholds) not in classes)
 
 
 def _stratified_indices(y: IntArray, rng: np.random.Generator, replicates: int) -> IntArray:
@@ -298,6 +314,8 @@ def metrics_from_probs(
         "classes": list(names),
         "decision": "thresholds" if rule else "argmax",
         "thresholds": {c: float(t) for c, t in rule.items()},
+        "indeterminate": abstained(p, names, rule) if rule else 0,
+        "selective": selective_summary(p, y),
         "confusion": confusion[0].tolist(),
         "accuracy": _num(point["accuracy"][0]),
         "accuracy_ci95": _percentile_ci(boot["accuracy"]) if boot is not None else None,
@@ -477,8 +495,9 @@ def evaluate_model(
     ``model_version``, ``backend``, ``architectures``, ``fusion_weight``, ``evaluated_at``,
     ``elapsed_s`` and ``data`` (``n_samples``, ``n_evaluated``, ``n_skipped``, ``per_class`` counts of
     evaluated images, ``skipped``: ``[{key, label, path, reason}]``). With ``out_dir`` it also writes
-    ``report.json``, ``confusion.png``, ``roc.png`` and ``reliability.png`` there. A progress bar is drawn
-    on stderr, one step per batch, unless ``progress`` is false.
+    ``report.json``, ``confusion.png``, ``roc.png``, ``reliability.png`` and ``selective.png`` (selective
+    accuracy against coverage) there. A progress bar is drawn on stderr, one step per batch, unless
+    ``progress`` is false.
 
     Raises:
         DataError: no samples, a sample label the model does not output, or no image could be read.
@@ -716,6 +735,7 @@ def write_report(
     plot_confusion(report["confusion"], classes, out_dir / CONFUSION_PNG)
     plot_roc(y_true, probs, classes, out_dir / ROC_PNG)
     plot_reliability(y_true, probs, out_dir / RELIABILITY_PNG)
+    plot_selective(probs, y_true, out_dir / SELECTIVE_PNG)
     np.save(out_dir / PROBS_NPY, np.asarray(probs, dtype=np.float64))
     np.save(out_dir / LABELS_NPY, np.asarray(y_true, dtype=np.int64))
     text = json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n"
@@ -864,6 +884,14 @@ def format_summary(report: Mapping[str, Any]) -> str:
         f"macro-F1 {_pct(report.get('macro_f1'))} {_ci(report.get('macro_f1_ci95'))}   "
         f"macro AUC {_pct(report.get('macro_auc'))}   ECE {_pct(report.get('ece'))}  (percent)"
     )
+    selective = (report.get("selective") or {}).get("accuracy_at_coverage") or {}
+    if selective:
+        cells = ", ".join(f"{_pct(v).strip()} at {100 * float(c):.0f}%" for c, v in selective.items())
+        lines.append(f"selective accuracy (most confident first): {cells} coverage")
+    if report.get("indeterminate"):
+        lines.append(
+            f"indeterminate under the card's operating points: {report['indeterminate']} of {report.get('n')}"
+        )
     calibration = report.get("temperature_scaling")
     if isinstance(calibration, Mapping):
         lines.append(

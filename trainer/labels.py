@@ -18,7 +18,12 @@ from sqlalchemy.orm import Session
 
 from screener.core.db.models import UID_LENGTH, Label
 from screener.core.errors import DataError
-from screener.model.modelcard import CLASSES
+from screener.model.modelcard import DEFAULT_CONCEPTS
+
+CLASSES: tuple[str, ...] = tuple(DEFAULT_CONCEPTS)
+"""The classes the trainer can train and label: those with a default concept (the paper's three, bacterial
+pneumonia, lung nodule), so a card can describe each for the SR without further input. A model's classes are
+the ones its training data holds, in this order."""
 
 LABEL_ALIASES: dict[str, str] = {
     "normal": "normal",
@@ -30,8 +35,14 @@ LABEL_ALIASES: dict[str, str] = {
     "viralpneumonia": "viral_pneumonia",
     "viral": "viral_pneumonia",
     "pneumoniaviral": "viral_pneumonia",
+    "bacterialpneumonia": "bacterial_pneumonia",
+    "bacterial": "bacterial_pneumonia",
+    "pneumoniabacterial": "bacterial_pneumonia",
+    "lungnodule": "lung_nodule",
+    "nodule": "lung_nodule",
+    "pulmonarynodule": "lung_nodule",
 }
-"""Aliases of :data:`screener.model.modelcard.CLASSES`, keyed by the lower-cased name without ``-``, ``_``,
+"""Aliases of :data:`CLASSES`, keyed by the lower-cased name without ``-``, ``_``,
 ``.`` or spaces (so ``"COVID-19"``, ``"Viral Pneumonia"`` and ``"NORMAL"`` all resolve). Plain "pneumonia" is
 deliberately absent: in most public sets it includes bacterial pneumonia (see the COVIDx reader in
 :mod:`trainer.data` for the one place it is accepted)."""
@@ -45,7 +56,7 @@ _MAX_ECHO = 32
 
 
 def canonical_label(value: str) -> str | None:
-    """The class in :data:`~screener.model.modelcard.CLASSES` that ``value`` names (directly or as an alias of
+    """The class in :data:`CLASSES` that ``value`` names (directly or as an alias of
     :data:`LABEL_ALIASES`), or None if it names none."""
     return LABEL_ALIASES.get(_ALIAS_STRIP_RE.sub("", value.strip().lower()))
 

@@ -73,6 +73,7 @@ class TrainConfig:
     amp: bool = True
     channels_last: bool = True
     limit_batches: int | None = None
+    num_classes: int = 3  # outputs of the new head: the classes the training data holds
 
 
 @dataclass(frozen=True)
@@ -185,8 +186,9 @@ class _RangeSampler(Sampler[int]):
 # --- model construction ------------------------------------------------------------------------------
 
 
-def load_pretrained(arch: str, pretrained_dir: Path | None) -> ResNet | None:
-    """``arch`` with torchvision ImageNet weights read from a LOCAL file, its fc replaced by a 3-class head.
+def load_pretrained(arch: str, pretrained_dir: Path | None, num_classes: int = 3) -> ResNet | None:
+    """``arch`` with torchvision ImageNet weights read from a LOCAL file, its fc replaced by a
+    ``num_classes`` head.
 
     Looks in ``pretrained_dir`` for ``<arch>.safetensors`` first, then torchvision's own file name
     ``<arch>-<hash>.pth``. Returns None when ``pretrained_dir`` is None (training starts from scratch).
@@ -194,7 +196,7 @@ def load_pretrained(arch: str, pretrained_dir: Path | None) -> ResNet | None:
     """
     if pretrained_dir is None:
         return None
-    net = make_backbone(arch)
+    net = make_backbone(arch, num_classes)
     safetensors_path = pretrained_dir / f"{arch}.safetensors"
     pth = sorted(pretrained_dir.glob(f"{arch}-*.pth"))
     if safetensors_path.is_file():
@@ -224,7 +226,11 @@ def load_pretrained(arch: str, pretrained_dir: Path | None) -> ResNet | None:
 
 
 def build_backbone(
-    arch: str, *, pretrained_dir: Path | None, init_state: Mapping[str, torch.Tensor] | None = None
+    arch: str,
+    *,
+    pretrained_dir: Path | None,
+    init_state: Mapping[str, torch.Tensor] | None = None,
+    num_classes: int = 3,
 ) -> tuple[ResNet, bool]:
     """The backbone to train and whether it starts from ImageNet weights.
 
@@ -235,17 +241,18 @@ def build_backbone(
     if arch not in ARCHITECTURES:
         raise TrainingError(f"unknown backbone {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
     if init_state is not None:
-        net = make_backbone(arch)
+        head = init_state.get("fc.bias")
+        net = make_backbone(arch, int(head.shape[0]) if head is not None else num_classes)
         try:
             net.load_state_dict(dict(init_state), strict=True)
         except RuntimeError as exc:
             raise TrainingError(f"parent weights do not fit {arch}: {str(exc).splitlines()[0]}") from None
         return net, True
-    pretrained = load_pretrained(arch, pretrained_dir)
+    pretrained = load_pretrained(arch, pretrained_dir, num_classes)
     if pretrained is not None:
         return pretrained, True
     log.warning("training_from_scratch", arch=arch, reason="no pretrained_dir: no ImageNet weights")
-    return make_backbone(arch), False
+    return make_backbone(arch, num_classes), False
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -601,7 +608,9 @@ def train_backbone(
     barrier()
 
     seed_everything(cfg.seed)
-    model, pretrained = build_backbone(cfg.arch, pretrained_dir=cfg.pretrained_dir, init_state=init_state)
+    model, pretrained = build_backbone(
+        cfg.arch, pretrained_dir=cfg.pretrained_dir, init_state=init_state, num_classes=cfg.num_classes
+    )
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

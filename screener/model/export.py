@@ -13,7 +13,7 @@ import os
 import shutil
 import uuid
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from screener.model.modelcard import (
     WEIGHTS_FILE,
     GateSpec,
     ModelCard,
+    default_concepts,
     sha256_file,
 )
 
@@ -55,6 +56,7 @@ def export_model_dir(
     opset: int = OPSET,
     sources: Mapping[str, Mapping[str, int]] | None = None,
     gate: GateSpec | None = None,
+    classes: Sequence[str] = CLASSES,
 ) -> ModelCard:
     """Write ``out/`` with ``weights.safetensors``, ``model.onnx`` and ``card.json``; return the card.
 
@@ -64,10 +66,15 @@ def export_model_dir(
     takes the model's temperatures (``calibration``) and lung crop; ``sources`` is the class x source
     table of the training data. A model with a fitted image-content gate (``model.novelty_gate``) needs
     its card section ``gate``; the graph then has a fourth output ``novelty`` ``[N]``.
+    ``classes`` name the model's outputs in order (default: the paper's three); the card describes them
+    with their default concepts (:data:`screener.model.modelcard.DEFAULT_CONCEPTS`).
     Raises :class:`ModelError` when ``out`` already exists, the card is invalid, the model's gate and
-    ``gate`` disagree, or the exported graph fails ``onnx.checker``.
+    ``gate`` disagree, ``classes`` do not match the model's outputs, or the graph fails ``onnx.checker``.
     """
     out = Path(out)
+    outputs = int(model.net_a.fc.out_features)
+    if len(classes) != outputs:
+        raise ModelError(f"classes {list(classes)} name {len(classes)} outputs; the model has {outputs}")
     if out.exists():
         raise ModelError(f"{out} already exists: model directories are immutable; choose a new directory")
     if (model.novelty_gate is None) != (gate is None):
@@ -87,7 +94,8 @@ def export_model_dir(
     )
     card = ModelCard(
         version=version,
-        classes=CLASSES,
+        classes=tuple(classes),
+        concepts=default_concepts(classes),
         architectures=(model.arch_a, model.arch_b),
         input_size=preprocessing.input_size,
         preprocessing=preprocessing,
@@ -214,6 +222,7 @@ def create_random_model_dir(
     fusion_weight: float = 0.5,
     seed: int = 0,
     version: str | None = None,
+    classes: Sequence[str] = CLASSES,
 ) -> ModelCard:
     """Export a seeded, randomly initialised (untrained) fused model to ``out``; return its card.
 
@@ -223,7 +232,7 @@ def create_random_model_dir(
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = FusedResNet(arch_a, arch_b, fusion_weight=fusion_weight)
+        model = FusedResNet(arch_a, arch_b, fusion_weight=fusion_weight, num_classes=len(classes))
     calibrate_batchnorm(model, input_size=input_size, seed=seed)
     model.eval()
     if version is None:
@@ -238,4 +247,5 @@ def create_random_model_dir(
         parent_version=None,
         thresholds={},
         notes=RANDOM_NOTES,
+        classes=classes,
     )
