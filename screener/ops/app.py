@@ -58,7 +58,7 @@ def _require_int8(config: Config, engine: Engine) -> None:
         check_precision(path, config.inference.backend, "int8")
 
 
-def _console(config: Config, engine: Engine, spool: Spool) -> ConsoleServer:
+def _console(config: Config, spool: Spool) -> ConsoleServer:
     """Start the web console (screener/ops/console); a taken port stops start-up (ConfigError)."""
     from screener.ops.console.server import ConsoleServer
     from screener.ops.console.web import ConsoleContext
@@ -66,7 +66,8 @@ def _console(config: Config, engine: Engine, spool: Spool) -> ConsoleServer:
     server = ConsoleServer(
         ConsoleContext(
             settings=config.console,
-            engine=engine,
+            # Its own pool: a dashboard's parallel reads never wait for, or starve, the worker's connections.
+            engine=make_engine(config.database),
             spool_root=spool.root,
             results_mode=config.results.mode,
             max_pixels=config.eligibility.max_pixels,
@@ -174,7 +175,7 @@ def serve(config: Config, stop: threading.Event | None = None, role: str = "all"
     scheduler = build_scheduler(config, engine, spool, roles=roles, on_failure=metrics.job_failed)
     http = start_metrics(config, health, metrics)  # a taken port stops start-up before anything runs
     try:
-        console = _console(config, engine, spool) if "console" in roles else None
+        console = _console(config, spool) if "console" in roles else None
     except BaseException:
         http.stop()
         raise

@@ -67,6 +67,8 @@ class ConsoleServer:
         return self.thread.is_alive()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Finish the requests in flight (at most ``GRACE_SECONDS``), then release the database pool."""
         self._server.should_exit = True
         if self.thread.is_alive():
             self.thread.join(timeout)
+        self.ctx.engine.dispose()
