@@ -13,7 +13,8 @@
 # graphs, onnxruntime CUDA if present, TensorRT); the parity check on 200 real cxr3 images (CXR3_DIR,
 # else var/cxr3-sample made by `python bench/gpu/report.py sample-cxr3 --out var/cxr3-sample`);
 # bench/e2e.py --quick on uncompressed and on JPEG 2000 RG1 instances; bench/train.py --quick;
-# torch.compile last (slow to compile); then the Markdown fragment.
+# bench/triton.py (1, 2, 4 workers on one tritonserver, when var/pytriton is there); torch.compile last
+# (slow to compile); then the Markdown fragment.
 set -u -o pipefail
 
 cd "$(dirname "$0")/../.."
@@ -86,6 +87,14 @@ step e2e-uncompressed 120 60 "$PY" bench/e2e.py --quick --model "$MODEL" --trt-c
 step e2e-j2k 120 60 "$PY" bench/e2e.py --quick --data j2k-lossless --model "$MODEL" --trt-cache "$CACHE" \
     --max-batch 64 --json "$OUT/e2e-j2k.json"
 step train 90 45 "$PY" bench/train.py --quick
+# Triton (issue 19): workers sharing one tritonserver beside the local engine. Needs the nvidia-pytriton
+# wheel's server in var/pytriton and onnxruntime in var/triton-py (tests/run installs both; too big to carry).
+if [ -x var/pytriton/pytriton/tritonserver/bin/tritonserver ] && [ -d var/triton-py/onnxruntime ]; then
+    step triton 150 90 "$PY" bench/triton.py --model-dir "$MODEL" --images 256 --batch 32 --workers 1,2,4 \
+        --json "$OUT/triton.json"
+else
+    echo "triton: skipped, no tritonserver in var/pytriton or onnxruntime in var/triton-py" | tee -a "$STEPS"
+fi
 step inference-compile 150 90 "$PY" bench/inference.py --model-dir "$MODEL" \
     --backends torch-cuda,torch-cuda-fp16-compile --batches 64 --runs 5 --json "$OUT/inference-compile.json"
 
