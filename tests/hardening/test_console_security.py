@@ -277,3 +277,15 @@ def test_real_server_under_tls(db: ConsoleDb, pki: dict[str, Path], tmp_path: Pa
     assert not server.is_alive()
     assert db.patient_name not in json.dumps(logs, default=str)
     assert any(e.get("event") == "console.login" for e in logs)
+
+
+def test_dashboard_turnaround_is_the_reports(db: ConsoleDb) -> None:
+    """On PostgreSQL the dashboard's percentiles come from the database; they equal the report function's."""
+    from screener.ops.console.dashboard import _turnaround, _turnaround_rows
+    from screener.ops.reporting import turnaround_summary
+
+    since = datetime.now(UTC) - timedelta(days=1)
+    with Session(db.engine) as s:
+        assert _turnaround(s, db.engine, since) == turnaround_summary(_turnaround_rows(s, since))
+        (measure_result, measure_delivery) = _turnaround(s, db.engine, since)
+    assert (measure_result["n"], measure_delivery["n"], measure_delivery["missing"]) == (3, 1, 2)

@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, case, func, select
+from sqlalchemy import Engine, case, func, select, text
 from sqlalchemy.orm import Session
 
 from screener.core.db.models import (
@@ -29,7 +29,7 @@ from screener.core.db.models import (
     StudyResult,
 )
 from screener.model.registry import active_version
-from screener.ops.reporting import turnaround_summary
+from screener.ops.reporting import PERCENTILES, turnaround_summary
 from screener.ops.status import collect_status
 
 WINDOWS_HOURS: tuple[int, ...] = (24, 24 * 7, 24 * 30)
@@ -125,6 +125,50 @@ def _turnaround_rows(session: Session, since: datetime) -> list[dict[str, Any]]:
     return rows
 
 
+_PG_TURNAROUND = text(
+    """
+    WITH r AS (
+        SELECT EXTRACT(EPOCH FROM (sr.created_at - s.first_received_at)) AS to_result,
+               CASE WHEN d.n > 0 AND d.unsent = 0
+                    THEN EXTRACT(EPOCH FROM (d.last_sent - s.first_received_at)) END AS to_delivery
+        FROM study_results sr
+        JOIN studies s ON s.id = sr.study_id
+        LEFT JOIN LATERAL (
+            SELECT COUNT(*) AS n, SUM(CASE WHEN status = 'sent' THEN 0 ELSE 1 END) AS unsent,
+                   MAX(sent_at) AS last_sent
+            FROM deliveries WHERE study_result_id = sr.id AND object_kind = 'sr'
+        ) d ON TRUE
+        WHERE sr.created_at >= :since
+    )
+    SELECT COUNT(*) AS total,
+           COUNT(to_result) AS n_result,
+           percentile_cont(CAST(:qs AS double precision[])) WITHIN GROUP (ORDER BY to_result) AS p_result,
+           COUNT(to_delivery) AS n_delivery,
+           percentile_cont(CAST(:qs AS double precision[])) WITHIN GROUP (ORDER BY to_delivery) AS p_delivery
+    FROM r
+    """
+)
+
+
+def _turnaround(session: Session, engine: Engine, since: datetime) -> list[dict[str, Any]]:
+    """:func:`screener.ops.reporting.turnaround_summary` of the window's results. On PostgreSQL the
+    percentiles are computed in the database (``percentile_cont`` interpolates linearly between closest
+    ranks, as :func:`~screener.ops.reporting.percentile` does), so a month of results is not sent over."""
+    if engine.dialect.name != "postgresql":
+        return turnaround_summary(_turnaround_rows(session, since))
+    row = session.execute(_PG_TURNAROUND, {"since": since, "qs": [q / 100.0 for q in PERCENTILES]}).one()
+    out: list[dict[str, Any]] = []
+    for measure, n, values in (
+        ("seconds_to_result", row.n_result, row.p_result),
+        ("seconds_to_delivery", row.n_delivery, row.p_delivery),
+    ):
+        summary: dict[str, Any] = {"measure": measure, "n": int(n), "missing": int(row.total) - int(n)}
+        for q, value in zip(PERCENTILES, values or [None] * len(PERCENTILES), strict=True):
+            summary[f"p{q:g}"] = None if value is None else round(float(value), 3)
+        out.append(summary)
+    return out
+
+
 def _active_model(session: Session) -> ActiveModel | None:
     row: ModelVersion | None = active_version(session)
     if row is None:
@@ -199,7 +243,7 @@ def collect_dashboard(
     with ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="console-read") as pool:
         status_f = pool.submit(collect_status, engine, results_mode)
         received_f = pool.submit(_read, engine, lambda s: _received(s, engine, since, bucket))
-        turnaround_f = pool.submit(_read, engine, lambda s: turnaround_summary(_turnaround_rows(s, since)))
+        turnaround_f = pool.submit(_read, engine, lambda s: _turnaround(s, engine, since))
         verdicts_f = pool.submit(_read, engine, lambda s: _verdicts(s, since))
         deliveries_f = pool.submit(_read, engine, _deliveries)
         oldest_f = pool.submit(_read, engine, _oldest_queued)
