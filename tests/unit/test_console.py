@@ -250,3 +250,21 @@ def test_users_command_reads_the_password_from_stdin(db: ConsoleDb, monkeypatch:
         ["rui", "reviewer", "active"],
         ["vera", "viewer", "active"],
     ]
+
+
+def test_worklist_filters_and_site_pages(db: ConsoleDb) -> None:
+    c = client(db)
+    sign_in(c, "rui")
+    assert c.get("/studies").text.count('class="study-link"') == 3
+    only = c.get("/studies?verdict=covid19").text
+    assert only.count('class="study-link"') == 1 and f'href="/studies/{db.study_ids[0]}"' in only
+    assert "No study matches." in c.get("/studies?model=other-version").text
+    assert "No study matches." in c.get("/studies?from=2001-01-01&to=2001-01-02").text
+    page = c.get(f"/studies/{db.study_ids[0]}")
+    c.post(f"/studies/{db.study_ids[0]}/review", data={"decision": "agree", "csrf_token": csrf_of(page.text)})
+    assert c.get("/studies?unreviewed=1").text.count('class="study-link"') == 2
+    site = c.get("/site")
+    assert site.status_code == 200 and "cxr-test-1" in site.text  # the agreed label is a confirmed case
+    plot = c.get("/site/site-performance.png")
+    assert plot.status_code == 200 and plot.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert c.get("/site/other.png").status_code == 404
