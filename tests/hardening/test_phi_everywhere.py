@@ -1,17 +1,21 @@
 """PHI canaries through every path at DEBUG: listener, worker, sender, reports, metrics, and the trainer.
 
 Instances carry a canary patient name, patient ID, birth date and accession number
-(tests/integration/test_phi.py) and
-travel the whole way: C-STORE (pynetdicom and DCMTK), eligibility (a lateral view is skipped, broken pixel
-data fails), classification, the SR and Secondary Capture back to a PACS, `/metrics` and `/healthz`, every
-`screener report`, `status` and `deliveries list`, then `trainer labels import` keyed by the canary accession
-number, `trainer train` on DICOM files carrying the canaries and `trainer retrain` over the base data and
-the spooled instances. No canary may appear in any log line, stdout, stderr, metrics body or text file the
-trainer writes, while the spool and the data still hold them (so the test cannot pass by losing the data).
+(tests/integration/test_phi.py) and travel the whole way: C-STORE (pynetdicom and DCMTK), eligibility (a
+lateral view is skipped, broken pixel data fails), classification, the SR and Secondary Capture back to a
+PACS, `/metrics` and `/healthz`, every `screener report`, `status` and `deliveries list`, the HL7 ORU^R01 to
+a RIS (a PHI channel by design: it must carry them), the webhook and email alerts (which must not, with
+``alerts.include_phi`` off), then `trainer labels import` keyed by the canary accession number, `trainer
+train` on DICOM files carrying the canaries and `trainer retrain` over the base data and the spooled
+instances. No canary may appear in any log line, stdout, stderr, metrics body, webhook, email or text file
+the trainer writes, while the spool and the data still hold them (so the test cannot pass by losing the
+data).
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import time
 import urllib.request
@@ -24,10 +28,12 @@ from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
 from screener.core.db.migrate import upgrade
+from screener.model.modelcard import CARD_FILE
 from screener.model.registry import register
 from screener.ops.reporting import FORMATS, REPORTS, run_report
+from tests.channel_peers import Hl7Receiver, SmtpReceiver, WebhookReceiver
 from tests.helpers import SCREENER, FakePacs, cli, free_port, rg1_pixels, small_cr, store, wait_for
-from tests.test_phi import CANARIES, _needles
+from tests.integration.test_phi import CANARIES, _needles
 
 TRAINER = SCREENER.with_name("trainer")
 CLASS_DIRS = ("normal", "covid19", "viral_pneumonia")
@@ -74,6 +80,14 @@ def test_phi_canaries_reach_no_log_metric_report_or_trainer_output(
 ):
     pacs = FakePacs().start()
     metrics_port = free_port()
+    ris, smtp = Hl7Receiver(free_port()).start(), SmtpReceiver(free_port()).start()
+    hooks = WebhookReceiver("phi-canary-webhook-secret").start()
+    # Every verdict of this copy of the tiny model flags a finding, so the study alert is sent.
+    finding_model = tmp_path / "tiny-finding"
+    shutil.copytree(tiny_model_dir, finding_model)
+    card = json.loads((finding_model / CARD_FILE).read_text())
+    card.update(version="phi-finding", thresholds={"covid19": 0.0})
+    (finding_model / CARD_FILE).write_text(json.dumps(card))
     server = make_server(
         SCREENER__LOGGING__LEVEL="DEBUG",
         SCREENER__LOGGING__PYNETDICOM_LEVEL="DEBUG",
@@ -91,11 +105,19 @@ def test_phi_canaries_reach_no_log_metric_report_or_trainer_output(
         SCREENER__TRAINER__BASE_DATA=str(_dicom_dataset(tmp_path / "base", 10)),
     )
     server.overrides.setdefault("SCREENER__DATABASE__URL", f"sqlite:///{server.workdir / 'screener.db'}")
+    channels = server.workdir / "channels.toml"
+    channels.write_text(
+        f'[[hl7.destinations]]\nname = "ris"\nhost = "127.0.0.1"\nport = {ris.port}\n\n'
+        f'[[webhooks]]\nurl = "{hooks.url}"\nsecret = "{hooks.secret}"\n\n'
+        f'[email]\nsmtp_host = "127.0.0.1"\nsmtp_port = {smtp.port}\nfrom = "s@example.org"\n'
+        'to = ["r@example.org"]\n\n[alerts]\nlink_template = "https://viewer.example.org/?h={study_hash}"\n'
+    )
+    server.overrides["SCREENER_CONFIG"] = str(channels)
     engine = create_engine(server.db_url)
     try:
         upgrade(engine)
         with Session(engine) as session, session.begin():
-            register(session, tiny_model_dir, activate=True)
+            register(session, finding_model, activate=True)
     finally:
         engine.dispose()
     outputs: dict[str, str] = {}
@@ -125,6 +147,20 @@ def test_phi_canaries_reach_no_log_metric_report_or_trainer_output(
             120,
             "the SR and the Secondary Capture delivered",
         )
+        wait_for(lambda: len(ris.accepted()) == 1, 120, "the ORU^R01 at the RIS")
+        wait_for(
+            lambda: any(h.document["event"] == "finding" for h in hooks.hooks), 60, "the finding webhook"
+        )
+        wait_for(lambda: any("finding" in m["Subject"] for m in smtp.messages), 60, "the finding email")
+        for n, hook in enumerate(hooks.hooks):
+            outputs[f"webhook {n} {hook.document['event']}"] = json.dumps(hook.headers) + hook.body.decode()
+        for n, mail in enumerate(smtp.messages):
+            outputs[f"email {n} {mail['Subject']}"] = mail.as_string()
+        # The HL7 message is the one channel meant to carry PHI: it does (and is not scanned).
+        assert (
+            CANARIES["patient_id"] in ris.accepted()[0].text
+            and CANARIES["accession"] in ris.accepted()[0].text
+        )
         statuses = dict(server.rows("SELECT status, count(*) FROM instances GROUP BY status"))
         assert statuses == {"classified": 3, "skipped": 1, "failed": 1}, statuses
         for path in ("/metrics", "/healthz"):
@@ -149,6 +185,9 @@ def test_phi_canaries_reach_no_log_metric_report_or_trainer_output(
         if server.proc is not None and server.proc.poll() is None:
             assert server.stop() == 0
         pacs.stop()
+        ris.stop()
+        hooks.stop()
+        smtp.stop()
     outputs["serve log"] = server.log_text()
     SECONDS["serve, reports, metrics"] = round(time.monotonic() - started, 1)
     assert any('"level": "debug"' in line for line in outputs["serve log"].splitlines()), "DEBUG lines logged"
