@@ -139,7 +139,8 @@ def pick_thresholds(
         else:
             continue
         sensitivity, specificity = _rates(scores, positive, threshold)
-        thresholds[name] = round(min(max(threshold, 0.0), 1.0), 6)
+        # Six decimals, rounded down: a threshold never rises above the score that met the target.
+        thresholds[name] = math.floor(min(max(threshold, 0.0), 1.0) * 1e6) / 1e6
         details[name] = rule | {
             "threshold": thresholds[name],
             "val_sensitivity": sensitivity,
