@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -137,3 +138,36 @@ def _card_sha(model_dir: Path) -> str:
     from screener.model.modelcard import sha256_file
 
     return sha256_file(model_dir / CARD_FILE)
+
+
+def test_a_new_version_rolls_in_beside_the_old_one_and_the_oldest_goes(
+    served: tuple[LocalTriton, Path], tiny_model_dir: Path, tmp_path: Path
+):
+    """Poll mode: export v2 next to v1, both answer (workers move over one by one); exporting v3 drops v1,
+    and a worker still on v1 gets a remote fault (it backs off), not an answer from another model."""
+    server, repo = served
+    v1 = load_model_dir(tiny_model_dir)
+    v2_dir = _other_version(tiny_model_dir, tmp_path / "v2", "test-tiny-v2")
+    v3_dir = _other_version(tiny_model_dir, tmp_path / "v3", "test-tiny-v3")
+    settings = TritonConfig(url=server.grpc_url, retry_seconds=0.1)
+    old = TritonEngine(v1, settings)
+    x = np.zeros((2, 3, 64, 64), dtype=np.float32)
+    try:
+        v2 = export_triton(v2_dir, repo, max_batch=8)
+        assert len(v2.versions) == 2
+        server.wait_model("cxr-screener", v2.triton_version)
+        new = TritonEngine(load_model_dir(v2_dir), settings)
+        np.testing.assert_array_equal(new.infer(x).probs, old.infer(x).probs)  # same graph, two versions
+        new.close()
+        v3 = export_triton(v3_dir, repo, max_batch=8)
+        assert v3.removed == (old.version,)
+        server.wait_model("cxr-screener", v3.triton_version)
+        deadline = time.monotonic() + 60
+        while server.model_ready("cxr-screener", old.version) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        with pytest.raises(RemoteEngineError):  # the request for a version no longer served
+            old.infer(x)
+        with pytest.raises(RemoteEngineError, match=r"serves cxr-screener version\(s\) .*, not version"):
+            old.infer(x)  # the re-check says why
+    finally:
+        old.close()
