@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import ssl
 import threading
 import traceback
 from dataclasses import dataclass, field
@@ -81,8 +82,11 @@ class Hl7Receiver:
 
         return Handler
 
-    def start(self) -> Hl7Receiver:
+    def start(self, tls: ssl.SSLContext | None = None) -> Hl7Receiver:
+        """Listen (over TLS with ``tls``, a server-side context) and answer in a thread."""
         self.server = MLLPServer("127.0.0.1", self.port, {"ORU^R01^ORU_R01": (self._handler(),)}, timeout=10)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
         return self

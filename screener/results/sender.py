@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ssl
 import threading
+import time
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -219,7 +220,14 @@ class Sender:
                 .where(Delivery.id.in_(sorted(attempts_by_id)))
                 .order_by(Delivery.id)
             ).all()
-        for row in rows:
+        # Each try may take up to its channel's timeout: give back what is left before half the lease is
+        # gone, so no other sender takes over a row this one is still sending (a duplicate message).
+        deadline = time.monotonic() + self.queue.lease.total_seconds() / 2
+        for n, row in enumerate(rows):
+            if time.monotonic() > deadline:
+                rest = [int(r[0]) for r in rows[n:]]
+                self.queue.release(rest, {"attempts": Delivery.attempts - 1, "next_attempt_at": utcnow()})
+                break
             item = Claimed(*row)
             if self.channel_sender is None:
                 outcome = DeliveryOutcome(

@@ -351,3 +351,24 @@ def test_watch_raises_queue_stalled_disk_low_model_changed_and_database_lost(
     details = {r.event: json.loads(r.payload or "")["details"] for r in rows}
     assert details["queue_stalled"]["queued"] == 1 and details["model_changed"]["active_version"] == "v9"
     assert "replaced" in details["database_lost"]["reason"]
+
+
+def test_mllp_over_tls_verifies_the_receiver_and_presents_our_certificate(pki: dict[str, Path]) -> None:
+    import ssl
+
+    server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki["ca_pem"]))
+    server_side.load_cert_chain(str(pki["server_pem"]), str(pki["server_key"]))
+    server_side.verify_mode = ssl.CERT_REQUIRED
+    port = free_port()
+    receiver = Hl7Receiver(port).start(tls=server_side)
+    text = hl7.build_oru(_facts(), DEST, Hl7Config())
+    try:
+        ours = mllp.client_context(pki["ca_pem"], pki["client_pem"], pki["client_key"])
+        assert hl7.parse_ack(mllp.exchange("127.0.0.1", port, text, timeout=10, tls=ours)).accepted
+        assert receiver.accepted() and receiver.accepted()[0].valid
+        # A receiver we cannot verify (its certificate is not from the CA we trust): refused, retryable.
+        stranger = mllp.client_context(pki["client_pem"], pki["client_pem"], pki["client_key"])
+        with pytest.raises(mllp.MllpError, match="SSL"):
+            mllp.exchange("127.0.0.1", port, text, timeout=10, tls=stranger)
+    finally:
+        receiver.stop()
