@@ -107,6 +107,13 @@ def _parser() -> argparse.ArgumentParser:
         help="quantise model.onnx to model.int8.onnx (calibrated on the training split) and gate it",
     )
     p.add_argument(
+        "--heatmap",
+        action="store_true",
+        help="write a NEW model directory (--out) whose graph also outputs the heatmap (class activation "
+        "map), for models exported before it existed",
+    )
+    p.add_argument("--out", type=Path, help="with --heatmap: the new model directory (must not exist)")
+    p.add_argument(
         "--data",
         action="append",
         help="the data the model was trained on, exactly as given to `trainer train` (repeated as there)",
@@ -400,13 +407,31 @@ def _gate_reports(config: Config, session: Any, args: argparse.Namespace) -> tup
     )
 
 
+def _export_heatmap(args: argparse.Namespace) -> int:
+    from screener.model.export import add_heatmap
+
+    out = args.out
+    if out is None or args.int8:
+        print(
+            "trainer export --heatmap needs --out NEW_DIR (model directories are immutable) and no --int8: "
+            "quantise the new directory afterwards",
+            file=sys.stderr,
+        )
+        return 2
+    card = add_heatmap(args.model_dir, out)
+    print(f"model {card.version} with heatmap output written to {out}")
+    return 0
+
+
 def _export(config: Config, args: argparse.Namespace) -> int:
     from trainer.quantize import GateThresholds, default_settings, export_int8
 
+    if args.heatmap:
+        return _export_heatmap(args)
     if not args.int8:
         print(
-            "trainer export: nothing to export: give --int8 (model.onnx and the weights are written by "
-            "`trainer train`)",
+            "trainer export: nothing to export: give --int8 or --heatmap (model.onnx and the weights are "
+            "written by `trainer train`)",
             file=sys.stderr,
         )
         return 2

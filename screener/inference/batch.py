@@ -31,6 +31,7 @@ from screener.core.spool import Spool
 from screener.inference.instance_queue import ClaimedInstance, InstanceQueue
 from screener.inference.model_slot import LoadedModel
 from screener.inference.prepare import Prepared, init_pool_process, prepare_instance
+from screener.model.heatmap import encode_png
 from screener.model.verdict import decide
 
 log = get_logger("screener.worker")
@@ -165,6 +166,7 @@ class BatchRunner:
                 pa = [float(x) for x in output.probs_a[k]]
                 pb = [float(x) for x in output.probs_b[k]]
                 novelty = float(output.novelty[k]) if output.novelty is not None else None
+                heatmap = encode_png(output.heatmap[k]) if output.heatmap is not None else None
                 k += 1
                 seen = _seen(p, model, novelty)
                 if model.gate is not None and model.gate.refuses(novelty):
@@ -183,7 +185,15 @@ class BatchRunner:
                     continue
                 session.add(
                     _prediction(
-                        p, model, probs, pa, pb, novelty, batch_size=len(ok), inference_ms=per_image_ms
+                        p,
+                        model,
+                        probs,
+                        pa,
+                        pb,
+                        novelty,
+                        batch_size=len(ok),
+                        inference_ms=per_image_ms,
+                        heatmap=heatmap,
                     )
                 )
                 counts["classified"] += 1
@@ -223,6 +233,7 @@ def _prediction(
     *,
     batch_size: int,
     inference_ms: float,
+    heatmap: bytes | None = None,
 ) -> Prediction:
     borderline = None
     if model.gate is not None and model.gate.is_borderline(novelty):
@@ -242,6 +253,7 @@ def _prediction(
         batch_size=batch_size,
         preprocess_ms=round(p.ms, 2),
         inference_ms=round(inference_ms, 2),
+        heatmap=heatmap,
     )
 
 

@@ -11,10 +11,11 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from screener.core.config import Config
-from screener.core.errors import ImageDecodeError, ImagingError
+from screener.core.errors import ImageDecodeError, ImagingError, ModelError
 from screener.imaging.pixels import preprocess_file, read_dicom
 from screener.inference.prepare import Prepared, prepare_dataset, prepare_instance
 from screener.model.engine import load_engine
+from screener.model.heatmap import input_picture, overlay, write_overlay_png
 from screener.model.verdict import decide
 
 
@@ -27,6 +28,7 @@ class FileResult:
     reason: str | None
     note: str | None = None  # how the file was read, where that was an assumption
     novelty: float | None = None  # the image-content gate's score, where the model has a gate
+    heatmap: str | None = None  # the overlay PNG written for it (classify --heatmap DIR)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -37,6 +39,7 @@ class FileResult:
             "reason": self.reason,
             "note": self.note,
             "novelty": self.novelty,
+            "heatmap": self.heatmap,
         }
 
 
@@ -64,14 +67,30 @@ def _assumed_encoding_note(ds: Dataset) -> str:
     )
 
 
+def heatmap_file_name(index: int, path: Path) -> str:
+    """``NNNN-<file stem>.png``: the overlay PNG of the ``index``-th file (numbered, so that files of the
+    same name from different folders do not overwrite each other)."""
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in path.stem)[:80] or "image"
+    return f"{index:04d}-{stem}.png"
+
+
 def classify_files(
-    config: Config, model_dir: Path, files: list[Path], batch: int = 8
+    config: Config,
+    model_dir: Path,
+    files: list[Path],
+    batch: int = 8,
+    *,
+    heatmap_dir: Path | None = None,
 ) -> tuple[str, list[FileResult]]:
     """Classify ``files``; DICOM files go through the same eligibility and preprocessing as the worker,
     and, where the card has an image-content gate, the same gate (a refused image is ``skipped`` with the
     worker's reason, and no label).
 
-    Returns (model version, one result per file in order). Raises ModelError on a bad model directory.
+    With ``heatmap_dir`` (created if missing) every classified image also gets a PNG there
+    (:func:`heatmap_file_name`): the image as the networks saw it with the class activation map of its
+    fused prediction drawn over it (:mod:`screener.model.heatmap`); its path is the result's ``heatmap``.
+    Returns (model version, one result per file in order). Raises ModelError on a bad model directory or
+    when ``heatmap_dir`` is given for a model without the ``heatmap`` output.
     """
     inf = config.inference
     engine, loaded = load_engine(
@@ -85,6 +104,14 @@ def classify_files(
     )
     card = loaded.card
     spec = card.preprocessing
+    if heatmap_dir is not None:
+        if card.heatmap is None:
+            engine.close()
+            raise ModelError(
+                f"model {card.version} has no heatmap output (its card has no heatmap section): re-export "
+                f"it with `trainer export {model_dir} --heatmap --out NEW_DIR`, or leave out --heatmap"
+            )
+        heatmap_dir.mkdir(parents=True, exist_ok=True)
     prepared: list[Prepared] = []
     notes: dict[int, str] = {}
     for n, path in enumerate(files):
@@ -130,6 +157,11 @@ def classify_files(
                     assert novelty is not None
                     borderline = card.gate.borderline_reason(novelty)
                 decision = decide(probs, card.classes, card.thresholds, card.findings, borderline=borderline)
+                written = None
+                if heatmap_dir is not None and out.heatmap is not None and p.array is not None:
+                    target = heatmap_dir / heatmap_file_name(p.instance_id, files[p.instance_id])
+                    write_overlay_png(target, overlay(input_picture(p.array, spec), out.heatmap[k]))
+                    written = str(target)
                 results[p.instance_id] = FileResult(
                     str(files[p.instance_id]),
                     "classified",
@@ -138,6 +170,7 @@ def classify_files(
                     decision.reason,
                     notes.get(p.instance_id),
                     novelty,
+                    written,
                 )
     finally:
         engine.close()

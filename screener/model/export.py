@@ -30,6 +30,7 @@ from screener.model.modelcard import (
     ONNX_FILE,
     WEIGHTS_FILE,
     GateSpec,
+    HeatmapSpec,
     ModelCard,
     default_concepts,
     sha256_file,
@@ -39,6 +40,9 @@ OPSET = 17
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("probs", "probs_a", "probs_b")
 NOVELTY_OUTPUT = "novelty"
+HEATMAP_OUTPUT = "heatmap"
+DEFAULT_HEATMAP = HeatmapSpec(method="cam", size=64)
+"""Every new export carries the class activation map output (``heatmap=None`` leaves it out)."""
 RANDOM_NOTES = "random weights, not trained: for plumbing only"
 
 
@@ -56,6 +60,7 @@ def export_model_dir(
     opset: int = OPSET,
     sources: Mapping[str, Mapping[str, int]] | None = None,
     gate: GateSpec | None = None,
+    heatmap: HeatmapSpec | None = DEFAULT_HEATMAP,
     classes: Sequence[str] = CLASSES,
 ) -> ModelCard:
     """Write ``out/`` with ``weights.safetensors``, ``model.onnx`` and ``card.json``; return the card.
@@ -65,7 +70,9 @@ def export_model_dir(
     ``preprocessing.input_size``. The caller's model is not modified (a CPU copy is exported). The card
     takes the model's temperatures (``calibration``) and lung crop; ``sources`` is the class x source
     table of the training data. A model with a fitted image-content gate (``model.novelty_gate``) needs
-    its card section ``gate``; the graph then has a fourth output ``novelty`` ``[N]``.
+    its card section ``gate``; the graph then has a fourth output ``novelty`` ``[N]``. With ``heatmap``
+    (the default) the graph's last output is ``heatmap`` ``[N, size, size]`` (:mod:`screener.model.cam`) and
+    the card says so in its section ``heatmap``; ``heatmap=None`` exports without it.
     ``classes`` name the model's outputs in order (default: the paper's three); the card describes them
     with their default concepts (:data:`screener.model.modelcard.DEFAULT_CONCEPTS`).
     Raises :class:`ModelError` when ``out`` already exists, the card is invalid, the model's gate and
@@ -112,6 +119,7 @@ def export_model_dir(
         lung_crop=model.lung_crop_spec,
         sources={k: dict(v) for k, v in (sources or {}).items()},
         gate=gate,
+        heatmap=heatmap,
     )
     card.validate()  # fail before the expensive export
 
@@ -121,6 +129,7 @@ def export_model_dir(
     try:
         cpu_model = copy.deepcopy(model).to("cpu").eval()
         cpu_model.set_temperatures(card.temperature("a"), card.temperature("b"))  # exactly the card's
+        cpu_model.heatmap_size = heatmap.size if heatmap is not None else None
         _write_safetensors(cpu_model, tmp / WEIGHTS_FILE)
         _export_onnx(cpu_model, tmp / ONNX_FILE, preprocessing.input_size, opset)
         files = {name: sha256_file(tmp / name) for name in (ONNX_FILE, WEIGHTS_FILE)}
@@ -149,6 +158,8 @@ def _export_onnx(model: FusedResNet, path: Path, input_size: int, opset: int) ->
 
     dummy = torch.zeros(2, 3, input_size, input_size, dtype=torch.float32)
     outputs = (*OUTPUT_NAMES, NOVELTY_OUTPUT) if model.novelty_gate is not None else OUTPUT_NAMES
+    if model.heatmap_size is not None:
+        outputs = (*outputs, HEATMAP_OUTPUT)
     dynamic_axes = {name: {0: "batch"} for name in (INPUT_NAME, *outputs)}
     # The TorchScript exporter: one self-contained file, and (unlike the dynamo exporter in this torch)
     # it needs no onnxscript and exports ResNet-101 + ResNet-152 in seconds.
@@ -248,4 +259,41 @@ def create_random_model_dir(
         thresholds={},
         notes=RANDOM_NOTES,
         classes=classes,
+    )
+
+
+def add_heatmap(
+    model_dir: Path, out: Path, *, version: str | None = None, heatmap: HeatmapSpec = DEFAULT_HEATMAP
+) -> ModelCard:
+    """Write ``out``: the verified model of ``model_dir`` re-exported with the ``heatmap`` output.
+
+    For models exported before the output existed: same weights, preprocessing, fusion, calibration, lung
+    crop, gate, thresholds, metrics and sources; the card records ``parent_version`` (the model it came
+    from), a new ``version`` (default ``<version>+cam``) and the ``heatmap`` section. An INT8 graph is not
+    carried over (the graph changed): quantise the new directory again. Raises :class:`ModelError` when
+    ``out`` exists or ``model_dir`` fails verification.
+    """
+    from screener.model.fused import load_fused_from_safetensors
+    from screener.model.modelcard import load_model_dir
+
+    out = Path(out)
+    if out.exists():
+        raise ModelError(f"{out} already exists: model directories are immutable; choose a new directory")
+    loaded = load_model_dir(Path(model_dir))
+    card = loaded.card
+    model = load_fused_from_safetensors(loaded.weights_path, card)
+    return export_model_dir(
+        model,
+        out,
+        version=version or f"{card.version}+cam"[:64],
+        preprocessing=card.preprocessing,
+        metrics=card.metrics,
+        training_data_digest=card.training_data_digest,
+        parent_version=card.version,
+        thresholds=card.thresholds,
+        notes=f"{card.notes}; heatmap output added to {card.version}".lstrip("; "),
+        opset=card.opset,
+        sources=card.sources,
+        gate=card.gate,
+        heatmap=heatmap,
     )

@@ -15,6 +15,8 @@ from torch import nn
 from torchvision import models
 
 from screener.core.errors import ModelError
+from screener.model.cam import backbone_maps, fused_heatmap, whole_image_box
+from screener.model.lungs import LungCrop, crop_boxes
 from screener.model.modelcard import ARCHITECTURE_NAMES, CLASSES, GateSpec, LungCropSpec, ModelCard
 from screener.model.novelty import MahalanobisGate, backbone_features
 
@@ -62,6 +64,9 @@ class FusedResNet(nn.Module):
     ``lung_crop.``) and the backbones see the crop. With ``gate_dims`` (the two networks' feature sizes)
     the model holds a :class:`screener.model.novelty.MahalanobisGate` (``novelty_gate.``, its statistics in
     the state dict) and :meth:`forward` returns a fourth tensor, ``novelty`` ``[N]`` float32.
+    With ``heatmap_size`` it returns one more tensor, last: ``heatmap``
+    ``[N, heatmap_size, heatmap_size]`` float32 in [0, 1], the class activation map of the fused prediction
+    on the whole input (:mod:`screener.model.cam`).
     """
 
     fusion_weight: torch.Tensor
@@ -79,6 +84,7 @@ class FusedResNet(nn.Module):
         temperatures: tuple[float, float] = (1.0, 1.0),
         gate_dims: tuple[int, int] | None = None,
         gate_view: bool = False,
+        heatmap_size: int | None = None,
     ) -> None:
         super().__init__()
         self.arch_a = arch_a
@@ -100,6 +106,8 @@ class FusedResNet(nn.Module):
         self.novelty_gate: MahalanobisGate | None = None
         if gate_dims is not None:
             self.add_gate(gate_dims, view=gate_view)
+        # With a size, forward also returns the class activation map (screener.model.cam), last.
+        self.heatmap_size = heatmap_size
 
     @property
     def feature_dims(self) -> tuple[int, int]:
@@ -138,6 +146,8 @@ class FusedResNet(nn.Module):
         self.fusion_weight.fill_(_checked_weight(weight))
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.heatmap_size is not None:
+            return self._forward_with_heatmap(image, self.heatmap_size)
         whole = image  # the gate's view check looks at the whole input, not the lung crop
         if self.lung_crop is not None:
             image = self.lung_crop(image)
@@ -153,6 +163,27 @@ class FusedResNet(nn.Module):
         if self.novelty_gate is None:
             return probs, probs_a, probs_b
         return probs, probs_a, probs_b, self.novelty_gate(torch.cat((features_a, features_b), dim=1), whole)
+
+    def _forward_with_heatmap(self, image: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
+        """:meth:`forward`'s outputs, then ``heatmap [N, size, size]`` (:mod:`screener.model.cam`)."""
+        whole = image
+        if isinstance(self.lung_crop, LungCrop):
+            with torch.no_grad():
+                box, _ = self.lung_crop.boxes(image)
+            image = crop_boxes(image, box, self.lung_crop.spec.crop_size)
+        else:
+            box = whole_image_box(image)
+        fmap_a, features_a, logits_a = backbone_maps(self.net_a, image)
+        fmap_b, features_b, logits_b = backbone_maps(self.net_b, image)
+        probs_a = torch.softmax(logits_a / self.temperature_a.to(image.dtype), dim=1)
+        probs_b = torch.softmax(logits_b / self.temperature_b.to(image.dtype), dim=1)
+        w = self.fusion_weight.to(probs_a.dtype)
+        probs = w * probs_a + (1.0 - w) * probs_b
+        heatmap = fused_heatmap((fmap_a, fmap_b), (self.net_a.fc, self.net_b.fc), probs, w, box, size)
+        if self.novelty_gate is None:
+            return probs, probs_a, probs_b, heatmap
+        novelty = self.novelty_gate(torch.cat((features_a, features_b), dim=1), whole)
+        return probs, probs_a, probs_b, novelty, heatmap
 
 
 def _checked_weight(weight: float) -> float:
@@ -193,6 +224,7 @@ def load_fused_from_safetensors(path: Path, card: ModelCard) -> FusedResNet:
         temperatures=(card.temperature("a"), card.temperature("b")),
         gate_dims=_gate_dims(card.gate),
         gate_view=gate_has_view(card.gate),
+        heatmap_size=card.heatmap.size if card.heatmap is not None else None,
     )
     try:
         state = load_file(str(path), device="cpu")

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -26,10 +30,21 @@ from screener.core.db.models import (
     Study,
     StudyResult,
 )
+from screener.core.errors import ImagingError
+from screener.core.logs import get_logger
 from screener.core.spool import Spool
+from screener.imaging.pixels import dicom_to_unit, letterbox
+from screener.model.heatmap import decode_png, overlay
 from screener.model.modelcard import ModelCard
+from screener.results.sc import SIZE as SC_SIZE
 from screener.results.sc import build_secondary_capture
 from screener.results.sr import AlgorithmInfo, AnalysedImage, StudyVerdictInput, build_sr, derive_uid
+
+SC_MAX_PIXELS = 100_000_000
+"""Largest image decoded again for the Secondary Capture's heatmap (it was classified, so it passed the
+eligibility check's own limit already)."""
+
+log = get_logger("screener.results.outbox")
 
 
 @dataclass(frozen=True)
@@ -117,9 +132,52 @@ def build_objects(session: Session, spool: Spool, pacs: PacsConfig, result: Stud
     )
     built = [BuiltObject("sr", str(sr.SOPInstanceUID), spool.put(_to_bytes(sr)).name)]
     if pacs.send_secondary_capture:
-        sc = build_secondary_capture(source, verdict, algorithm, uid_root=pacs.uid_root)
+        pairs = [(inst, pred) for inst, pred in rows]
+        drawn = heatmap_overlay(spool, pairs, result.verdict, ModelCard.from_json(model.card_json))
+        sc = build_secondary_capture(
+            source,
+            verdict,
+            algorithm,
+            uid_root=pacs.uid_root,
+            overlay=drawn[0] if drawn is not None else None,
+            heatmap_label=drawn[1] if drawn is not None else None,
+        )
         built.append(BuiltObject("sc", str(sc.SOPInstanceUID), spool.put(_to_bytes(sc)).name))
     return built
+
+
+def heatmap_overlay(
+    spool: Spool, rows: Sequence[tuple[Instance, Prediction | None]], verdict: str, card: ModelCard
+) -> tuple[npt.NDArray[np.uint8], str] | None:
+    """``(RGB overlay, class)`` for the Secondary Capture: the heatmap of the image that carries the study
+    verdict (the highest probability of the verdict's class; for other verdicts, the highest top
+    probability) drawn over that radiograph, letterboxed as the model saw it; the class is the image's
+    fused argmax, whose map it is. None when no prediction has a heatmap (models without the output) or
+    the image cannot be read back from the spool (the SC then carries the text alone, as before)."""
+    candidates = [(inst, pred) for inst, pred in rows if pred is not None and pred.heatmap is not None]
+    if not candidates:
+        return None
+
+    def weight(pred: Prediction) -> float:
+        probs = dict(pred.probs)
+        return float(probs.get(verdict, max(probs.values(), default=0.0)))
+
+    inst, pred = max(candidates, key=lambda pair: weight(pair[1]) if pair[1] is not None else 0.0)
+    assert pred is not None and pred.heatmap is not None
+    try:
+        ds = dcmread(spool.path(inst.spool_name))
+        unit = dicom_to_unit(
+            ds,
+            max_pixels=SC_MAX_PIXELS,
+            window_percentiles=card.preprocessing.window_percentiles,
+            reduce_for=SC_SIZE,
+        )
+        picture = overlay(letterbox(unit, SC_SIZE), decode_png(pred.heatmap))
+    except (OSError, ValueError, InvalidDicomError, ImagingError) as exc:
+        log.warning("sc.heatmap_unavailable", instance_id=inst.id, error=type(exc).__name__)
+        return None
+    probs = dict(pred.probs)
+    return picture, max(probs, key=lambda c: probs[c])
 
 
 def enqueue(session: Session, pacs: PacsConfig, result: StudyResult, objects: list[BuiltObject]) -> int:

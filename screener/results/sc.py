@@ -38,8 +38,11 @@ _DISPLAY = {NOT_ANALYSED: "Not analysed", INDETERMINATE: "Indeterminate"}
 _PATIENT_STUDY_TYPE3 = ("IssuerOfPatientID", "StudyDescription")
 
 
-def render_lines(verdict: StudyVerdictInput, algorithm: AlgorithmInfo) -> list[str]:
-    """The text drawn into the image, line by line: built from the verdict and model alone.
+def render_lines(
+    verdict: StudyVerdictInput, algorithm: AlgorithmInfo, *, heatmap_label: str | None = None
+) -> list[str]:
+    """The text drawn into the image, line by line: built from the verdict and model alone
+    (``heatmap_label``: the class whose heatmap is drawn beside the text, where one is).
 
     Raises ValueError for an unknown label or bad probabilities.
     """
@@ -52,6 +55,8 @@ def render_lines(verdict: StudyVerdictInput, algorithm: AlgorithmInfo) -> list[s
         lines += [f"  P({display[c]}) = {verdict.probs[c]:.3f}" for c in verdict.classes]
     else:
         lines.append("  no image could be analysed")
+    if heatmap_label is not None:
+        lines.append(f"Left: heatmap for {display.get(heatmap_label, heatmap_label)}")
     lines += [
         f"Model version: {algorithm.version}",
         f"Revision: {verdict.revision}",
@@ -77,19 +82,42 @@ def render_pixels(lines: list[str]) -> npt.NDArray[np.uint8]:
     return image
 
 
+def compose_with_overlay(
+    text: npt.NDArray[np.uint8], overlay: npt.NDArray[np.uint8]
+) -> npt.NDArray[np.uint8]:
+    """RGB ``[SIZE, 2 * SIZE, 3]``: the heatmap ``overlay`` (RGB, square, any size) left, the text right."""
+    if overlay.ndim != 3 or overlay.shape[2] != 3 or overlay.shape[0] != overlay.shape[1]:
+        raise ValueError(f"overlay shape {overlay.shape} must be a square RGB image [S, S, 3]")
+    left = overlay.astype(np.uint8)
+    if left.shape[0] != SIZE:
+        left = np.asarray(cv2.resize(left, (SIZE, SIZE), interpolation=cv2.INTER_AREA), dtype=np.uint8)
+    return np.concatenate([left, np.repeat(text[:, :, None], 3, axis=2)], axis=1)
+
+
 def build_secondary_capture(
-    source: Dataset, verdict: StudyVerdictInput, algorithm: AlgorithmInfo, *, uid_root: str
+    source: Dataset,
+    verdict: StudyVerdictInput,
+    algorithm: AlgorithmInfo,
+    *,
+    uid_root: str,
+    overlay: npt.NDArray[np.uint8] | None = None,
+    heatmap_label: str | None = None,
 ) -> Dataset:
     """A Secondary Capture summary of ``verdict`` in the study of ``source`` (PS3.3 A.8.1).
 
     Series and SOP Instance UIDs are ``derive_uid(uid_root, study, model version, revision, "sc-series" |
     "sc")``, so a re-send is idempotent; Instance Number is the revision. Patient and study attributes
     are copied from ``source``; no patient identifier is drawn (BurnedInAnnotation YES refers to the
-    verdict text). Raises ValueError for a bad verdict or UID root.
+    verdict text). With ``overlay`` (an RGB image of the radiograph carrying the verdict with its heatmap,
+    :func:`screener.model.heatmap.overlay`, of class ``heatmap_label``) the image is RGB, 512 x 1024: the
+    overlay left, the text right. Raises ValueError for a bad verdict, UID root or overlay.
     """
     if verdict.revision < 1:
         raise ValueError(f"revision {verdict.revision!r} is not a positive integer")
-    pixels = render_pixels(render_lines(verdict, algorithm))
+    label = heatmap_label if overlay is not None else None
+    pixels = render_pixels(render_lines(verdict, algorithm, heatmap_label=label))
+    if overlay is not None:
+        pixels = compose_with_overlay(pixels, overlay)
     study_uid = str(source.StudyInstanceUID)
     key = (study_uid, algorithm.version, str(verdict.revision))
     now = datetime.datetime.now()
@@ -131,9 +159,14 @@ def build_secondary_capture(
     ds.RecognizableVisualFeatures = "NO"
     ds.ImageComments = "AI result - not a diagnosis. NOT FOR DIAGNOSTIC USE."
     # Image Pixel (C.7.6.3)
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = pixels.shape
+    if pixels.ndim == 3:
+        ds.SamplesPerPixel = 3
+        ds.PhotometricInterpretation = "RGB"
+        ds.PlanarConfiguration = 0  # colour-by-pixel, as numpy holds it
+    else:
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = pixels.shape[:2]
     ds.BitsAllocated = 8
     ds.BitsStored = 8
     ds.HighBit = 7

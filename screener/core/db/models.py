@@ -14,6 +14,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -175,6 +176,9 @@ class Prediction(Base):
     preprocess_ms: Mapped[float] = mapped_column(Float)
     inference_ms: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # The class activation map as an 8-bit grey PNG (screener.model.heatmap), where the model has the
+    # output (migration 0016).
+    heatmap: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
 
 
 class StudyResult(Base):

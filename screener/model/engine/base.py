@@ -17,13 +17,16 @@ class EngineOutput:
 
     ``probs`` is the fused result; ``probs_a`` and ``probs_b`` are the two networks' own softmax outputs.
     ``novelty`` (float32 ``[N]``) is the image-content gate's score where the model has a gate (card
-    section ``gate``), else None.
+    section ``gate``), else None. ``heatmap`` (float32 ``[N, H, H]`` in [0, 1]) is the class activation
+    map of the fused prediction on the whole network input where the model has one (card section
+    ``heatmap``; :mod:`screener.model.cam`), else None.
     """
 
     probs: FloatArray
     probs_a: FloatArray
     probs_b: FloatArray
     novelty: FloatArray | None = None
+    heatmap: FloatArray | None = None
 
 
 @runtime_checkable
@@ -54,13 +57,17 @@ def check_batch(batch: object, input_size: int) -> FloatArray:
     return np.ascontiguousarray(batch)
 
 
-def as_output(probs: object, probs_a: object, probs_b: object, novelty: object = None) -> EngineOutput:
-    """Wrap three (four, with the gate's novelty) array-likes as float32 :class:`EngineOutput`."""
+def as_output(
+    probs: object, probs_a: object, probs_b: object, novelty: object = None, *, heatmap: object = None
+) -> EngineOutput:
+    """Wrap three (four, with the gate's novelty; five, with the heatmap) array-likes as float32
+    :class:`EngineOutput`."""
     return EngineOutput(
         probs=np.asarray(probs, dtype=np.float32),
         probs_a=np.asarray(probs_a, dtype=np.float32),
         probs_b=np.asarray(probs_b, dtype=np.float32),
         novelty=None if novelty is None else np.asarray(novelty, dtype=np.float32).reshape(-1),
+        heatmap=None if heatmap is None else np.asarray(heatmap, dtype=np.float32),
     )
 
 
@@ -69,9 +76,13 @@ def concat_outputs(parts: list[EngineOutput]) -> EngineOutput:
     if len(parts) == 1:
         return parts[0]
     novelty = [p.novelty for p in parts]
+    heatmaps = [p.heatmap for p in parts]
     return as_output(
         np.concatenate([p.probs for p in parts]),
         np.concatenate([p.probs_a for p in parts]),
         np.concatenate([p.probs_b for p in parts]),
         None if any(n is None for n in novelty) else np.concatenate([n for n in novelty if n is not None]),
+        heatmap=None
+        if any(h is None for h in heatmaps)
+        else np.concatenate([h for h in heatmaps if h is not None]),
     )

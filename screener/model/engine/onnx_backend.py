@@ -12,6 +12,7 @@ from screener.model.modelcard import LoadedModel
 
 OUTPUT_NAMES = ["probs", "probs_a", "probs_b"]
 NOVELTY_OUTPUT = "novelty"
+HEATMAP_OUTPUT = "heatmap"
 
 
 class OnnxRuntimeEngine:
@@ -24,7 +25,8 @@ class OnnxRuntimeEngine:
     (:func:`screener.model.engine.load_engine`). ``graph`` overrides the file opened, for the INT8 export,
     which evaluates a graph before the card lists it. Raises :class:`ModelError` when the graph's inputs
     or outputs do not match the contract (input ``image`` [N, 3, S, S], outputs ``probs``, ``probs_a``,
-    ``probs_b``, and ``novelty`` exactly when the card has a ``gate`` section).
+    ``probs_b``, ``novelty`` exactly when the card has a ``gate`` section, ``heatmap`` exactly when it has a
+    ``heatmap`` section).
     """
 
     name = "onnxruntime"
@@ -65,13 +67,19 @@ class OnnxRuntimeEngine:
             got = [(i.name, i.shape) for i in inputs]
             raise ModelError(f"{path} inputs {got} are not image [N, 3, {size}, {size}]")
         self._outputs = OUTPUT_NAMES + ([NOVELTY_OUTPUT] if model.card.gate is not None else [])
+        self._heatmap = model.card.heatmap is not None
+        if self._heatmap:
+            self._outputs.append(HEATMAP_OUTPUT)
         if sorted(outputs) != sorted(self._outputs):
             raise ModelError(f"{path} outputs {outputs} are not {self._outputs}")
 
     def infer(self, batch: FloatArray) -> EngineOutput:
         """Classify a float32 ``[N, 3, S, S]`` batch; raises ``ValueError`` for a malformed batch."""
         x = check_batch(batch, self._input_size)
-        return as_output(*self._session.run(self._outputs, {"image": x}))
+        outputs = self._session.run(self._outputs, {"image": x})
+        if self._heatmap:
+            return as_output(*outputs[:-1], heatmap=outputs[-1])
+        return as_output(*outputs)
 
     def close(self) -> None:
         """Drop the session (ONNX Runtime frees it when the last reference goes)."""

@@ -28,6 +28,7 @@ from screener.model.modelcard import ONNX_FILE, LoadedModel
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("probs", "probs_a", "probs_b")
 NOVELTY_OUTPUT = "novelty"
+HEATMAP_OUTPUT = "heatmap"
 GATE_SCOPE = (
     "novelty_gate"  # the gate's ONNX node names start /novelty_gate/ (screener.model.fused.FusedResNet)
 )
@@ -80,7 +81,8 @@ class TensorRTEngine:
     The optimisation profile covers batch 1 to ``max_batch`` (optimum ``min(32, max_batch)``); larger
     batches are split. ``cache_hit`` says whether the plan came from ``cache_dir``. With the card's
     ``gate`` the engine also returns ``novelty``; the gate's layers (and the cast of the pooled features
-    into it) are constrained to FP32, since its scores overflow FP16.
+    into it) are constrained to FP32, since its scores overflow FP16. With the card's ``heatmap`` it also
+    returns ``heatmap`` ``[N, size, size]``.
     Raises :class:`EngineUnavailableError` without TensorRT 10 or a CUDA GPU, and :class:`ModelError`
     when the ONNX graph cannot be parsed or built.
     """
@@ -134,6 +136,9 @@ class TensorRTEngine:
         names = {self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)}
         self._gated = model.card.gate is not None
         outputs = (*OUTPUT_NAMES, NOVELTY_OUTPUT) if self._gated else OUTPUT_NAMES
+        self._heatmap = model.card.heatmap
+        if self._heatmap is not None:
+            outputs = (*outputs, HEATMAP_OUTPUT)
         if names != {INPUT_NAME, *outputs}:
             expected = ", ".join((INPUT_NAME, *outputs))
             raise ModelError(f"TensorRT engine tensors {sorted(names)} are not {expected}")
@@ -157,6 +162,10 @@ class TensorRTEngine:
         if self._gated:
             self._dev_novelty = torch.empty((max_batch,), dtype=torch.float32, device=self._device)
             self._host_novelty = torch.empty((max_batch,), dtype=torch.float32).pin_memory()
+        if self._heatmap is not None:
+            side = self._heatmap.size
+            self._dev_heatmap = torch.empty((max_batch, side, side), dtype=torch.float32, device=self._device)
+            self._host_heatmap = torch.empty((max_batch, side, side), dtype=torch.float32).pin_memory()
 
     def _build(self, onnx_path: Path, profile: dict[str, int]) -> bytes:
         trt = self._trt
@@ -208,16 +217,21 @@ class TensorRTEngine:
                 ctx.set_tensor_address(name, tensor.data_ptr())  # rows 0..n-1 of a row-major [max, C]
             if self._gated:
                 ctx.set_tensor_address(NOVELTY_OUTPUT, self._dev_novelty.data_ptr())
+            if self._heatmap is not None:
+                ctx.set_tensor_address(HEATMAP_OUTPUT, self._dev_heatmap.data_ptr())
             if not ctx.execute_async_v3(self._stream.cuda_stream):
                 raise ModelError("TensorRT execute_async_v3 failed; see its log above")
             for k, name in enumerate(OUTPUT_NAMES):
                 self._host_out[k, :n].copy_(self._dev_out[name][:n], non_blocking=True)
             if self._gated:
                 self._host_novelty[:n].copy_(self._dev_novelty[:n], non_blocking=True)
+            if self._heatmap is not None:
+                self._host_heatmap[:n].copy_(self._dev_heatmap[:n], non_blocking=True)
         self._stream.synchronize()
         host = self._host_out[:, :n].numpy().copy()
         novelty = self._host_novelty[:n].numpy().copy() if self._gated else None
-        return as_output(host[0], host[1], host[2], novelty)
+        heatmap = self._host_heatmap[:n].numpy().copy() if self._heatmap is not None else None
+        return as_output(host[0], host[1], host[2], novelty, heatmap=heatmap)
 
     def close(self) -> None:
         """Free the execution context, engine and runtime (in that order)."""
@@ -231,6 +245,8 @@ class TensorRTEngine:
             "_host_out",
             "_dev_novelty",
             "_host_novelty",
+            "_dev_heatmap",
+            "_host_heatmap",
         ):
             if hasattr(self, attr):
                 delattr(self, attr)

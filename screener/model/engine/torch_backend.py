@@ -17,14 +17,16 @@ import torch
 from torch import nn
 
 from screener.core.logs import get_logger
+from screener.model.cam import backbone_maps, fused_heatmap, whole_image_box
 from screener.model.engine.base import EngineOutput, FloatArray, as_output, check_batch, concat_outputs
 from screener.model.fused import FusedResNet, load_fused_from_safetensors
+from screener.model.lungs import LungCrop, crop_boxes
 from screener.model.modelcard import LoadedModel
 from screener.model.novelty import backbone_features
 
 log = get_logger("screener.engine.torch")
 
-_Outputs = tuple[torch.Tensor, ...]  # probs, probs_a, probs_b[, novelty]
+_Outputs = tuple[torch.Tensor, ...]  # probs, probs_a, probs_b[, novelty][, heatmap]
 _Forward = Callable[[torch.Tensor], _Outputs]
 
 GRAPH_WARMUP_CALLS = 3  # eager calls on the capture stream before capture (cuDNN autotuning, allocator)
@@ -77,8 +79,11 @@ class HalfFused(nn.Module):
         self.register_buffer("temperature_b", fused.temperature_b.detach().float().clone())
         self.novelty_gate = fused.novelty_gate.float() if fused.novelty_gate is not None else None
         self.memory_format = memory_format
+        self.heatmap_size = fused.heatmap_size
 
     def forward(self, image: torch.Tensor) -> _Outputs:
+        if self.heatmap_size is not None:
+            return self._forward_with_heatmap(image, self.heatmap_size)
         whole = image  # FP32: the gate's view check looks at the whole input
         if self.lung_crop is not None:
             image = self.lung_crop(image)
@@ -96,6 +101,38 @@ class HalfFused(nn.Module):
             return probs, probs_a, probs_b
         features = torch.cat((features_a.float(), features_b.float()), dim=1)
         return probs, probs_a, probs_b, self.novelty_gate(features, whole)
+
+    def _forward_with_heatmap(self, image: torch.Tensor, size: int) -> _Outputs:
+        """:meth:`forward`'s outputs, then the FP32 heatmap from the FP16 feature maps."""
+        whole = image
+        if isinstance(self.lung_crop, LungCrop):
+            with torch.no_grad():
+                box, _ = self.lung_crop.boxes(image)
+            image = crop_boxes(image, box, self.lung_crop.spec.crop_size)
+        else:
+            box = whole_image_box(image)
+        x = image.to(dtype=torch.float16, memory_format=self.memory_format)
+        fmap_a, features_a, logits_a = backbone_maps(self.net_a, x)
+        fmap_b, features_b, logits_b = backbone_maps(self.net_b, x)
+        probs_a = torch.softmax(logits_a.float() / self.temperature_a, dim=1)
+        probs_b = torch.softmax(logits_b.float() / self.temperature_b, dim=1)
+        w = self.fusion_weight
+        probs = w * probs_a + (1.0 - w) * probs_b
+        heatmap = fused_heatmap((fmap_a, fmap_b), (self.net_a.fc, self.net_b.fc), probs, w, box, size)
+        if self.novelty_gate is None:
+            return probs, probs_a, probs_b, heatmap
+        features = torch.cat((features_a.float(), features_b.float()), dim=1)
+        return probs, probs_a, probs_b, self.novelty_gate(features, whole), heatmap
+
+
+def engine_output(outs: _Outputs, *, gated: bool, heatmap: bool) -> EngineOutput:
+    """The model's output tuple (probs, probs_a, probs_b[, novelty][, heatmap]) as :class:`EngineOutput`."""
+    arrays = [out.detach().float().cpu().numpy() for out in outs]
+    expected = 3 + int(gated) + int(heatmap)
+    if len(arrays) != expected:
+        raise ValueError(f"the model returned {len(arrays)} outputs, not {expected}")
+    novelty = arrays[3] if gated else None
+    return as_output(arrays[0], arrays[1], arrays[2], novelty, heatmap=arrays[-1] if heatmap else None)
 
 
 @dataclass
@@ -148,6 +185,8 @@ class TorchEngine:
         self.fp16 = bool(fp16 if fp16 is not None else cuda) and cuda
         self._input_size = model.card.input_size
         self._num_classes = len(model.card.classes)
+        self._gated = model.card.gate is not None
+        self._heatmap = model.card.heatmap
         module: nn.Module = HalfFused(net, self._memory_format) if self.fp16 else net
         module = module.to(self.device).to(memory_format=self._memory_format).eval()
         self._net: nn.Module | None = module
@@ -165,6 +204,9 @@ class TorchEngine:
             self._host_in = torch.empty((max_batch, 3, size, size), dtype=torch.float32).pin_memory()
             self._host_out = torch.empty((3, max_batch, self._num_classes), dtype=torch.float32).pin_memory()
             self._host_novelty = torch.empty((max_batch,), dtype=torch.float32).pin_memory()
+            if self._heatmap is not None:
+                side = self._heatmap.size
+                self._host_heatmap = torch.empty((max_batch, side, side), dtype=torch.float32).pin_memory()
 
     def infer(self, batch: FloatArray) -> EngineOutput:
         """Classify a float32 ``[N, 3, S, S]`` batch; raises ``ValueError`` for a malformed batch."""
@@ -179,7 +221,7 @@ class TorchEngine:
     def _infer_cpu(self, x_np: FloatArray) -> EngineOutput:
         with torch.inference_mode():
             x = torch.from_numpy(x_np).contiguous(memory_format=self._memory_format)
-            return as_output(*(out.numpy() for out in self._forward(x)))
+            return engine_output(self._forward(x), gated=self._gated, heatmap=self._heatmap is not None)
 
     def _infer_cuda(self, x_np: FloatArray) -> EngineOutput:
         n = int(x_np.shape[0])
@@ -198,12 +240,15 @@ class TorchEngine:
                 outs = self._forward(x.contiguous(memory_format=self._memory_format))
             for k, out in enumerate(outs[:3]):
                 self._host_out[k, :n].copy_(out[:n].float(), non_blocking=True)
-            if len(outs) > 3:
+            if self._gated:
                 self._host_novelty[:n].copy_(outs[3][:n].float(), non_blocking=True)
+            if self._heatmap is not None:
+                self._host_heatmap[:n].copy_(outs[-1][:n].float(), non_blocking=True)
         self._stream.synchronize()
         host = self._host_out[:, :n].numpy().copy()
-        novelty = self._host_novelty[:n].numpy().copy() if len(outs) > 3 else None
-        return as_output(host[0], host[1], host[2], novelty)
+        novelty = self._host_novelty[:n].numpy().copy() if self._gated else None
+        heatmap = self._host_heatmap[:n].numpy().copy() if self._heatmap is not None else None
+        return as_output(host[0], host[1], host[2], novelty, heatmap=heatmap)
 
     def _graph_for(self, n: int) -> _Graph | None:
         """The captured graph for ``n``'s bucket, capturing it on first use; None when capture failed."""
@@ -234,5 +279,7 @@ class TorchEngine:
         del self._forward
         if self.device.type == "cuda":
             del self._host_in, self._host_out, self._host_novelty
+            if self._heatmap is not None:
+                del self._host_heatmap
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
