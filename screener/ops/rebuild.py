@@ -10,9 +10,9 @@ an instance already recorded becomes an ``instance_clashes`` row (first kept), a
 Idempotent: files any row already refers to, and instances already recorded, are left as they are, so an
 instance that has a prediction keeps it and is never classified twice. The store's identity is taken from
 the spool (or made, for a store from before identities), so ``serve`` starts on the rebuilt database.
-Results this screener built (SR / Secondary Capture files of the outbox, under ``pacs.uid_root``) are not
-instances: they are left for the worker and sender to build and send again (their UIDs are deterministic,
-so a PACS that has them receives the same objects).
+Results this screener built (SR / Secondary Capture files of the outbox, under ``pacs.uid_root``, and HL7
+ORU^R01 messages) are not instances: they are left for the worker and sender to build and send again
+(their UIDs and HL7 control IDs are deterministic, so a PACS or RIS that has them receives the same ones).
 """
 
 from __future__ import annotations
@@ -80,6 +80,12 @@ def _own_result(config: Config, sop_instance_uid: str | None) -> bool:
     return bool(root) and sop_instance_uid is not None and sop_instance_uid.startswith(f"{root}.")
 
 
+def _hl7_message(path: Path) -> bool:
+    """An HL7 ORU^R01 of the outbox (screener.results.channels): our own result, not an instance."""
+    with path.open("rb") as f:
+        return f.read(4) == b"MSH|"
+
+
 def rebuild_from_spool(config: Config, engine: Engine) -> RebuildSummary:
     """Record every spool file the database does not know yet; returns what was done.
 
@@ -113,7 +119,7 @@ def rebuild_from_spool(config: Config, engine: Engine) -> RebuildSummary:
             path = spool.path(name)
             header = read_header(path)
             uid = header.sop_instance_uid
-            if _own_result(config, uid):
+            if _own_result(config, uid) or (uid is None and _hl7_message(path)):
                 summary.own_results += 1
                 continue
             if uid is None or len(uid) > 64:
