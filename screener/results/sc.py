@@ -4,7 +4,9 @@ A Secondary Capture Image (PS3.3 A.8.1, SOP Class 1.2.840.10008.5.1.4.1.1.7): 51
 MONOCHROME2, white text on black, in the source's study, in its own series. The pixels show the verdict,
 the probability of each of the model card's classes, the model version and "NOT FOR DIAGNOSTIC USE"; they
 never show a patient identifier. ``render_lines`` is the only source of drawn text, so a test can check
-every drawn string.
+every drawn string. Where the model has a heatmap output, the image is RGB, 512 x 1024: the radiograph that
+carries the verdict with the model's heatmap over it on the left (:func:`compose_with_overlay`), the text
+on the right.
 """
 
 from __future__ import annotations
