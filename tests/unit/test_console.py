@@ -100,7 +100,10 @@ def test_dashboard_numbers_are_those_of_screener_status(db: ConsoleDb) -> None:
     assert data["status"]["instances"] == status["instances"]
     assert data["status"]["studies"] == 3 and data["queue_depth"] == 0
     assert data["verdicts"] == {"covid19": 1, "normal": 1, "not_analysed": 1}
-    assert {(d["status"], d["count"]) for d in data["deliveries"]} == {("sent", 1), ("dead", 1)}
+    assert {(d["channel"], d["status"], d["count"]) for d in data["deliveries"]} == {
+        ("dicom", "sent", 1),
+        ("dicom", "dead", 1),
+    }
     measures = {r["measure"]: r for r in data["turnaround"]}
     assert measures["seconds_to_result"]["n"] == 3 and measures["seconds_to_delivery"]["n"] == 1
     assert data["model"]["version"] == "cxr-test-1" and data["model"]["figures"]["macro_f1"] == 0.88
@@ -207,7 +210,9 @@ def test_admin_retries_dead_deliveries_and_manages_users(db: ConsoleDb) -> None:
     c = client(db)
     sign_in(c, "ana")
     page = c.get("/admin/deliveries")
-    assert "association rejected" in page.text
+    assert "association rejected" in page.text and "<td>dicom</td>" in page.text
+    assert "No deliveries." in c.get("/admin/deliveries?channel=hl7").text
+    assert "association rejected" in c.get("/admin/deliveries?channel=dicom&status=dead").text
     r = c.post("/admin/deliveries/retry", data={"dead": "1", "csrf_token": csrf_of(page.text)})
     assert r.status_code == 200 and "Deliveries re-driven." in r.text
     with Session(db.engine) as s:

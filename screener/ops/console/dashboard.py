@@ -213,13 +213,13 @@ def _verdicts(session: Session, since: datetime) -> dict[str, int]:
 
 def _deliveries(session: Session) -> list[dict[str, Any]]:
     query = (
-        select(Delivery.destination, Delivery.object_kind, Delivery.status, func.count())
-        .group_by(Delivery.destination, Delivery.object_kind, Delivery.status)
-        .order_by(Delivery.destination, Delivery.object_kind, Delivery.status)
+        select(Delivery.channel, Delivery.destination, Delivery.object_kind, Delivery.status, func.count())
+        .group_by(Delivery.channel, Delivery.destination, Delivery.object_kind, Delivery.status)
+        .order_by(Delivery.channel, Delivery.destination, Delivery.object_kind, Delivery.status)
     )
     return [
-        {"destination": d, "object": k, "status": getattr(s, "value", str(s)), "count": int(n)}
-        for d, k, s, n in session.execute(query)
+        {"channel": c, "destination": d, "object": k, "status": getattr(s, "value", str(s)), "count": int(n)}
+        for c, d, k, s, n in session.execute(query)
     ]
 
 

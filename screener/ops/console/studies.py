@@ -208,11 +208,13 @@ class InstanceView:
     probabilities: dict[str, float]
     novelty: float | None
     viewable: bool
+    heatmap: bool = False  # the prediction carries a class activation map (models with the output)
 
 
 @dataclass(frozen=True)
 class DeliveryView:
     id: int
+    channel: str
     destination: str
     object: str
     status: str
@@ -334,12 +336,14 @@ def study_view(engine: Engine, study_id: int, spool_root: Path | None) -> StudyV
                     probabilities=result_probabilities(predictions[i.id]) if i.id in predictions else {},
                     novelty=i.novelty,
                     viewable=i.spool_deleted_at is None and spool_root is not None,
+                    heatmap=i.id in predictions and getattr(predictions[i.id], "heatmap", None) is not None,
                 )
                 for i in instances
             ],
             deliveries=[
                 DeliveryView(
                     d.id,
+                    d.channel,
                     d.destination,
                     d.object_kind,
                     str(getattr(d.status, "value", d.status)),
@@ -459,4 +463,42 @@ def render_instance_png(path: Path, *, max_pixels: int, long_side: int = RENDER_
         image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
     out = io.BytesIO()
     image.save(out, format="PNG", optimize=False)
+    return out.getvalue()
+
+
+def heatmap_of(engine: Engine, study_id: int, instance_id: int) -> tuple[str, str, bytes] | None:
+    """``(Study Instance UID, spool name, stored heatmap PNG)`` of an instance of ``study_id`` whose latest
+    prediction has a heatmap, or None."""
+    with Session(engine) as session:
+        inst = session.get(Instance, instance_id)
+        if inst is None or inst.study_id != study_id or inst.spool_deleted_at is not None:
+            return None
+        pred = session.scalar(
+            select(Prediction)
+            .where(Prediction.instance_id == instance_id)
+            .order_by(Prediction.id.desc())
+            .limit(1)
+        )
+        stored = getattr(pred, "heatmap", None) if pred is not None else None
+        study = session.get(Study, study_id)
+        if not stored or study is None:
+            return None
+        return study.study_instance_uid, inst.spool_name, bytes(stored)
+
+
+def render_heatmap_png(path: Path, stored: bytes, *, max_pixels: int, side: int = 512) -> bytes:
+    """The radiograph letterboxed as the model saw it with the stored heatmap drawn over it (as the
+    Secondary Capture draws it), as an RGB PNG of ``side`` pixels. Raises the imaging errors and
+    ValueError for a stored heatmap that is not an 8-bit grey PNG."""
+    from PIL import Image
+
+    from screener.imaging.part10 import read_bounded
+    from screener.imaging.pixels import dicom_to_unit, letterbox
+    from screener.model.heatmap import decode_png, overlay
+
+    ds = read_bounded(path, max_pixels)
+    unit = dicom_to_unit(ds, max_pixels=max_pixels, window_percentiles=(1.0, 99.0), reduce_for=side)
+    rgb = overlay(letterbox(unit, side), decode_png(stored))
+    out = io.BytesIO()
+    Image.fromarray(rgb, mode="RGB").save(out, format="PNG")
     return out.getvalue()

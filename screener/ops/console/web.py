@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from screener.core import audit
 from screener.core.config import ConsoleConfig
+from screener.core.db.models import DeliveryChannel
 from screener.core.errors import ScreenerError
 from screener.core.logs import get_logger
 from screener.ops.console import accounts, admin, dashboard, studies
@@ -41,6 +42,7 @@ from screener.ops.console.sessions import (
     csrf_matches,
     end_session,
     find_session,
+    purge_expired,
     start_session,
 )
 
@@ -60,6 +62,8 @@ DELIVERIES_RETRIED = "console.deliveries_retried"
 MODEL_PROMOTE = "console.model_promote"
 MODEL_ROLLBACK = "console.model_rollback"
 USER_CHANGED = "console.user_changed"
+
+CHANNELS: tuple[str, ...] = tuple(c.value for c in DeliveryChannel)  # deliveries.channel
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
@@ -247,6 +251,7 @@ def build_app(ctx: ConsoleContext) -> ASGIApp:
                 token, signed = None, None
                 known = outcome.user is not None
                 if outcome.outcome is accounts.LoginOutcome.OK and outcome.user is not None:
+                    purge_expired(session)  # sessions of everyone whose sign-in has ended
                     token, signed = start_session(session, outcome.user, client, ctx.settings.session_hours)
                     action = LOGIN_OK
                 elif outcome.outcome is accounts.LoginOutcome.LOCKED:
@@ -462,6 +467,35 @@ def build_app(ctx: ConsoleContext) -> ASGIApp:
         return Response(png, media_type="image/png")
 
     @requires(Role.REVIEWER)
+    async def study_heatmap(request: Request, user: SignedIn) -> Response:
+        study_id = _int(request.path_params.get("study_id"), 0)
+        instance_id = _int(request.path_params.get("instance_id"), 0)
+
+        def render() -> bytes | None:
+            found = studies.heatmap_of(ctx.engine, study_id, instance_id)
+            if found is None or ctx.spool_root is None:
+                return None
+            uid, spool_name, stored = found
+            try:
+                png = studies.render_heatmap_png(
+                    ctx.spool_root / spool_name, stored, max_pixels=ctx.max_pixels
+                )
+            except (ScreenerError, OSError, ValueError):
+                return None
+            _audit(
+                studies.IMAGE_VIEWED,
+                f"console:{user.name}",
+                uid,
+                {"from": _client(request), "study_id": study_id, "instance_id": instance_id, "heatmap": True},
+            )
+            return png
+
+        png = await run_in_threadpool(render)
+        if png is None:
+            return Response("no heatmap for this image", status_code=404, media_type="text/plain")
+        return Response(png, media_type="image/png")
+
+    @requires(Role.REVIEWER)
     async def review(request: Request, user: SignedIn) -> Response:
         study_id = _int(request.path_params.get("study_id"), 0)
         form = await request.form()
@@ -492,6 +526,9 @@ def build_app(ctx: ConsoleContext) -> ASGIApp:
         status = request.query_params.get("status") or None
         if status not in (None, "pending", "sent", "failed", "dead"):
             status = None
+        channel = request.query_params.get("channel") or None
+        if channel not in (None, *CHANNELS):
+            channel = None
 
         def load() -> list[dict[str, Any]]:
             from screener.results.sender import list_deliveries
@@ -500,6 +537,7 @@ def build_app(ctx: ConsoleContext) -> ASGIApp:
                 return [
                     {
                         "id": d.id,
+                        "channel": d.channel,
                         "study_result_id": d.study_result_id,
                         "destination": d.destination,
                         "object": d.object_kind,
@@ -508,16 +546,21 @@ def build_app(ctx: ConsoleContext) -> ASGIApp:
                         "next_attempt_at": d.next_attempt_at,
                         "last_error": d.last_error,
                     }
-                    for d in list_deliveries(session, status)
+                    for d in list_deliveries(session, status, channel=channel)
                 ]
 
         rows = await run_in_threadpool(load)
-        return page(request, "deliveries.html", user, rows=rows, shown=status)
+        return page(
+            request, "deliveries.html", user, rows=rows, shown=status, channel=channel, channels=CHANNELS
+        )
 
     @requires(Role.ADMIN)
     async def deliveries_retry(request: Request, user: SignedIn) -> Response:
         form = await request.form()
         dead = _field(form, "dead") == "1"
+        channel = _field(form, "channel") or None
+        if channel not in (None, *CHANNELS):
+            return await refuse(request, user, 400, f"Unknown channel: choose one of {', '.join(CHANNELS)}.")
         ids = [_int(v, 0) for v in form.getlist("id") if isinstance(v, str)]
         ids = [i for i in ids if i > 0]
 
@@ -525,13 +568,19 @@ def build_app(ctx: ConsoleContext) -> ASGIApp:
             from screener.results.sender import retry_deliveries
 
             with db() as session, session.begin():
-                count = retry_deliveries(session, ids, dead)
+                count = retry_deliveries(session, ids, dead, channel=channel)
                 audit.record(
                     session,
                     DELIVERIES_RETRIED,
                     actor=f"console:{user.name}",
                     subject="dead" if dead else ",".join(map(str, ids))[:128] or "none",
-                    detail={"from": _client(request), "ids": ids, "dead": dead, "count": count},
+                    detail={
+                        "from": _client(request),
+                        "ids": ids,
+                        "dead": dead,
+                        "channel": channel,
+                        "count": count,
+                    },
                 )
                 return count
 
@@ -672,6 +721,7 @@ def build_app(ctx: ConsoleContext) -> ASGIApp:
         Route("/studies", worklist_page),
         Route("/studies/{study_id:int}", study_page),
         Route("/studies/{study_id:int}/images/{instance_id:int}.png", study_image),
+        Route("/studies/{study_id:int}/images/{instance_id:int}/heatmap.png", study_heatmap),
         Route("/studies/{study_id:int}/review", review, methods=["POST"]),
         Route("/admin/deliveries", deliveries_page),
         Route("/admin/deliveries/retry", deliveries_retry, methods=["POST"]),
