@@ -152,8 +152,11 @@ def _dtm(moment: datetime) -> str:
 def _escaped(value: str) -> str:
     """``value`` as ER7 text with the delimiters escaped (\\F\\, \\S\\ ...), by hl7apy's ST type: OBX-5 is of
     type "varies", where hl7apy takes ER7 text and would otherwise split a value at a ``^``."""
+    # A line break inside a value would end the segment (CR is the segment separator): one space instead,
+    # and no other control character either.
+    flat = "".join(c if c >= " " else " " for c in value.replace("\r\n", " "))
     text: str = datatype_factory(
-        "ST", value, version=HL7_VERSION, validation_level=VALIDATION_LEVEL.TOLERANT
+        "ST", flat, version=HL7_VERSION, validation_level=VALIDATION_LEVEL.TOLERANT
     ).to_er7()
     return text
 

@@ -147,7 +147,8 @@ def test_phi_canaries_reach_no_log_metric_report_or_trainer_output(
             120,
             "the SR and the Secondary Capture delivered",
         )
-        wait_for(lambda: len(ris.accepted()) == 1, 120, "the ORU^R01 at the RIS")
+        wait_for(lambda: len(ris.accepted()) == 1 or bool(ris.errors), 120, "the ORU^R01 at the RIS")
+        assert not ris.errors, ris.errors
         wait_for(
             lambda: any(h.document["event"] == "finding" for h in hooks.hooks), 60, "the finding webhook"
         )
