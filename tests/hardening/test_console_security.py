@@ -289,3 +289,32 @@ def test_dashboard_turnaround_is_the_reports(db: ConsoleDb) -> None:
         assert _turnaround(s, db.engine, since) == turnaround_summary(_turnaround_rows(s, since))
         (measure_result, measure_delivery) = _turnaround(s, db.engine, since)
     assert (measure_result["n"], measure_delivery["n"], measure_delivery["missing"]) == (3, 1, 2)
+
+
+def test_real_server_can_require_a_client_certificate(db: ConsoleDb, pki: dict[str, Path]) -> None:
+    port = free_port()
+    tls = TLSConfig(
+        cert_file=pki["server_pem"],
+        key_file=pki["server_key"],
+        ca_file=pki["ca_pem"],
+        require_client_cert=True,
+    )
+    server = ConsoleServer(
+        ConsoleContext(ConsoleConfig(enabled=True, port=port, tls=tls), db.engine, db.spool)
+    )
+    server.start()
+    try:
+        bare = ssl.create_default_context(cafile=str(pki["ca_pem"]))
+        with pytest.raises((ssl.SSLError, ConnectionError, http.client.HTTPException, OSError)):
+            conn = http.client.HTTPSConnection("127.0.0.1", port, context=bare, timeout=10)
+            conn.request("GET", "/login")
+            conn.getresponse().read()
+        signed = ssl.create_default_context(cafile=str(pki["ca_pem"]))
+        signed.load_cert_chain(str(pki["client_pem"]), str(pki["client_key"]))
+        conn = http.client.HTTPSConnection("127.0.0.1", port, context=signed, timeout=10)
+        conn.request("GET", "/login")
+        r = conn.getresponse()
+        assert r.status == 200 and b"Sign in" in r.read()
+        conn.close()
+    finally:
+        server.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 
@@ -30,6 +31,9 @@ class ConsoleServer:
             port=settings.port,
             ssl_certfile=str(settings.tls.cert_file) if settings.tls.cert_file else None,
             ssl_keyfile=str(settings.tls.key_file) if settings.tls.key_file else None,
+            # console.tls.ca_file + require_client_cert: only browsers with a certificate that CA signed.
+            ssl_ca_certs=str(settings.tls.ca_file) if settings.tls.ca_file else None,
+            ssl_cert_reqs=ssl.CERT_REQUIRED if settings.tls.require_client_cert else ssl.CERT_NONE,
             log_config=None,  # our structlog configuration; and no access log (paths and client addresses)
             access_log=False,
             server_header=False,
