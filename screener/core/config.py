@@ -8,6 +8,7 @@ Loaded once in ``main()`` and passed down. Every field below is documented in th
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 import tomllib
@@ -405,8 +406,11 @@ class WebhookConfig:
 
     @property
     def name(self) -> str:
-        """The destination name of its deliveries: scheme, host and path, never the query string."""
-        return self.url.split("?", 1)[0][:128]
+        """The destination name of its deliveries, logs and metrics: scheme, host and a digest of the URL.
+        Never the path or query, which often hold the receiver's token (chat and paging webhooks)."""
+        scheme, _, rest = self.url.partition("://")
+        host = rest.split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
+        return f"{scheme}://{host}#{hashlib.sha256(self.url.encode()).hexdigest()[:8]}"[:128]
 
     def validate(self) -> None:
         _require(self.url.startswith(("http://", "https://")), "url", "must start with http:// or https://")

@@ -152,6 +152,9 @@ def test_ack_reader_and_mllp_exchange_against_a_real_receiver() -> None:
 
 
 def test_webhook_signature_and_answers() -> None:
+    token_url = "https://hooks.example.org/services/T0/B0/SECRETTOKEN?key=SECRETKEY"
+    name = WebhookConfig(url=token_url, secret=SECRET).name
+    assert name.startswith("https://hooks.example.org#") and "SECRET" not in name, "tokens stay out of logs"
     body = b'{"event": "finding"}'
     assert webhook.verify(SECRET, body, webhook.signature(SECRET, body))
     assert not webhook.verify(SECRET, body + b" ", webhook.signature(SECRET, body))
