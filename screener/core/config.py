@@ -745,7 +745,10 @@ def as_dict(config: Config) -> dict[str, Any]:
             return [plain(v) for v in value]
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             return {
-                f.metadata.get("key", f.name): plain(getattr(value, f.name))
+                # A webhook's HMAC key is not printed; a file path (password_file) is harmless.
+                f.metadata.get("key", f.name): "<hidden>"
+                if f.name == "secret"
+                else plain(getattr(value, f.name))
                 for f in dataclasses.fields(value)
             }
         return value
