@@ -120,8 +120,15 @@ class Sources:
         return ds
 
 
-def _send_study(port: int, study: list[tuple[str, Dataset]], started: float, calling: str) -> list[Sent]:
-    """One association for one study, as a PACS forwarding it would; every store timed."""
+def _send_study(
+    port: int,
+    study: list[tuple[str, Dataset]],
+    started: float,
+    calling: str,
+    spans: list[tuple[float, float]],
+) -> list[Sent]:
+    """One association for one study, as a PACS forwarding it would; every store timed, and the
+    association's (opened, released) time appended to ``spans``."""
     datasets = [ds for _, ds in study]
     ae = AE(ae_title=calling)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
@@ -132,6 +139,7 @@ def _send_study(port: int, study: list[tuple[str, Dataset]], started: float, cal
     if not assoc.is_established:
         return [Sent(str(d.SOPInstanceUID), str(d.StudyInstanceUID), k, None, 0.0, 0.0) for k, d in study]
     keep_responses_for_caller(assoc)
+    opened = time.monotonic()
     try:
         for kind, ds in study:
             at = time.monotonic()
@@ -154,7 +162,23 @@ def _send_study(port: int, study: list[tuple[str, Dataset]], started: float, cal
     finally:
         if assoc.is_established:
             assoc.release()
+        spans.append((opened, time.monotonic()))
     return out
+
+
+def overlap(spans: list[tuple[float, float]]) -> tuple[int, float]:
+    """The most associations open at once, and the share of open-association time spent with company."""
+    edges = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
+    open_now, most, alone, shared, last = 0, 0, 0.0, 0.0, 0.0
+    for at, step in edges:
+        if open_now == 1:
+            alone += at - last
+        elif open_now > 1:
+            shared += (at - last) * open_now
+        open_now += step
+        most = max(most, open_now)
+        last = at
+    return most, shared / (alone + shared) if alone + shared else 0.0
 
 
 class Sampler:
@@ -237,13 +261,14 @@ def test_soak_at_five_times_the_regional_peak(
         server.start()
         assert server.proc is not None
         sent: list[Sent] = []
+        spans: list[tuple[float, float]] = []
         lock = threading.Lock()
         work: queue.Queue[list[tuple[str, Dataset]] | None] = queue.Queue()
         started = time.monotonic()
 
         def sender(k: int) -> None:
             while (study := work.get()) is not None:
-                result = _send_study(server.port, study, started, calling=f"SOAK{k}")
+                result = _send_study(server.port, study, started, calling=f"SOAK{k}", spans=spans)
                 with lock:
                     sent.extend(result)
 
@@ -372,6 +397,14 @@ def test_soak_at_five_times_the_regional_peak(
             not_once=len(not_once),
             study_without_sent_sr=len(undelivered),
             study_sr_not_in_orthanc=len(sr_missing),
+        )
+        most_open, shared_share = overlap(spans)
+        figure(
+            "soak.associations",
+            len(spans),
+            "associations",
+            most_open_at_once=most_open,
+            share_of_association_time_with_another_open=round(shared_share, 3),
         )
         figure("soak.sr_in_orthanc", len(in_orthanc & study_uids), "studies", of=len(study_uids))
         figure(
