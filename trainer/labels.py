@@ -36,7 +36,6 @@ LABEL_ALIASES: dict[str, str] = {
     "viral": "viral_pneumonia",
     "pneumoniaviral": "viral_pneumonia",
     "bacterialpneumonia": "bacterial_pneumonia",
-    "bacterial": "bacterial_pneumonia",
     "pneumoniabacterial": "bacterial_pneumonia",
     "lungnodule": "lung_nodule",
     "nodule": "lung_nodule",
