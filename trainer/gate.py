@@ -46,6 +46,9 @@ log = get_logger("trainer.gate")
 
 FloatArray = npt.NDArray[np.float64]
 PASS_QUANTILE = 0.995
+BORDERLINE_QUANTILE = 0.95
+"""Validation chests scoring above this quantile (and within the threshold) are the gate's borderline band:
+classified, but ``indeterminate`` (:meth:`screener.model.modelcard.GateSpec.is_borderline`)."""
 """Share of validation images the threshold lets pass (the issue asks for >= 99% of real chests)."""
 CHECK_CHESTS = 16
 """Validation chests rotated by 90 degrees and inverted for the fitting-time check."""
@@ -457,9 +460,11 @@ def fit_gate(
             "trained_on": view_fit.train_counts,
             "validation_negatives_refused": view_fit.held_out,
         }
+    edge = math.floor(pass_threshold(val_combined, BORDERLINE_QUANTILE) * 1e4) / 1e4
     spec_out = GateSpec(
         method="mahalanobis+view" if view else "mahalanobis",
         threshold=threshold,
+        borderline=edge if 0 < edge < threshold else None,
         feature_dims=model.feature_dims,
         fitted_on=fitted_on,
         validation={
@@ -467,6 +472,7 @@ def fit_gate(
             "n": int(val_maha.size),
             "quantile": quantile,
             "pass_rate": round(float(np.mean(val_combined <= threshold)), 4),
+            "borderline_quantile": BORDERLINE_QUANTILE,
             "novelty": _summary(val_combined),
         },
         checks=checks,

@@ -60,6 +60,7 @@ def _with_threshold(model: Path, dest: Path, threshold: float, version: str) -> 
     shutil.copytree(model, dest)
     card = json.loads((dest / CARD_FILE).read_text())
     card["gate"]["threshold"] = threshold
+    card["gate"]["borderline"] = None  # the band below the old threshold means nothing under the new one
     card["version"] = version
     (dest / CARD_FILE).write_text(json.dumps(card))
     return dest
@@ -263,7 +264,9 @@ def test_non_chests_with_headers_rewritten_to_cr_chest_pa_are_refused_by_the_ima
         assert result.reason is not None and result.reason.startswith("image-content gate: novelty"), name
         assert result.novelty is not None and result.novelty > threshold, name
     chest = by_name["RG1_UNCR.dcm"]  # a real CR chest PA (another source than the training images)
-    assert chest.status == "classified" and chest.label in CLASSES and chest.novelty is not None
+    # Classified: a label, or indeterminate where it falls in the gate's borderline band.
+    assert chest.status == "classified" and chest.novelty is not None
+    assert chest.label in CLASSES or (chest.label == "indeterminate" and "borderline" in str(chest.reason))
 
 
 def test_classify_refuses_an_image_above_the_threshold_naming_score_and_threshold(
