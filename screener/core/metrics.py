@@ -38,7 +38,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, func, select
 
-from screener.core.config import Config
+from screener.core.config import MetricsConfig
 from screener.core.db.models import Delivery, DeliveryStatus, Instance, InstanceStatus
 from screener.core.db.session import bound_statements, ping
 from screener.core.errors import ScreenerError
@@ -506,7 +506,7 @@ class MetricsServer:
         log.info("metrics.stopped")
 
 
-def start_metrics(config: Config, health: Health, metrics: Metrics | None = None) -> MetricsServer:
+def start_metrics(settings: MetricsConfig, health: Health, metrics: Metrics | None = None) -> MetricsServer:
     """Serve ``/metrics`` (from ``metrics``) and ``/healthz`` (from ``health``) on ``metrics.host:port``.
 
     ``metrics.port = 0`` disables the endpoint (the returned server's ``stop`` does nothing).
@@ -514,7 +514,7 @@ def start_metrics(config: Config, health: Health, metrics: Metrics | None = None
     Raises:
         MetricsError: the address cannot be bound (port in use, host not local).
     """
-    mc = config.metrics
+    mc = settings
     if mc.port == 0:
         log.info("metrics.disabled", hint="set metrics.port to serve /metrics and /healthz")
         return MetricsServer(None)

@@ -173,7 +173,7 @@ def serve(config: Config, stop: threading.Event | None = None, role: str = "all"
     if sender is not None:
         health.register("sender", sender.thread.is_alive)
     scheduler = build_scheduler(config, engine, spool, roles=roles, on_failure=metrics.job_failed)
-    http = start_metrics(config, health, metrics)  # a taken port stops start-up before anything runs
+    http = start_metrics(config.metrics, health, metrics)  # a taken port stops start-up before anything runs
     try:
         console = _console(config, spool) if "console" in roles else None
     except BaseException:

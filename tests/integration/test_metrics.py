@@ -17,7 +17,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session
 
-from screener.core.config import Config, MetricsConfig
+from screener.core.config import MetricsConfig
 from screener.core.db.migrate import ensure_at_head
 from screener.core.db.models import Delivery, DeliveryStatus, Instance, InstanceStatus, Study, StudyResult
 from screener.core.metrics import Health, Metrics, MetricsError, start_metrics
@@ -247,7 +247,7 @@ def test_scrape_answers_without_database_figures_when_it_is_down(tmp_path: Path)
 
 
 def test_endpoint_serves_metrics_and_healthz(db: Engine, tmp_path: Path) -> None:
-    config = Config(metrics=MetricsConfig(host="127.0.0.1", port=free_port()))
+    settings = MetricsConfig(host="127.0.0.1", port=free_port())
     alive = threading.Event()
     alive.set()
     health = Health()
@@ -255,37 +255,37 @@ def test_endpoint_serves_metrics_and_healthz(db: Engine, tmp_path: Path) -> None
     health.register_database(db)
     metrics = Metrics(db, tmp_path)
     metrics.instance_received("stored")
-    server = start_metrics(config, health, metrics)
+    server = start_metrics(settings, health, metrics)
     try:
-        assert server.port == config.metrics.port
-        status, content_type, body = get(config.metrics.port, "/metrics")
+        assert server.port == settings.port
+        status, content_type, body = get(settings.port, "/metrics")
         assert status == 200 and content_type.startswith("text/plain")
         assert value(body, "screener_instances_received_total", outcome="stored") == 1
         assert value(body, "screener_queue_depth") == 0
-        assert healthz(config.metrics.port) == (
+        assert healthz(settings.port) == (
             200,
             {"status": "ok", "failing": [], "checks": {"database": {"ok": True}, "worker": {"ok": True}}},
         )
         alive.clear()
-        status, report = healthz(config.metrics.port)
+        status, report = healthz(settings.port)
         assert status == 503 and report["status"] == "unhealthy" and report["failing"] == ["worker"]
-        assert get(config.metrics.port, "/other")[0] == 404
+        assert get(settings.port, "/other")[0] == 404
     finally:
         server.stop()
         server.stop()  # idempotent
     with pytest.raises(OSError):
-        get(config.metrics.port, "/healthz")
+        get(settings.port, "/healthz")
 
 
 def test_port_0_disables_the_endpoint_and_a_taken_port_is_a_clear_error() -> None:
-    disabled = start_metrics(Config(metrics=MetricsConfig(port=0)), Health())
+    disabled = start_metrics(MetricsConfig(port=0), Health())
     assert disabled.port is None
     disabled.stop()
-    running = start_metrics(Config(metrics=MetricsConfig(port=free_port())), Health())
+    running = start_metrics(MetricsConfig(port=free_port()), Health())
     try:
         assert running.port is not None
         with pytest.raises(MetricsError, match=f"127.0.0.1:{running.port}.*metrics.port"):
-            start_metrics(Config(metrics=MetricsConfig(port=running.port)), Health())
+            start_metrics(MetricsConfig(port=running.port), Health())
     finally:
         running.stop()
 
