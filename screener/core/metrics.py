@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -39,7 +40,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, func, select
 
 from screener.core.config import MetricsConfig
-from screener.core.db.models import Delivery, DeliveryStatus, Instance, InstanceStatus
+from screener.core.db.models import Delivery, DeliveryStatus, Instance, InstanceStatus, StudyResult
 from screener.core.db.session import bound_statements, ping
 from screener.core.errors import ScreenerError
 from screener.core.logs import get_logger
@@ -194,14 +195,19 @@ def _select_one(engine: Engine) -> bool:
 # --- metrics ------------------------------------------------------------------------------------------
 
 
+VERDICT_WINDOW = timedelta(hours=24)
+
+
 class _DatabaseCollector(Collector):
-    """Queue depth and deliveries by status, read from the database at scrape time (index-only counts)."""
+    """Queue depth, deliveries by status, and the last 24 hours' study verdicts (whatever classes the
+    serving models' cards name, ``indeterminate`` and ``not_analysed``), read from the database at scrape
+    time (index-only counts, and an index range on ``study_results.created_at``)."""
 
     def __init__(self, engine: Engine, timeout: float) -> None:
         self._probe = _Probe("metrics-database", lambda: self._read(engine), timeout)
 
     @staticmethod
-    def _read(engine: Engine) -> tuple[int, dict[str, int]]:
+    def _read(engine: Engine) -> tuple[int, dict[str, int], dict[str, int]]:
         with engine.connect() as conn, conn.begin():
             bound_statements(conn, DATABASE_TIMEOUT_SECONDS)
             depth = conn.execute(
@@ -210,36 +216,52 @@ class _DatabaseCollector(Collector):
                 .where(Instance.status.in_([InstanceStatus.QUEUED, InstanceStatus.PROCESSING]))
             ).scalar_one()
             rows = conn.execute(select(Delivery.status, func.count()).group_by(Delivery.status)).all()
+            since = datetime.now(UTC) - VERDICT_WINDOW
+            if engine.dialect.name == "sqlite":
+                since = since.replace(tzinfo=None)  # SQLite keeps UTC timestamps as naive text
+            verdicts = conn.execute(
+                select(StudyResult.verdict, func.count())
+                .where(StudyResult.created_at >= since)
+                .group_by(StudyResult.verdict)
+            ).all()
         by_status = {s.value: 0 for s in DeliveryStatus}
         for status, count in rows:
             by_status[str(getattr(status, "value", status))] = int(count)
-        return int(depth), by_status
+        return int(depth), by_status, {str(verdict): int(count) for verdict, count in verdicts}
 
     @staticmethod
-    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
         depth = GaugeMetricFamily(
             "screener_queue_depth", "Instances waiting for or under classification (queued + processing)."
         )
         deliveries = GaugeMetricFamily(
             "screener_deliveries", "Result deliveries in the outbox, by status.", labels=["status"]
         )
-        return depth, deliveries
+        verdicts = GaugeMetricFamily(
+            "screener_study_verdicts_24h",
+            "Study results of the last 24 hours by verdict: a class of the model card, indeterminate or "
+            "not_analysed.",
+            labels=["verdict"],
+        )
+        return depth, deliveries, verdicts
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
         return self._families()
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         try:
-            depth_value, by_status = self._probe.run()
+            depth_value, by_status, by_verdict = self._probe.run()
         except Exception as exc:  # noqa: BLE001 - a scrape must answer even when the database does not
             # Absent series, not zeros: a dashboard must not show an empty queue while the database is down.
             log.warning("metrics.database_unavailable", error=type(exc).__name__)
             return []
-        depth, deliveries = self._families()
+        depth, deliveries, verdicts = self._families()
         depth.add_metric([], depth_value)
         for status, count in sorted(by_status.items()):
             deliveries.add_metric([status], count)
-        return [depth, deliveries]
+        for verdict, count in sorted(by_verdict.items()):
+            verdicts.add_metric([verdict], count)
+        return [depth, deliveries, verdicts]
 
 
 class _SpoolCollector(Collector):

@@ -229,6 +229,8 @@ def test_scrape_reads_queue_depth_deliveries_and_spool_space(db: Engine, tmp_pat
     assert value(text, "screener_deliveries", status="sent") == 1
     assert value(text, "screener_deliveries", status="dead") == 2
     assert value(text, "screener_deliveries", status="pending") == 0
+    assert value(text, "screener_study_verdicts_24h", verdict="normal") == 1  # labels: the verdicts seen
+    assert value(text, "screener_study_verdicts_24h", verdict="covid19") is None
     free = value(text, "screener_spool_free_bytes")
     assert free is not None and free > 0
 
