@@ -15,6 +15,12 @@ not frontal chests (the non-chest images of pydicom-data) and on validation ches
 or inverted; the card's ``gate`` section records the figures of both. Only the Mahalanobis score is in
 the graph: the energy score, which a network trained on three chest classes only sees through its
 logits, separates non-chests less well on these models (see ``alternatives`` in a card).
+
+The Mahalanobis score alone let most rotated and inverted chests through on the robust model (the lung
+crop re-centres whatever it finds, contrast enhancement makes an inverted chest look chest-like), so by
+default the gate also gets a view check (:mod:`trainer.viewcheck`) on the whole input, and the card
+records each part's refusals beside the combined one (``alternatives``: ``mahalanobis_alone``,
+``view_alone``, ``energy``).
 """
 
 from __future__ import annotations
