@@ -54,6 +54,7 @@ KINDS: tuple[TritonKind, ...] = ("python", "onnxruntime", "tensorrt")
 INPUT_NAME = "image"
 OUTPUT_NAMES: tuple[str, ...] = ("probs", "probs_a", "probs_b")
 NOVELTY_OUTPUT = "novelty"
+HEATMAP_OUTPUT = "heatmap"
 PYTHON_MODEL_SOURCE = Path(__file__).with_name("triton_model.py")
 PLAN_FILE = "model.plan"
 CONFIG_FILE = "config.pbtxt"
@@ -77,9 +78,13 @@ def parameter_key(key: str, version: int) -> str:
 
 
 def output_names(card: ModelCard) -> tuple[str, ...]:
-    """The outputs a model with ``card`` serves: the three probability tensors, plus ``novelty`` with a
-    gate."""
-    return OUTPUT_NAMES + ((NOVELTY_OUTPUT,) if card.gate is not None else ())
+    """The outputs a model with ``card`` serves, as the local engines read them: the three probability
+    tensors, plus ``novelty`` with a gate, plus ``heatmap`` with a heatmap section."""
+    return (
+        OUTPUT_NAMES
+        + ((NOVELTY_OUTPUT,) if card.gate is not None else ())
+        + ((HEATMAP_OUTPUT,) if card.heatmap is not None else ())
+    )
 
 
 @dataclass(frozen=True)
@@ -180,6 +185,9 @@ def _config_text(
             # The graph's novelty is [N]; Triton batches need a non-empty shape per item.
             reshape = "" if kind == "python" else " reshape: { shape: [] }"
             outs.append(f'  {{ name: "{out}" data_type: TYPE_FP32 dims: [1]{reshape} }}')
+        elif out == HEATMAP_OUTPUT:
+            side = newest.heatmap.size if newest.heatmap is not None else 0
+            outs.append(f'  {{ name: "{out}" data_type: TYPE_FP32 dims: [{side}, {side}] }}')
         else:
             outs.append(f'  {{ name: "{out}" data_type: TYPE_FP32 dims: [{classes}] }}')
     lines.append(",\n".join(outs))
@@ -222,6 +230,7 @@ def _same_contract(a: ModelCard, b: ModelCard) -> bool:
         a.input_size == b.input_size
         and len(a.classes) == len(b.classes)
         and output_names(a) == output_names(b)
+        and (a.heatmap.size if a.heatmap else 0) == (b.heatmap.size if b.heatmap else 0)
     )
 
 

@@ -97,6 +97,10 @@ def test_triton_answers_as_the_local_onnxruntime_engine_on_real_radiographs(
         assert got.shape == want.shape == (PARITY_IMAGES, 3) and got.dtype == np.float32
         assert float(np.abs(got - want).max()) <= TOLERANCE, key
     assert remote.novelty is None and local.novelty is None
+    assert (remote.heatmap is None) == (local.heatmap is None)  # new exports carry the heatmap output
+    if local.heatmap is not None and remote.heatmap is not None:
+        assert remote.heatmap.shape == local.heatmap.shape and remote.heatmap.shape[0] == PARITY_IMAGES
+        assert float(np.abs(remote.heatmap - local.heatmap).max()) <= TOLERANCE
 
 
 def test_a_triton_serving_another_version_is_refused(

@@ -338,8 +338,9 @@ class TritonEngine:
             raise self._fault(f"inference of a batch of {x.shape[0]}", exc) from exc
         n = x.shape[0]
         classes = len(self.card.classes)
+        side = self.card.heatmap.size if self.card.heatmap is not None else 0
         for name, value in out.items():
-            expected = (n, 1) if name == "novelty" else (n, classes)
+            expected = {"novelty": (n, 1), "heatmap": (n, side, side)}.get(name, (n, classes))
             allowed = (expected, (n,)) if name == "novelty" else (expected,)
             if value is None or tuple(value.shape) not in allowed:
                 self._verified = False
@@ -347,7 +348,9 @@ class TritonEngine:
                 raise RemoteEngineError(
                     f"{self.where} answered output {name} with shape {got}, not {expected}"
                 )
-        return as_output(*(out[o] for o in self._outputs))
+        return as_output(
+            out["probs"], out["probs_a"], out["probs_b"], out.get("novelty"), heatmap=out.get("heatmap")
+        )
 
     def close(self) -> None:
         """Unregister and free the shared-memory region (Triton may be gone), close the client."""
