@@ -17,6 +17,7 @@ from starlette.testclient import TestClient
 from screener.core.config import ConsoleConfig
 from screener.core.db.migrate import upgrade
 from screener.core.db.models import (
+    ConsoleUser,
     Delivery,
     DeliveryStatus,
     Instance,
@@ -151,9 +152,14 @@ def make_db(tmp: Path, url: str | None = None) -> ConsoleDb:
                         last_error=None if sent else "association rejected",
                     )
                 )
-        accounts.add_user(s, "ana", "admin", PASSWORD)
-        accounts.add_user(s, "rui", "reviewer", PASSWORD)
-        accounts.add_user(s, "vera", "viewer", PASSWORD)
+        ana = accounts.add_user(s, "ana", "admin", PASSWORD)
+        # The same password: ana's argon2 hash verifies it for every account (one costly hash, not three).
+        for name, role in (("rui", "reviewer"), ("vera", "viewer")):
+            s.add(
+                ConsoleUser(
+                    name=name, role=role, password_hash=ana.password_hash, disabled=False, failed_logins=0
+                )
+            )
     return ConsoleDb(engine, spool, ids, uids, str(header.PatientName))
 
 

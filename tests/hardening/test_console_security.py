@@ -35,17 +35,22 @@ from screener.ops.console import accounts
 from screener.ops.console.server import ConsoleServer
 from screener.ops.console.sessions import COOKIE_NAME
 from screener.ops.console.web import ConsoleContext
-from tests.console_data import PASSWORD, ConsoleDb, client, csrf_of, make_db, sign_in
+from tests.console_data import PASSWORD, ConsoleDb, client, copy_db, csrf_of, make_db, sign_in
 from tests.helpers import free_port
 
 ROLES = ("viewer", "reviewer", "admin")
 USER_OF = {"viewer": "vera", "reviewer": "rui", "admin": "ana"}
 
 
+@pytest.fixture(scope="module")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> ConsoleDb:
+    return make_db(tmp_path_factory.mktemp("console-template"))
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> ConsoleDb:
     if request.param == "sqlite":
-        return make_db(tmp_path)
+        return copy_db(request.getfixturevalue("sqlite_template"), tmp_path)
     url = request.getfixturevalue("pg_url")
     return make_db(tmp_path, url)
 
