@@ -50,6 +50,7 @@ DISCLAIMER = (
 # PS3.3 C.7.1.1 Patient's Sex (M, F, O) -> HL7 table 0001 (M, F, O, U).
 _SEX = {"M": "M", "F": "F", "O": "O"}
 HL7_NULL = '""'  # HL7 2.5.1 2.5.3: a field explicitly empty
+MAX_VALUE = 199  # hl7apy's strict limit for an OBX-5 value (ST); a longer reason is shortened
 MAX_CONTROL_ID = 20  # MSH-10 is ST, at most 20 characters in 2.5.1
 
 
@@ -161,8 +162,23 @@ def _escaped(value: str) -> str:
     return text
 
 
+def _fitted(value: str, limit: int = MAX_VALUE) -> str:
+    """``value`` escaped, shortened (ending in "...") until the escaped text fits ``limit`` characters."""
+    text = _escaped(value)
+    if len(text) <= limit:
+        return text
+    low, high = 0, len(value)  # the longest prefix whose escaped text, with "...", still fits
+    while low < high:
+        middle = (low + high + 1) // 2
+        if len(_escaped(value[:middle] + "...")) <= limit:
+            low = middle
+        else:
+            high = middle - 1
+    return _escaped(value[:low] + "...")
+
+
 def _set_value(obx: object, *components: str) -> None:
-    obx.obx_5 = "^".join(_escaped(c) for c in components)  # type: ignore[attr-defined]
+    obx.obx_5 = "^".join(_fitted(c) for c in components)  # type: ignore[attr-defined]
 
 
 def _set_ce(field_: object, concept: Coded) -> None:
@@ -282,7 +298,7 @@ def _build(facts: OruFacts, dest: Hl7Destination, settings: Hl7Config) -> str:
     for reason in facts.reasons:
         index += 1
         obx = _obx(order, index, "TX", REASON_CONCEPT, facts)
-        _set_value(obx, reason[:65536])
+        _set_value(obx, reason)
     index += 1
     obx = _obx(order, index, "ST", ALGORITHM_NAME, facts)
     _set_value(obx, facts.algorithm_name)

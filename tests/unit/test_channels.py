@@ -67,7 +67,11 @@ def _facts(flags: bool = True, verdict: str = "covid19") -> hl7.OruFacts:
                 "normal", hl7.Coded("CXRS-P-NORMAL", "99CXRS", "Probability of Normal"), 0.09
             ),
         ],
-        reasons=["image 2: skipped: view position LL", "image 3: failed: cannot decode\r\nline two\nthree"],
+        reasons=[
+            "image 2: skipped: view position LL",
+            "image 3: failed: cannot decode\r\nline two\nthree",
+            "image 4: failed: " + "a|b " * 100,
+        ],
         **hl7.patient_facts(_header()),
     )
 
@@ -111,7 +115,15 @@ def test_oru_is_valid_251_with_accession_priority_codes_and_escaped_header_value
     assert verdict.obx_5.value == "840539006^COVID-19^SCT" and verdict.obx_8.value == "A"
     assert by_code["CXRS-P-COVID19"].obx_5.value == "0.9100" and by_code["CXRS-P-COVID19"].obx_2.value == "NM"
     reasons = [o.obx_5.value for o in obx if o.obx_3.ce_1.value == "CXRS-REASON"]
-    assert reasons == ["image 2: skipped: view position LL", "image 3: failed: cannot decode line two three"]
+    assert reasons[:2] == [
+        "image 2: skipped: view position LL",
+        "image 3: failed: cannot decode line two three",
+    ]
+    assert (
+        len(reasons[2]) <= 199
+        and reasons[2].startswith("image 4: failed: a\\F\\b")
+        and reasons[2].endswith("...")
+    )
     assert len(text.split("\r")) == 8 + len(obx) - 2, "a line break in a value never makes a segment"
     assert by_code["111003"].obx_5.value == "v7"
     assert all(o.obx_11.value == "P" for o in obx)
