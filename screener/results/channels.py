@@ -219,24 +219,22 @@ def _enqueue_oru(
     key = f"hl7:{dest.name}:{control}"
     if session.scalar(select(Delivery.id).where(Delivery.idempotency_key == key)) is not None:
         return 0
-    try:
-        text = hl7.build_oru(facts, dest, settings)
-    except hl7.Hl7Error as exc:
-        log.error("hl7.build_failed", destination=dest.name, error=str(exc))
-        return 0
-    stored = spool.put(text.encode("utf-8"))
-    session.add(
-        Delivery(
-            study_result_id=result.id,
-            channel=DeliveryChannel.HL7.value,
-            destination=dest.name,
-            object_kind="oru",
-            spool_name=stored.name,
-            idempotency_key=key,
-            status=DeliveryStatus.PENDING,
-            attempts=0,
-        )
+    row = Delivery(
+        study_result_id=result.id,
+        channel=DeliveryChannel.HL7.value,
+        destination=dest.name,
+        object_kind="oru",
+        idempotency_key=key,
+        status=DeliveryStatus.PENDING,
+        attempts=0,
     )
+    try:
+        row.spool_name = spool.put(hl7.build_oru(facts, dest, settings).encode("utf-8")).name
+    except hl7.Hl7Error as exc:
+        # Recorded dead, so `deliveries list --status dead` shows the result that could not be sent.
+        log.error("hl7.build_failed", destination=dest.name, error=str(exc))
+        row.status, row.last_error = DeliveryStatus.DEAD, str(exc)[:2000]
+    session.add(row)
     return 1
 
 
