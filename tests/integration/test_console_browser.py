@@ -58,8 +58,7 @@ def console(
         SCREENER__INFERENCE__POLL_SECONDS="0.2",
         SCREENER__INFERENCE__MAX_WAIT_MS="100",
     )
-    cli(server, "db", "upgrade")
-    cli(server, "models", "register", str(tiny_model_dir), "--activate")
+    cli(server, "models", "register", str(tiny_model_dir), "--activate")  # migrates the new database too
     _add_user(server, "ana", "admin")  # the real command once; the others straight into the same table
     engine = create_engine(server.env()["SCREENER__DATABASE__URL"])
     with Session(engine) as session, session.begin():
@@ -104,13 +103,24 @@ def browser() -> Iterator[object]:
         driver.quit()
 
 
+def _submit(driver, button_id: str) -> None:  # type: ignore[no-untyped-def]
+    """Click a form's button and wait until the next page has replaced this one."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    page = driver.find_element(By.TAG_NAME, "html")
+    driver.find_element(By.ID, button_id).click()
+    WebDriverWait(driver, 30).until(expected_conditions.staleness_of(page))
+
+
 def _sign_in(driver, base: str, name: str, password: str = PASSWORD) -> None:  # type: ignore[no-untyped-def]
     from selenium.webdriver.common.by import By
 
     driver.get(f"{base}/login")
     driver.find_element(By.ID, "name").send_keys(name)
     driver.find_element(By.ID, "password").send_keys(password)
-    driver.find_element(By.ID, "signin").click()
+    _submit(driver, "signin")
 
 
 def _text(driver, element_id: str) -> str:  # type: ignore[no-untyped-def]
@@ -146,7 +156,7 @@ def test_console_in_chromium(console: tuple[Server, str], browser, tmp_path: Pat
 
     # Open a study from the worklist: the image is rendered, the patient shown, the URL holds an id only.
     driver.get(f"{base}/studies")
-    driver.find_element(By.CSS_SELECTOR, "a.study-link").click()
+    driver.get(driver.find_element(By.CSS_SELECTOR, "a.study-link").get_attribute("href"))
     study_url = driver.current_url
     study_id = int(study_url.rsplit("/", 1)[1])
     assert CANARY.split("^")[0] in driver.find_element(By.ID, "patient").text
@@ -160,10 +170,7 @@ def test_console_in_chromium(console: tuple[Server, str], browser, tmp_path: Pat
     driver.find_element(By.ID, "decision-disagree").click()
     Select(driver.find_element(By.ID, "correct-class")).select_by_value(other)
     driver.find_element(By.ID, "comment").send_keys("reviewed in the browser test")
-    driver.find_element(By.ID, "review-submit").click()
-    wait_for(
-        lambda: "?done=review" in driver.current_url or "review-error" in driver.page_source, 30, "the review"
-    )
+    _submit(driver, "review-submit")
     assert "Your review was recorded." in driver.page_source, driver.page_source
     uid = server.rows("SELECT study_instance_uid FROM studies WHERE id = :i", i=study_id)[0][0]
     labels = server.rows(
@@ -181,7 +188,7 @@ def test_console_in_chromium(console: tuple[Server, str], browser, tmp_path: Pat
     driver.get(study_url)
     driver.execute_script("document.querySelector('#review-form input[name=csrf_token]').remove()")
     driver.find_element(By.ID, "decision-na").click()
-    driver.find_element(By.ID, "review-submit").click()
+    _submit(driver, "review-submit")
     assert driver.find_element(By.TAG_NAME, "h1").text == "403"
     assert server.rows("SELECT COUNT(*) FROM study_reviews")[0][0] == 1
 
