@@ -34,11 +34,13 @@ def register(session: Session, model_dir: Path, *, activate: bool = False) -> Mo
     ``model.onnx`` and ``weights.safetensors`` of a registered version never change.
 
     Raises:
-        ModelError / ModelIntegrityError: the directory is incomplete, a file was altered, or it holds
-        another model under an already registered version.
+        ModelError / ModelIntegrityError: the directory is incomplete, a file was altered, it holds
+        another model under an already registered version, or its graph's ``probs`` output has another
+        number of classes than the card names (the card validates its classes and their concepts).
     """
     loaded = load_model_dir(model_dir)
     card = loaded.card
+    check_class_outputs(loaded.onnx_path, card.classes)
     row = session.scalar(select(ModelVersion).where(ModelVersion.version == card.version))
     onnx_sha = card.files["model.onnx"]
     if row is None:
@@ -74,6 +76,24 @@ def register(session: Session, model_dir: Path, *, activate: bool = False) -> Mo
     if activate:
         activate_version(session, card.version)
     return row
+
+
+def check_class_outputs(onnx_path: Path, classes: tuple[str, ...]) -> None:
+    """Raise :class:`ModelError` unless the graph's ``probs`` output has one column per card class (the
+    graph was checked already; external data is not loaded)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    output = next((o for o in graph.output if o.name == "probs"), None)
+    if output is None:
+        raise ModelError(f"{onnx_path.name} has no output named probs: not a screener model graph")
+    dims = output.type.tensor_type.shape.dim
+    width = dims[1].dim_value if len(dims) == 2 and dims[1].HasField("dim_value") else None
+    if width != len(classes):
+        raise ModelError(
+            f"{onnx_path.name} outputs {width} class probabilities but the card names {len(classes)} classes "
+            f"({', '.join(classes)}): the card does not describe this graph; export the model again"
+        )
 
 
 def activate_version(session: Session, version: str) -> ModelVersion:

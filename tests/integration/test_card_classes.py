@@ -208,3 +208,31 @@ def test_four_class_model_trained_on_real_images_registers_serves_and_reports(
     finally:
         server.stop()
         pacs.stop()
+
+
+def test_registration_refuses_a_card_whose_classes_do_not_match_the_graph(
+    two_class_model: Path, tmp_path: Path
+) -> None:
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    from screener.core.db.migrate import upgrade
+    from screener.core.errors import ModelError
+    from screener.model.registry import register
+
+    lying = tmp_path / "lying"
+    shutil.copytree(two_class_model, lying)
+    card = json.loads((lying / CARD_FILE).read_text())
+    card["classes"] = ["normal", "covid19", "viral_pneumonia"]
+    card["thresholds"] = {}
+    card["version"] = "lying-0"
+    (lying / CARD_FILE).write_text(json.dumps(card))
+    engine = create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    try:
+        upgrade(engine)
+        with Session(engine) as session:
+            with pytest.raises(ModelError, match=r"outputs 2 class probabilities but the card names 3"):
+                register(session, lying)
+            assert register(session, two_class_model).version == "two-class-0"
+    finally:
+        engine.dispose()
