@@ -357,8 +357,11 @@ CALIBRATION_KEYS: tuple[str, ...] = ("temperature_a", "temperature_b")
 class ModelCard:
     """What a model promises: label map, preprocessing, fusion, thresholds, provenance and file digests.
 
-    ``thresholds`` maps a class to a decision threshold on its fused probability; an empty mapping means
-    "argmax". ``files`` maps each file name in the model directory to its sha256 (lower-case hex).
+    ``classes`` name the graph's outputs in order; ``concepts`` describe them (:class:`ClassConcept`: SR
+    code, finding or not, priority; :data:`DEFAULT_CONCEPTS` fill in the known ones). ``thresholds`` maps a
+    class to its operating point on its fused probability (:func:`screener.model.verdict.decide`: where no
+    class reaches its own, the label is ``indeterminate``); an empty mapping means "argmax". ``files``
+    maps each file name in the model directory to its sha256 (lower-case hex).
     ``calibration`` holds each network's softmax temperature (fitted on validation data, built into the
     graph), ``lung_crop`` the lung-field crop the graph applies first (None: the whole image), and
     ``sources`` the class x source counts of the training data, ``gate`` the image-content gate the
