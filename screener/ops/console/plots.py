@@ -13,7 +13,13 @@ from markupsafe import Markup
 WIDTH = 640
 BAR_AREA = 150
 LABEL_BAND = 48
-PALETTE = {"normal": "#3b7d4f", "covid19": "#b03a2e", "viral_pneumonia": "#c47f17", "not_analysed": "#7a7a7a"}
+PALETTE = {
+    "normal": "#3b7d4f",
+    "covid19": "#b03a2e",
+    "viral_pneumonia": "#c47f17",
+    "indeterminate": "#6a5acd",
+    "not_analysed": "#7a7a7a",
+}
 DEFAULT_COLOUR = "#2d5d8a"
 MAX_AXIS_LABELS = 12
 MAX_VALUE_LABELS = 24
