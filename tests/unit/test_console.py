@@ -135,6 +135,7 @@ def test_reviewer_disagreement_becomes_a_label_as_trainer_labels_import_would(
     page = c.get(f"/studies/{sid}")
     assert page.status_code == 200 and db.patient_name in page.text  # a reviewer sees the patient
     assert '<strong class="verdict" id="verdict">covid19</strong>' in page.text
+    assert '<span class="flag">finding</span>' in page.text
     img = c.get(f"/studies/{sid}/images/{sid}.png")
     assert img.status_code == 200 and img.content[:8] == b"\x89PNG\r\n\x1a\n"
     r = c.post(

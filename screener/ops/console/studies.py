@@ -248,6 +248,8 @@ class StudyView:
     deliveries: list[DeliveryView]
     reviews: list[ReviewView]
     header: dict[str, str] = field(default_factory=dict)
+    reason: str | None = None  # why the verdict is indeterminate or not analysed
+    flagged: bool = False  # the verdict is a finding of the model's card
 
 
 _HEADER_FIELDS = (
@@ -355,6 +357,8 @@ def study_view(engine: Engine, study_id: int, spool_root: Path | None) -> StudyV
             ],
             reviews=[ReviewView(r.reviewer, r.decision, r.label, r.comment, r.created_at) for r in reviews],
             header=header,
+            reason=getattr(result, "reason", None) if result is not None else None,
+            flagged=bool(getattr(result, "flagged", False)) if result is not None else False,
         )
 
 
