@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,6 +89,7 @@ def adapt_model(
     device: str | None = None,
     progress: bool = True,
     source: str = "site images",
+    target_sensitivity: Mapping[str, float] | None = None,
 ) -> AdaptOutcome:
     """Fine-tune the verified model in ``model_dir`` on the site's ``samples`` and write ``out``.
 
@@ -96,9 +97,11 @@ def adapt_model(
     :data:`SITE_TEST_FRACTION` of ``samples`` is held out (leak-free, by patient and near-duplicate).
     ``preset`` (default: the base model's) gives the recipe; ``epochs`` and ``samples_per_epoch``
     override it (a site has few images: the defaults are the preset's). ``source`` says where the
-    labels came from (recorded). Raises :class:`DataError` with fewer than :data:`MIN_SITE_IMAGES`
-    images or an empty split, :class:`TrainingError` / :class:`screener.core.errors.ModelError` as
-    ``trainer train`` does (``out`` existing included).
+    labels came from (recorded). ``target_sensitivity`` (``{class: sensitivity}``) re-chooses the
+    operating points on the site's validation split (:mod:`trainer.operating_points`).
+    Raises :class:`DataError` with fewer than :data:`MIN_SITE_IMAGES` images or an empty split,
+    :class:`TrainingError` / :class:`screener.core.errors.ModelError` as ``trainer train`` does (``out``
+    existing included).
     """
     base = load_model_dir(Path(model_dir))
     site = list(samples)
@@ -133,6 +136,7 @@ def adapt_model(
         val_fraction=SITE_VAL_FRACTION,
         test_fraction=0.0 if held_out is not None else SITE_TEST_FRACTION,
         extra_metrics={"adaptation": adaptation},
+        target_sensitivity=target_sensitivity,
     )
     test = held_out if held_out is not None else outcome.test_samples
     if not test:

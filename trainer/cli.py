@@ -216,6 +216,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-version", help="version for the card (default: BASE+site)")
     p.add_argument(
+        "--target-sensitivity",
+        action="append",
+        default=[],
+        metavar="CLASS=SENSITIVITY",
+        help="operating points re-chosen on the site's validation split, as for train (repeatable)",
+    )
+    p.add_argument(
         "--register", action="store_true", help="record the model as a candidate in model_versions"
     )
 

@@ -184,15 +184,18 @@ def run_adapt(config: Config, args: argparse.Namespace) -> int:
     after, and with ``--register`` record the new model as a candidate (promote it with `trainer models
     promote`, whose gate compares it with the active model on the site's evaluation data)."""
     from trainer.adapt import adapt_model, summary_line
+    from trainer.operating_points import parse_targets
 
     if args.out.exists():
         raise TrainingError(f"{args.out} already exists: model directories are immutable; choose a new one")
     run_dir = run_dir_for(args.out)
     open_run(run_dir, kind="adapt", model_dir=args.out, recipe={"base": str(args.model), "data": args.data})
     evaluation = load_roots(args.eval_data) if args.eval_data else None
+    site = load_roots(args.data)
+    targets = parse_targets(args.target_sensitivity, sorted({s.label for s in site}))
     outcome = adapt_model(
         args.model,
-        load_roots(args.data),
+        site,
         args.out,
         evaluation=evaluation,
         preset=args.preset,
@@ -202,6 +205,7 @@ def run_adapt(config: Config, args: argparse.Namespace) -> int:
         version=args.model_version,
         workdir=run_dir,
         source="trainer adapt --data " + " ".join(str(d) for d in args.data),
+        target_sensitivity=targets,
     )
     finish_run(run_dir, outcome.card.version)
     print(f"model {outcome.card.version} (adapted from {outcome.card.parent_version}) written to {args.out}")
