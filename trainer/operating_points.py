@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from screener.core.errors import DataError
+from screener.model.modelcard import ModelCard
 
 COVERAGES: tuple[float, ...] = (0.5, 0.8, 1.0)
 """Coverages at which ``trainer evaluate`` reports selective accuracy."""
@@ -148,6 +149,17 @@ def pick_thresholds(
             "n_positive": n_pos,
         }
     return OperatingPoints(thresholds, details)
+
+
+def inherited_targets(card: ModelCard) -> dict[str, float]:
+    """The target sensitivities a card's operating points were chosen for (its
+    ``metrics.operating_points``), so a fine-tuned model keeps its parent's policy; ``{}`` when none."""
+    points = (card.metrics.get("operating_points") or {}).get("classes") or {}
+    return {
+        name: float(detail["target"])
+        for name, detail in points.items()
+        if isinstance(detail, dict) and detail.get("rule") == "target_sensitivity" and name in card.classes
+    }
 
 
 def selective_curve(

@@ -59,7 +59,7 @@ from trainer.fuse import (
     log_loss,
     predict_probs,
 )
-from trainer.operating_points import pick_thresholds
+from trainer.operating_points import inherited_targets, pick_thresholds
 from trainer.train import (
     BackboneResult,
     TrainConfig,
@@ -291,7 +291,8 @@ def train_and_export(
     (``trainer adapt`` records the adaptation there). The model's classes are those the data holds
     (:func:`trainer.data.dataset_classes`; a parent's, when fine-tuning). ``target_sensitivity``
     (``{class: sensitivity}``) sets the card's operating points on the validation split
-    (:func:`trainer.operating_points.pick_thresholds`); without it the card has none (argmax).
+    (:func:`trainer.operating_points.pick_thresholds`); without it a parent's targets are re-applied
+    (fine-tuning), else the card has none (argmax).
     Backbones train in ``workdir/<index>-<arch>/`` (default ``out``'s sibling ``.<out name>.work``) and
     resume from their checkpoints when re-run. The card's metrics hold each candidate's validation
     accuracy/loss, the chosen pair, the fusion summary and trajectory, the pretrained flags, the test
@@ -469,9 +470,10 @@ def train_and_export(
         if splits.test
         else {}
     )
-    points = pick_thresholds(
-        fused_probs(fusion.weight, probs_a, probs_b), labels, classes, dict(target_sensitivity or {})
-    )
+    targets = dict(target_sensitivity or {})
+    if target_sensitivity is None and parent is not None:
+        targets = inherited_targets(parent.card)  # retrain/adapt keep the parent's operating-point policy
+    points = pick_thresholds(fused_probs(fusion.weight, probs_a, probs_b), labels, classes, targets)
     if points.thresholds:
         log.info("operating_points", thresholds=points.thresholds)
 

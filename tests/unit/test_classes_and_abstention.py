@@ -190,3 +190,19 @@ def test_selective_accuracy_keeps_the_most_confident_first(tmp_path: Path) -> No
     plot_selective(probs, labels, tmp_path / "selective.png")
     with Image.open(tmp_path / "selective.png") as image:
         assert image.size[0] > 300
+
+
+def test_a_fine_tuned_model_inherits_its_parents_target_sensitivities() -> None:
+    from trainer.operating_points import inherited_targets
+
+    metrics = {
+        "operating_points": {
+            "split": "validation",
+            "classes": {
+                "covid19": {"rule": "target_sensitivity", "target": 0.95, "threshold": 0.3},
+                "normal": {"rule": "youden", "threshold": 0.5},
+            },
+        }
+    }
+    assert inherited_targets(_card(CLASSES3, metrics=metrics)) == {"covid19": 0.95}
+    assert inherited_targets(_card(CLASSES3)) == {}
