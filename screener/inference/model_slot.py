@@ -17,7 +17,12 @@ from pathlib import Path
 from sqlalchemy.orm import Session, sessionmaker
 
 from screener.core.config import InferenceConfig
-from screener.core.errors import ModelIntegrityError, RemoteEngineError, ScreenerError
+from screener.core.errors import (
+    ModelIntegrityError,
+    RemoteEngineError,
+    ScreenerError,
+    ServedModelMismatchError,
+)
 from screener.core.logs import get_logger
 from screener.core.metrics import Metrics
 from screener.imaging.pixels import PreprocessSpec
@@ -113,8 +118,10 @@ class ModelSlot:
                 engine.close()
                 raise
         except ScreenerError as exc:
-            # An unreachable inference server is retried sooner than a model that failed its checks.
-            retry = inf.triton.max_retry_seconds if isinstance(exc, RemoteEngineError) else self.retry_seconds
+            # An inference server that is unreachable or serves another version (an export or a load may be
+            # on its way) is asked again sooner than a model that failed its own checks.
+            remote = isinstance(exc, RemoteEngineError | ServedModelMismatchError)
+            retry = inf.triton.max_retry_seconds if remote else self.retry_seconds
             self.refused = (row.id, row.card_json, time.monotonic() + min(retry, self.retry_seconds))
             log.error(
                 "model.load_failed",

@@ -15,15 +15,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.orm import sessionmaker
+from structlog.testing import capture_logs
 
-from screener.core.config import TritonConfig
+from screener.core.config import InferenceConfig, TritonConfig
+from screener.core.db.migrate import upgrade
 from screener.core.errors import RemoteEngineError, ServedModelMismatchError
 from screener.imaging.pixels import preprocess_file
+from screener.inference.model_slot import ModelSlot
 from screener.model.engine import load_engine
 from screener.model.engine.base import EngineOutput
 from screener.model.engine.onnx_backend import OnnxRuntimeEngine
 from screener.model.engine.triton_backend import TritonEngine
 from screener.model.modelcard import CARD_FILE, LoadedModel, load_model_dir
+from screener.model.registry import register
 from screener.model.triton_local import LocalTriton
 from screener.model.triton_repo import export_triton, triton_version
 from tests.helpers import free_port
@@ -175,3 +181,35 @@ def test_a_new_version_rolls_in_beside_the_old_one_and_the_oldest_goes(
             old.infer(x)  # the re-check says why
     finally:
         old.close()
+
+
+def test_a_worker_refuses_to_serve_through_a_triton_that_serves_another_version_then_takes_it(
+    served: tuple[LocalTriton, Path], tiny_model_dir: Path, tmp_path: Path
+):
+    """The worker's model slot: the active version is not on Triton -> refused with the export command and
+    retried; once exported there (the roll above left the entry with room), the same slot loads it."""
+    server, repo = served
+    db = create_engine(f"sqlite:///{tmp_path / 'screener.db'}")
+    upgrade(db)
+    candidate = _other_version(tiny_model_dir, tmp_path / "v9", "test-tiny-v9")
+    sessions = sessionmaker(db, expire_on_commit=False)
+    with sessions.begin() as session:
+        register(session, candidate, activate=True)
+    inference = InferenceConfig(
+        backend="triton", precision="fp32", triton=TritonConfig(url=server.grpc_url, max_retry_seconds=0.1)
+    )
+    slot = ModelSlot(inference, sessions)
+    with capture_logs() as logs:
+        assert slot.refresh() is None
+    refused = [e for e in logs if e["event"] == "model.load_failed"]
+    assert len(refused) == 1 and refused[0]["version"] == "test-tiny-v9"
+    assert "screener models export-triton test-tiny-v9 REPO_DIR" in refused[0]["error"]
+    exported = export_triton(candidate, repo, max_batch=8)
+    server.wait_model("cxr-screener", exported.triton_version)
+    time.sleep(0.2)  # past the slot's retry time
+    loaded = slot.refresh()
+    try:
+        assert loaded is not None and loaded.version == "test-tiny-v9" and loaded.engine.name == "triton"
+    finally:
+        slot.close()
+        db.dispose()
