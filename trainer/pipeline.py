@@ -472,7 +472,9 @@ def train_and_export(
     )
     targets = dict(target_sensitivity or {})
     if target_sensitivity is None and parent is not None:
-        targets = inherited_targets(parent.card)  # retrain/adapt keep the parent's operating-point policy
+        # retrain/adapt keep the parent's operating-point policy, for the classes validation can set
+        present = {classes[int(i)] for i in np.unique(labels)}
+        targets = {c: t for c, t in inherited_targets(parent.card).items() if c in present}
     points = pick_thresholds(fused_probs(fusion.weight, probs_a, probs_b), labels, classes, targets)
     if points.thresholds:
         log.info("operating_points", thresholds=points.thresholds)
