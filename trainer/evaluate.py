@@ -887,7 +887,7 @@ def format_summary(report: Mapping[str, Any]) -> str:
     selective = (report.get("selective") or {}).get("accuracy_at_coverage") or {}
     if selective:
         cells = ", ".join(f"{_pct(v).strip()} at {100 * float(c):.0f}%" for c, v in selective.items())
-        lines.append(f"selective accuracy (most confident first): {cells} coverage")
+        lines.append(f"selective accuracy (argmax, most confident first): {cells} coverage")
     if report.get("indeterminate"):
         lines.append(
             f"indeterminate under the card's operating points: {report['indeterminate']} of {report.get('n')}"
