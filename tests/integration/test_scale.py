@@ -38,7 +38,7 @@ def test_two_listeners_two_workers_one_postgresql_classify_each_instance_once(
     }
     try:
         processes: list[Server] = []
-        for role in ("listener", "listener", "worker", "worker", "sender"):
+        for role in ("listener", "listener", "worker", "worker", "settler", "sender"):
             processes.append(make_server(**common, role=role))
         cli(processes[0], "db", "upgrade")
         cli(processes[0], "models", "register", str(tiny_model_dir), "--activate")
@@ -83,6 +83,12 @@ def test_two_listeners_two_workers_one_postgresql_classify_each_instance_once(
             if s.role == "worker" and any(e["event"] == "batch.done" for e in s.log_events())
         ]
         assert len(busy) == 2, "both workers took work"
+        # Verdicts come from the settler threads of the workers and from the settler process, once each.
+        verdicts = [e for s in processes for e in s.log_events() if e["event"] == "study.verdict"]
+        assert len(verdicts) == 10 and {e["logger"] for e in verdicts} == {"screener.settler"}
+        (settler,) = [s for s in processes if s.role == "settler"]
+        assert any(e["event"] == "settler.started" for e in settler.log_events())
+        assert not any(e["event"] == "model.loaded" for e in settler.log_events())
     finally:
         pacs.stop()
 
