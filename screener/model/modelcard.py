@@ -653,6 +653,19 @@ def _concepts_from_dict(value: object) -> dict[str, ClassConcept]:
     return out
 
 
+def classes_of_json(card_json: str) -> tuple[str, ...]:
+    """The ``classes`` of a card's JSON text as a registry row keeps it, without validating the rest (for
+    reports over old or partial rows); the paper's three when the text names none."""
+    try:
+        data = json.loads(card_json)
+    except ValueError:
+        return CLASSES
+    classes = data.get("classes") if isinstance(data, dict) else None
+    if isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes):
+        return tuple(classes)
+    return CLASSES
+
+
 def default_concepts(classes: Collection[str]) -> dict[str, ClassConcept]:
     """The :data:`DEFAULT_CONCEPTS` entries of ``classes`` (those with a default), for a new card."""
     return {name: DEFAULT_CONCEPTS[name] for name in classes if name in DEFAULT_CONCEPTS}

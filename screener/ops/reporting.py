@@ -26,7 +26,7 @@ from sqlalchemy.types import TypeEngine
 from screener.core.db.models import ModelVersion
 from screener.core.db.types import UTCDateTime, as_utc
 from screener.core.errors import ScreenerError
-from screener.model.modelcard import CLASSES, ModelCard
+from screener.model.modelcard import CLASSES, classes_of_json
 from screener.model.verdict import INDETERMINATE, NOT_ANALYSED
 
 VIEW_REPORTS: tuple[str, ...] = ("daily", "positives", "turnaround", "performance", "deliveries")
@@ -152,7 +152,7 @@ def model_classes(engine: Engine) -> dict[str, tuple[str, ...]]:
     """``{model version: its card's classes}`` for every registered model, in registration order."""
     with engine.connect() as conn:
         rows = conn.execute(select(ModelVersion.version, ModelVersion.card_json).order_by(ModelVersion.id))
-        return {str(version): ModelCard.from_json(card).classes for version, card in rows}
+        return {str(version): classes_of_json(card) for version, card in rows}
 
 
 def all_classes(engine: Engine) -> tuple[str, ...]:

@@ -35,7 +35,7 @@ from screener.core.stats import (
     macro_auc,
 )
 from screener.imaging.part10 import accession_of
-from screener.model.modelcard import CLASSES, ModelCard
+from screener.model.modelcard import CLASSES, classes_of_json
 
 NOT_RECORDED = "(not recorded)"
 
@@ -246,7 +246,7 @@ def site_performance(
     cases, labels = _load_cases(engine, since, until, model)
     with engine.connect() as conn:
         cards = {
-            str(v): ModelCard.from_json(card).classes
+            str(v): classes_of_json(card)
             for v, card in conn.execute(select(ModelVersion.version, ModelVersion.card_json))
         }
     known = tuple(dict.fromkeys(c for classes in cards.values() for c in classes)) or CLASSES
