@@ -32,11 +32,12 @@ Data (``--data``), each instance re-UID'd (new study, series and SOP Instance UI
     python bench/e2e.py                                    # 500 instances, random fused model
     python bench/e2e.py --quick                            # 40 instances
     python bench/e2e.py --data j2k-lossless --model DIR    # issue 9's comparison on JPEG 2000
-    python bench/e2e.py --settling 50 --settle 3 --rate 4  # C-STORE -> prediction while 50 studies settle
+    python bench/e2e.py --settling 50 --settle 10 --rate 4  # C-STORE -> prediction while 50 studies settle
 
 ``--settling N`` first sends N other studies (one instance each), waits for their predictions, and starts
-sending the measured instances just as those N studies become due (``--settle`` seconds after the last
-of them arrived), so that N verdicts and SRs are made while the measured instances are classified. The
+sending the measured instances a second before those N studies become due (``--settle`` seconds after the
+last of them arrived), so that N verdicts and SRs are made while the measured instances are classified
+(``--settle`` must leave time for the N predictions; the run says when it did not). The
 table then says when, relative to the start of the measured sending, the N verdicts were made.
 """
 
@@ -352,8 +353,14 @@ def run_once(
                         ):
                             break
                     time.sleep(0.1)
-                # They become due settle seconds after the last of them arrived: start sending then.
-                time.sleep(max(0.0, burst[-1] + args.settle - time.time()))
+                # They become due settle seconds after the last of them arrived: start sending a second
+                # before, so that the measured instances are in flight when the verdicts are made.
+                late = time.time() - (burst[-1] + args.settle - 1.0)
+                if late > 0:
+                    print(
+                        f"# the settling studies were due {late:.1f} s early: raise --settle", file=sys.stderr
+                    )
+                time.sleep(max(0.0, -late))
             sent_at = time.time()
             acks = send_all(files, port, args.data == "j2k-lossless", args.rate, bar)
             deadline = time.monotonic() + 120 + n * args.patience
