@@ -522,6 +522,14 @@ class ModelCard:
             raise _bad("classes", self.classes, "lists a class twice")
         if not isinstance(self.concepts, dict):
             raise _bad("concepts", self.concepts, "must map class names to concepts")
+        for name in self.classes:
+            if name not in self.concepts and name not in DEFAULT_CONCEPTS:
+                raise _bad(
+                    "classes",
+                    name,
+                    "unknown class without a concept: give it an entry in the card's concepts section "
+                    "(meaning, code, scheme, finding, probability_code)",
+                )
         for name, concept in self.concepts.items():
             if name not in self.classes:
                 raise _bad(f"concepts.{name}", name, "names a class the model does not output")

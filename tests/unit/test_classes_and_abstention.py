@@ -64,7 +64,7 @@ def test_a_card_names_a_new_class_with_its_own_concept_and_round_trips() -> None
 @pytest.mark.parametrize(
     ("classes", "changes", "message"),
     [
-        (("normal", "effusion"), {}, r"concepts\.effusion = None: is required"),
+        (("normal", "effusion"), {}, r"classes = 'effusion': unknown class without a concept"),
         (("normal", "indeterminate"), {}, r"not not_analysed or indeterminate"),
         (("normal", "Covid"), {}, r"lower-case letters"),
         (("normal", "covid19"), {"concepts": {"covid19": ClassConcept("COVID-19", "1", "SCT", False, "P")}},
