@@ -1,7 +1,7 @@
 """Shortcut audit with heatmaps: how much of each model's class activation map lies near the image borders
 and in the corners, where burned-in text, markers and collimation edges sit.
 
-    nice -n 19 .venv/bin/python bench/heatmap_audit.py --model var/models/hm-quick \\
+    nice -n 19 .venv/bin/python -m bench.heatmap_audit --model var/models/hm-quick \\
         --model var/models/hm-robust --data ../shared/data/cxr3 --data ../shared/data/cxrx --limit 250 \\
         --out var/heatmap-audit --sheet docs/model-results/heatmaps/contact-sheet.png
 
@@ -187,7 +187,8 @@ def _sheet(measured: dict[str, list[Measured]], keys: list[str], path: Path) -> 
             tiles.append(tile)
         strip = np.concatenate(tiles, axis=1)
         caption = np.zeros((22, strip.shape[1], 3), np.uint8)
-        cv2.putText(caption, name, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (255, 255, 255), 1)
+        text = f"{name} (heatmap of its prediction; under each image: the true class)"
+        cv2.putText(caption, text, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1)
         rows += [caption, strip]
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), cv2.cvtColor(np.concatenate(rows, axis=0), cv2.COLOR_RGB2BGR))

@@ -1,6 +1,6 @@
 """What the ``heatmap`` output costs: ONNX Runtime latency of the same model with and without it.
 
-    nice -n 19 .venv/bin/python bench/heatmap_cost.py [--model DIR] [--batch 1 --batch 8] [--repeats 20]
+    nice -n 19 .venv/bin/python -m bench.heatmap_cost [--model DIR] [--batch 1 --batch 8] [--repeats 20]
 
 Without ``--model`` the production architecture is measured: a seeded random resnet101 + resnet152 at
 224 px (latency does not depend on the weights). The model's weights are exported twice into a temporary
