@@ -16,12 +16,13 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+import torch
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from screener.model.engine.onnx_backend import OnnxRuntimeEngine
-from screener.model.engine.torch_backend import TorchEngine
+from screener.model.engine.torch_backend import HalfFused, TorchEngine
 from screener.model.export import add_heatmap, export_model_dir
 from screener.model.fused import load_fused_from_safetensors
 from screener.model.modelcard import load_model_dir
@@ -159,6 +160,13 @@ def test_onnxruntime_and_torch_engines_return_the_same_heatmap(tiny_model_dir, c
     assert onnx_out.heatmap.shape == (3, side, side)
     np.testing.assert_allclose(onnx_out.heatmap, torch_out.heatmap, atol=2e-3)
     assert np.all(onnx_out.heatmap.reshape(3, -1).max(axis=1) > 0.99)
+    # The CUDA path's FP16 networks (run here on the CPU): the map from FP16 features stays close.
+    half = HalfFused(load_fused_from_safetensors(loaded.weights_path, loaded.card), torch.contiguous_format)
+    with torch.no_grad():
+        half_out = half(torch.from_numpy(batch))
+    assert half_out[-1].dtype == torch.float32 and tuple(half_out[-1].shape) == (3, side, side)
+    same = half_out[0].argmax(dim=1).numpy() == onnx_out.probs.argmax(axis=1)
+    np.testing.assert_allclose(half_out[-1].numpy()[same], onnx_out.heatmap[same], atol=5e-2)
 
 
 class _ReceivingPacs:

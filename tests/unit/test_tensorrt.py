@@ -50,6 +50,11 @@ def test_fp16_engine_matches_onnxruntime_and_reuses_cache(model_dir: Path, tmp_p
     np.testing.assert_allclose(got.probs.sum(axis=1), 1.0, atol=1e-3)
     w = loaded.card.fusion_weight
     np.testing.assert_allclose(got.probs, w * got.probs_a + (1 - w) * got.probs_b, atol=1e-3)
+    # The heatmap output (card section heatmap): same maps as onnxruntime where the label agrees.
+    assert got.heatmap is not None and want.heatmap is not None and big.heatmap is not None
+    assert got.heatmap.shape == want.heatmap.shape == (5, 64, 64) and big.heatmap.shape[0] == 10
+    same = got.probs.argmax(axis=1) == want.probs.argmax(axis=1)
+    np.testing.assert_allclose(got.heatmap[same], want.heatmap[same], atol=5e-2, rtol=0)
 
     mtime = plans[0].stat().st_mtime_ns
     again, _ = load_engine(model_dir, "tensorrt", trt_cache_dir=cache, max_batch=8)
