@@ -31,7 +31,7 @@ from screener.core.spool import Spool
 from screener.inference.instance_queue import ClaimedInstance, InstanceQueue
 from screener.inference.model_slot import LoadedModel
 from screener.inference.prepare import Prepared, init_pool_process, prepare_instance
-from screener.model.heatmap import encode_png
+from screener.model.heatmap import stored_png
 from screener.model.verdict import decide
 
 log = get_logger("screener.worker")
@@ -166,7 +166,7 @@ class BatchRunner:
                 pa = [float(x) for x in output.probs_a[k]]
                 pb = [float(x) for x in output.probs_b[k]]
                 novelty = float(output.novelty[k]) if output.novelty is not None else None
-                heatmap = encode_png(output.heatmap[k]) if output.heatmap is not None else None
+                heatmap = stored_png(output.heatmap[k]) if output.heatmap is not None else None
                 k += 1
                 seen = _seen(p, model, novelty)
                 if model.gate is not None and model.gate.refuses(novelty):

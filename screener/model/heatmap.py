@@ -50,6 +50,15 @@ def encode_png(heatmap: object) -> bytes:
     return bytes(buffer.tobytes())
 
 
+def stored_png(heatmap: object) -> bytes | None:
+    """:func:`encode_png`, or None for a map that cannot be one (a non-finite value, a wrong shape): the
+    worker keeps the prediction and stores no heatmap rather than lose the image."""
+    try:
+        return encode_png(heatmap)
+    except ValueError:
+        return None
+
+
 def decode_png(data: bytes) -> FloatImage:
     """A heatmap stored by :func:`encode_png`; raises ``ValueError`` when ``data`` is not a grey PNG."""
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)

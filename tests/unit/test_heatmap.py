@@ -25,6 +25,7 @@ from screener.model.heatmap import (
     encode_png,
     mass_share,
     overlay,
+    stored_png,
 )
 from screener.model.modelcard import HeatmapSpec
 from screener.results.sc import SIZE, build_secondary_capture, render_lines
@@ -145,6 +146,7 @@ def test_png_round_trip_and_bad_maps_are_refused():
         check_heatmap(np.full((4, 4), np.nan))
     with pytest.raises(ValueError, match="grey PNG"):
         decode_png(b"not a png")
+    assert stored_png(np.full((4, 4), np.nan)) is None and stored_png(heat) == data
 
 
 def test_border_and_corner_shares():
