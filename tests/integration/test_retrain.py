@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from tests.helpers import SCREENER
-from tests.test_evaluate import REQUIRED_KEYS
+from tests.unit.test_evaluate import REQUIRED_KEYS
 
 TRAINER = SCREENER.with_name("trainer")
 
