@@ -13,7 +13,7 @@
 # graphs, onnxruntime CUDA if present, TensorRT); the parity check on 200 real cxr3 images (CXR3_DIR,
 # else var/cxr3-sample made by `python bench/gpu/report.py sample-cxr3 --out var/cxr3-sample`);
 # bench/e2e.py --quick on uncompressed and on JPEG 2000 RG1 instances; bench/train.py --quick;
-# bench/triton.py (1, 2, 4 workers on one tritonserver, when var/pytriton is there); torch.compile last
+# bench/triton_fleet.py (1, 2, 4 workers on one tritonserver, when var/pytriton is there); torch.compile last
 # (slow to compile); then the Markdown fragment.
 set -u -o pipefail
 
@@ -90,7 +90,7 @@ step train 90 45 "$PY" bench/train.py --quick
 # Triton (issue 19): workers sharing one tritonserver beside the local engine. Needs the nvidia-pytriton
 # wheel's server in var/pytriton and onnxruntime in var/triton-py (tests/run installs both; too big to carry).
 if [ -x var/pytriton/pytriton/tritonserver/bin/tritonserver ] && [ -d var/triton-py/onnxruntime ]; then
-    step triton 150 90 "$PY" bench/triton.py --model-dir "$MODEL" --images 256 --batch 32 --workers 1,2,4 \
+    step triton 150 90 "$PY" bench/triton_fleet.py --model-dir "$MODEL" --images 256 --batch 32 --workers 1,2,4 \
         --json "$OUT/triton.json"
 else
     echo "triton: skipped, no tritonserver in var/pytriton or onnxruntime in var/triton-py" | tee -a "$STEPS"

@@ -1,8 +1,8 @@
 """Workers sharing one Triton Inference Server against the local ONNX Runtime engine, in the same run.
 
-    python bench/triton.py                          # random fused resnet18+resnet34 at 128 px, 192 images
-    python bench/triton.py --archs resnet101,resnet152 --size 224 --images 64   # the paper's model
-    python bench/triton.py --model-dir DIR          # an exported model directory
+    python bench/triton_fleet.py                    # random fused resnet18+resnet34 at 128 px, 192 images
+    python bench/triton_fleet.py --archs resnet101,resnet152 --size 224 --images 64   # the paper's model
+    python bench/triton_fleet.py --model-dir DIR    # an exported model directory
 
 One model is exported with ``export_triton`` (the Python-backend entry that ``screener models
 export-triton`` writes) and served by the nvidia-pytriton wheel's ``tritonserver`` on loopback
@@ -30,18 +30,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Run as `python bench/triton.py`, this folder is first on sys.path and this file would shadow the `triton`
-# package (the GPU compiler) that torch imports: take the folder off before importing anything heavy.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from screener.core.config import TritonConfig  # noqa: E402
-from screener.core.progress import Progress  # noqa: E402
-from screener.model.engine.base import Engine  # noqa: E402
-from screener.model.modelcard import load_model_dir  # noqa: E402
-from screener.model.triton_local import LocalTriton  # noqa: E402
-from screener.model.triton_repo import export_triton  # noqa: E402
+from screener.core.config import TritonConfig
+from screener.core.progress import Progress
+from screener.model.engine.base import Engine
+from screener.model.modelcard import load_model_dir
+from screener.model.triton_local import LocalTriton
+from screener.model.triton_repo import export_triton
 
 
 def _free_port() -> int:
