@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, case, func, select, text
+from sqlalchemy import Engine, case, func, select
 from sqlalchemy.orm import Session
 
 from screener.core.db.models import (
@@ -28,6 +28,7 @@ from screener.core.db.models import (
     Study,
     StudyResult,
 )
+from screener.core.db.queries import PG_TURNAROUND
 from screener.model.registry import active_version
 from screener.ops.reporting import PERCENTILES, turnaround_summary
 from screener.ops.status import collect_status
@@ -125,38 +126,13 @@ def _turnaround_rows(session: Session, since: datetime) -> list[dict[str, Any]]:
     return rows
 
 
-_PG_TURNAROUND = text(
-    """
-    WITH r AS (
-        SELECT EXTRACT(EPOCH FROM (sr.created_at - s.first_received_at)) AS to_result,
-               CASE WHEN d.n > 0 AND d.unsent = 0
-                    THEN EXTRACT(EPOCH FROM (d.last_sent - s.first_received_at)) END AS to_delivery
-        FROM study_results sr
-        JOIN studies s ON s.id = sr.study_id
-        LEFT JOIN LATERAL (
-            SELECT COUNT(*) AS n, SUM(CASE WHEN status = 'sent' THEN 0 ELSE 1 END) AS unsent,
-                   MAX(sent_at) AS last_sent
-            FROM deliveries WHERE study_result_id = sr.id AND object_kind = 'sr'
-        ) d ON TRUE
-        WHERE sr.created_at >= :since
-    )
-    SELECT COUNT(*) AS total,
-           COUNT(to_result) AS n_result,
-           percentile_cont(CAST(:qs AS double precision[])) WITHIN GROUP (ORDER BY to_result) AS p_result,
-           COUNT(to_delivery) AS n_delivery,
-           percentile_cont(CAST(:qs AS double precision[])) WITHIN GROUP (ORDER BY to_delivery) AS p_delivery
-    FROM r
-    """
-)
-
-
 def _turnaround(session: Session, engine: Engine, since: datetime) -> list[dict[str, Any]]:
     """:func:`screener.ops.reporting.turnaround_summary` of the window's results. On PostgreSQL the
     percentiles are computed in the database (``percentile_cont`` interpolates linearly between closest
     ranks, as :func:`~screener.ops.reporting.percentile` does), so a month of results is not sent over."""
     if engine.dialect.name != "postgresql":
         return turnaround_summary(_turnaround_rows(session, since))
-    row = session.execute(_PG_TURNAROUND, {"since": since, "qs": [q / 100.0 for q in PERCENTILES]}).one()
+    row = session.execute(PG_TURNAROUND, {"since": since, "qs": [q / 100.0 for q in PERCENTILES]}).one()
     out: list[dict[str, Any]] = []
     for measure, n, values in (
         ("seconds_to_result", row.n_result, row.p_result),
