@@ -10,7 +10,7 @@ import contextlib
 import enum
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -158,10 +158,6 @@ class Login:
     locked_until: datetime | None = None
 
 
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-
-
 def authenticate(
     session: Session, name: str, password: str, *, max_failures: int, lockout: timedelta
 ) -> Login:
@@ -176,8 +172,8 @@ def authenticate(
             _HASHER.verify(_DUMMY_HASH, password)
         return Login(LoginOutcome.WRONG, None)
     now = utcnow()
-    if user.locked_until is not None and _aware(user.locked_until) > now:
-        return Login(LoginOutcome.LOCKED, user, _aware(user.locked_until))
+    if user.locked_until is not None and user.locked_until > now:
+        return Login(LoginOutcome.LOCKED, user, user.locked_until)
     try:
         _HASHER.verify(user.password_hash, password)
     except (VerifyMismatchError, InvalidHashError, VerificationError):

@@ -77,10 +77,6 @@ class Dashboard:
         return out
 
 
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-
-
 def _bucket_expr(engine: Engine, column: Any, bucket: str) -> Any:
     """The UTC hour or day of a timestamp column, as text, in either dialect."""
     if engine.dialect.name == "postgresql":
@@ -115,12 +111,12 @@ def _turnaround_rows(session: Session, since: datetime) -> list[dict[str, Any]]:
     )
     rows: list[dict[str, Any]] = []
     for arrived, result_at, n, unsent, last_sent in session.execute(query):
-        start = _aware(arrived)
+        start = arrived
         delivered = n and not unsent and last_sent is not None
         rows.append(
             {
-                "seconds_to_result": (_aware(result_at) - start).total_seconds(),
-                "seconds_to_delivery": (_aware(last_sent) - start).total_seconds() if delivered else None,
+                "seconds_to_result": (result_at - start).total_seconds(),
+                "seconds_to_delivery": (last_sent - start).total_seconds() if delivered else None,
             }
         )
     return rows
@@ -163,7 +159,7 @@ def _active_model(session: Session) -> ActiveModel | None:
     return ActiveModel(
         version=row.version,
         architectures=row.architectures,
-        activated_at=_aware(row.activated_at).isoformat(timespec="seconds") if row.activated_at else None,
+        activated_at=row.activated_at.isoformat(timespec="seconds") if row.activated_at else None,
         figures=figures,
         calibration=calibration,
         thresholds=thresholds,
@@ -238,7 +234,7 @@ def collect_dashboard(
             received_per_bucket=received_f.result(),
             bucket=bucket,
             queue_depth=int(depth),
-            oldest_queued_seconds=(now - _aware(oldest)).total_seconds() if oldest is not None else None,
+            oldest_queued_seconds=(now - oldest).total_seconds() if oldest is not None else None,
             turnaround=turnaround_f.result(),
             verdicts=verdicts_f.result(),
             deliveries=deliveries_f.result(),

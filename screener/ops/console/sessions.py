@@ -8,7 +8,7 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
@@ -64,7 +64,7 @@ def find_session(session: Session, token: str | None) -> SignedIn | None:
     if found is None:
         return None
     row, user = found
-    expires = row.expires_at if row.expires_at.tzinfo else row.expires_at.replace(tzinfo=UTC)
+    expires = row.expires_at
     if expires <= utcnow() or user.disabled:
         return None
     return SignedIn(row.id, user.id, user.name, user.role, row.csrf_token, expires)
