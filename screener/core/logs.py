@@ -93,6 +93,8 @@ def configure_logging(config: LoggingConfig, stream: TextIO | None = None) -> No
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)  # routine job runs; failures are logged by us
+    # highdicom logs every SOP Instance UID it writes at INFO; UIDs appear in our logs only as short hashes.
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 
 def get_logger(name: str) -> Any:
