@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from screener.core.db.models import AuditEvent
 
 INSTANCE_RECEIVED = "instance.received"
+INSTANCE_RESTORED = "instance.restored"  # a resent copy replaced a kept file that had gone missing
 RESULT_PRODUCED = "result.produced"
 RESULT_DELIVERED = "result.delivered"
 RESULT_WITHHELD = "result.withheld"  # results.mode = "shadow": recorded, not sent to the destinations named

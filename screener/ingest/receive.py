@@ -542,7 +542,13 @@ class Ingest:
                     STATUS_SUCCESS,
                     detail=f"{mismatch.detail}: the data set is already stored under its own UID",
                 )
-            return IngestResult(IngestOutcome.DUPLICATE, STATUS_SUCCESS, detail="same bytes already stored")
+            healed = self._restore_missing_file(rx)
+            if isinstance(healed, IngestResult):
+                return healed
+            detail = "same bytes already stored"
+            if healed:
+                detail += "; the stored file was missing and the resent bytes replace it"
+            return IngestResult(IngestOutcome.DUPLICATE, STATUS_SUCCESS, detail=detail)
         action = ClashAction.REFUSED if self.refuse_conflicts else ClashAction.KEPT_FIRST
         try:
             self._record_clash(rx, kept_sha256, digest, action, mismatch)
@@ -559,6 +565,49 @@ class Ingest:
             STATUS_SUCCESS,
             detail="SOP Instance UID already stored with different bytes",
         )
+
+    def _restore_missing_file(self, rx: Received) -> bool | IngestResult:
+        """Before answering a repeat 0x0000, make sure the kept copy still exists.
+
+        A commit whose reply was lost (the database crashed or failed over inside COMMIT) leaves a row
+        although the listener answered 0xA700 and removed the file; the sender's retry then arrives as a
+        "duplicate". Answering it 0x0000 would acknowledge bytes nobody holds, so the resent (identical)
+        bytes take the missing file's place, and a row that failed for want of its file is queued again.
+        True when the file was restored; an :class:`IngestResult` when the database or spool failed.
+        """
+        try:
+            with self.sessions() as session:
+                row = session.execute(
+                    select(Instance.id, Instance.spool_name, Instance.status).where(
+                        Instance.sop_instance_uid == rx.sop_instance_uid
+                    )
+                ).first()
+        except SQLAlchemyError as exc:
+            return self._db_down(exc)
+        if row is None or self.spool.path(row.spool_name).exists():
+            return False
+        try:
+            entry = self.spool.commit(rx.incoming)
+        except SpoolError as exc:
+            return self._spool_failed(exc)
+        try:
+            with self.sessions.begin() as session:
+                values: dict[str, object] = {"spool_name": entry.name}
+                if row.status is InstanceStatus.FAILED:
+                    values.update(status=InstanceStatus.QUEUED, status_reason=None, attempts=0)
+                session.execute(update(Instance).where(Instance.id == row.id).values(**values))
+                audit.record(
+                    session,
+                    audit.INSTANCE_RESTORED,
+                    actor=rx.calling_ae_title,
+                    subject=rx.sop_instance_uid,
+                    detail={"sha256": entry.sha256, "bytes": entry.size_bytes},
+                )
+        except SQLAlchemyError as exc:
+            self.spool.remove(entry.name)
+            return self._db_down(exc)
+        log.warning("instance.file_restored", sop=uid_hash(rx.sop_instance_uid))
+        return True
 
     def _record_clash(
         self, rx: Received, kept: str, digest: str, action: ClashAction, mismatch: Mismatch | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 from pathlib import Path
@@ -145,6 +146,23 @@ def test_duplicate_same_bytes_is_success_without_new_row(make_server):
     assert len(server.spool_files()) == 1
     outcomes = [e["outcome"] for e in server.log_events() if e["event"] == "instance.received"]
     assert outcomes == ["stored", "duplicate"]
+
+
+def test_repeat_of_a_row_whose_file_is_gone_restores_the_file(make_server):
+    """A commit whose reply was lost (database crash inside COMMIT) leaves a row whose file the listener
+    removed after answering 0xA700; the sender's retry must not be acknowledged as a mere duplicate."""
+    server = make_server().start()
+    ds = small_cr(rg1_pixels(128), study_uid=generate_uid())
+    assert store(server.port, [ds]) == [0x0000]
+    (name,) = server.rows("SELECT spool_name FROM instances")[0]
+    (server.spool / name).unlink()  # what the listener's clean-up did to the committed row's file
+    assert store(server.port, [ds]) == [0x0000]
+    assert server.rows("SELECT count(*) FROM instances")[0][0] == 1
+    restored, digest = server.rows("SELECT spool_name, sha256 FROM instances")[0]
+    assert hashlib.sha256((server.spool / restored).read_bytes()).hexdigest() == digest
+    assert dcmread(server.spool / restored).SOPInstanceUID == ds.SOPInstanceUID
+    assert server.rows("SELECT count(*) FROM audit_events WHERE action = 'instance.restored'")[0][0] == 1
+    assert any(e["event"] == "instance.file_restored" for e in server.log_events())
 
 
 def test_conflicting_duplicate_keeps_first_and_records_clash(make_server):
