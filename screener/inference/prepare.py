@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,7 +131,17 @@ def prepare_dataset(
 
 
 def init_pool_process() -> None:
-    """Pool initialiser: one OpenCV thread per process, so N processes do not fight over N cores."""
+    """Pool initialiser: one OpenCV thread per process, so N processes do not fight over N cores; and a
+    watch on the parent, so a worker killed with SIGKILL (which cannot shut its pool down) leaves no
+    pool processes behind: they would wait forever on a queue whose write end they hold themselves."""
     import cv2
 
     cv2.setNumThreads(1)
+    parent = os.getppid()
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="parent-watch", daemon=True).start()
+
+
+def _exit_with_parent(parent: int, interval: float = 1.0) -> None:
+    while os.getppid() == parent:
+        time.sleep(interval)
+    os._exit(0)  # the parent is gone: nothing here is anyone's to finish
