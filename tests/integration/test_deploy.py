@@ -187,8 +187,13 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     root = tmp_path / "srv"
     (root / ".venv" / "bin").mkdir(parents=True)
     (root / "var").mkdir()
-    for name in ("screener", "trainer"):
-        stub = root / ".venv" / "bin" / name
+    triton = root / "var" / "pytriton" / "pytriton" / "tritonserver" / "bin"
+    triton.mkdir(parents=True)
+    for stub in (
+        root / ".venv" / "bin" / "screener",
+        root / ".venv" / "bin" / "trainer",
+        triton / "tritonserver",
+    ):
         stub.write_text("#!/bin/sh\n")
         stub.chmod(0o755)
     units = tmp_path / "units"

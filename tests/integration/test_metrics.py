@@ -21,6 +21,7 @@ from screener.core.config import MetricsConfig
 from screener.core.db.migrate import ensure_at_head
 from screener.core.db.models import Delivery, DeliveryStatus, Instance, InstanceStatus, Study, StudyResult
 from screener.core.metrics import Health, Metrics, MetricsError, start_metrics
+from screener.ingest.receive import IngestOutcome
 from tests.helpers import Server, free_port, rg1_pixels, small_cr, store, wait_for
 
 # --- helpers ------------------------------------------------------------------------------------------
@@ -152,6 +153,7 @@ def test_database_check_runs_select_1(db: Engine, tmp_path: Path) -> None:
 
 def test_hooks_move_the_exposed_metrics() -> None:
     m = Metrics()
+    m.declare_ingest_outcomes(o.value for o in IngestOutcome)  # as the listener does
     for _ in range(3):
         m.instance_received("stored")
     m.instance_received("database_unavailable")
@@ -189,6 +191,7 @@ def test_hooks_move_the_exposed_metrics() -> None:
 
 def test_two_metrics_objects_do_not_share_a_registry() -> None:
     a, b = Metrics(), Metrics()
+    b.declare_ingest_outcomes(["stored"])
     a.instance_received("stored")
     assert value(b.exposition().decode(), "screener_instances_received_total", outcome="stored") == 0
 
@@ -317,7 +320,7 @@ def test_serve_on_sqlite_is_healthy_with_every_part_checked(make_server: Any) ->
     wait_for(lambda: healthz(port)[0] == 200, 30, "/healthz to turn 200")
     status, report = healthz(port)
     assert status == 200 and report["status"] == "ok" and report["failing"] == []
-    assert set(report["checks"]) == {"listener", "worker", "sender", "database"}
+    assert set(report["checks"]) == {"listener", "worker", "settler", "sender", "database"}
     assert server.stop() == 0
 
 
