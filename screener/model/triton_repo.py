@@ -313,7 +313,12 @@ def export_triton(
     served = [*kept, _Served(version, card, card_sha, onnx_sha)]
     _write_atomic(config_path, _config_text(model_name, kind, served, max_batch, queue_delay_us).encode())
     for s in removed:
-        shutil.rmtree(entry / str(s.version), ignore_errors=True)
+        # Out of Triton's sight first (it ignores names that are not numbers), then deleted: a directory
+        # half deleted under a polling Triton (its stub writes __pycache__ there) would still count as a
+        # version holding a card and no model.
+        retired = entry / f".retired.{s.version}.{os.getpid()}"
+        (entry / str(s.version)).replace(retired)
+        shutil.rmtree(retired, ignore_errors=True)
     return TritonExport(
         model_dir=entry,
         version_dir=target,
