@@ -265,14 +265,19 @@ class PacsDestination:
         _check_ae_title("ae_title", self.ae_title)
         _require(self.host != "", "host", "must not be empty")
         _check_port("port", self.port)
-        _require(
-            (self.tls_cert_file is None) == (self.tls_key_file is None),
-            "tls_cert_file",
-            "tls_cert_file and tls_key_file must be set together",
-        )
-        for name in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
-            path = getattr(self, name)
-            _require(path is None or path.is_file(), name, "file does not exist")
+        _check_client_tls(self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
+
+
+def _check_client_tls(ca_file: Path | None, cert_file: Path | None, key_file: Path | None) -> None:
+    """The TLS files of an outgoing connection (the PACS, an HL7 destination): certificate and key
+    together, and every file that is named exists."""
+    _require(
+        (cert_file is None) == (key_file is None),
+        "tls_cert_file",
+        "tls_cert_file and tls_key_file must be set together",
+    )
+    for name, path in (("tls_ca_file", ca_file), ("tls_cert_file", cert_file), ("tls_key_file", key_file)):
+        _require(path is None or path.is_file(), name, "file does not exist")
 
 
 _UID_ROOT = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -369,14 +374,7 @@ class Hl7Destination:
                 "must not contain HL7 delimiters (| ^ ~ \\ &) or line breaks",
             )
         _require(self.sending_application != "", "sending_application", "must not be empty")
-        _require(
-            (self.tls_cert_file is None) == (self.tls_key_file is None),
-            "tls_cert_file",
-            "tls_cert_file and tls_key_file must be set together",
-        )
-        for name in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
-            path = getattr(self, name)
-            _require(path is None or path.is_file(), name, "file does not exist")
+        _check_client_tls(self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
 
 
 @dataclass(frozen=True)
