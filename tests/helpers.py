@@ -160,13 +160,19 @@ def store(
     return statuses
 
 
-def store_file_raw(port: int, path: Path, *, calling: str = "TESTSCU") -> int | None:
-    """Send one file's encoded dataset exactly as stored on disk (pynetdicom chunked send)."""
+def store_file_raw(
+    port: int, path: Path, *, calling: str = "TESTSCU", context_class: str | None = None, timeout: float = 0
+) -> int | None:
+    """Send one file's encoded dataset exactly as stored on disk (pynetdicom chunked send); the command
+    takes its UIDs from the file meta. ``context_class`` proposes that SOP class (and the file's transfer
+    syntax) instead of the data set's own; ``timeout`` > 0 sets the association's timeouts."""
     from pynetdicom import _config
 
     meta = dcmread(path, stop_before_pixels=True)
     ae = AE(ae_title=calling)
-    ae.add_requested_context(str(meta.SOPClassUID), str(meta.file_meta.TransferSyntaxUID))
+    if timeout > 0:
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context(context_class or str(meta.SOPClassUID), str(meta.file_meta.TransferSyntaxUID))
     previous = _config.STORE_SEND_CHUNKED_DATASET
     _config.STORE_SEND_CHUNKED_DATASET = True
     try:

@@ -15,7 +15,6 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import generate_uid
-from pynetdicom import AE, _config
 
 from screener.core.logs import uid_hash
 from tests.helpers import (
@@ -26,6 +25,7 @@ from tests.helpers import (
     rg1_pixels,
     small_cr,
     store,
+    store_file_raw,
 )
 
 MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -68,21 +68,7 @@ def _mr_file(folder: Path, uid: str, study: str) -> Path:
 
 def _send_file(port: int, path: Path, command_class: str) -> int | None:
     """C-STORE of ``path`` as it is (the command's UIDs from its file meta); the status."""
-    ae = AE(ae_title="TESTSCU")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-    ae.add_requested_context(command_class, "1.2.840.10008.1.2.1")
-    previous = _config.STORE_SEND_CHUNKED_DATASET
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    try:
-        assoc = ae.associate("127.0.0.1", port, ae_title="CXRSCREENER")
-        assert assoc.is_established
-        try:
-            rsp = assoc.send_c_store(path)
-        finally:
-            assoc.release()
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = previous
-    return int(rsp.Status) if rsp and "Status" in rsp else None
+    return store_file_raw(port, path, context_class=command_class, timeout=30)
 
 
 def test_mismatches_are_refused_by_default_with_a_logged_reason(make_server, tmp_path: Path):
