@@ -41,7 +41,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 
 from screener.core.pynetdicom_compat import keep_responses_for_caller
-from tests.hardening.conftest import Figure, percentile, tree_rss_kib
+from tests.hardening.conftest import Figure, percentile, proc_status, tree_rss_kib
 from tests.helpers import Orthanc, Server, assert_spool_consistent, cli, rg1_dir, wait_for, wrap_png_as_dx
 
 
@@ -182,12 +182,14 @@ def overlap(spans: list[tuple[float, float]]) -> tuple[int, float]:
 
 
 class Sampler:
-    """Every ``interval`` seconds: seconds since start, RSS of serve + children (MiB), open descriptors."""
+    """Every ``interval`` seconds: seconds since start, RSS of serve + children (MiB), open descriptors;
+    and, to tell a leak in serve from one in its pool, serve's own RSS (MiB) in ``serve_mib``."""
 
     def __init__(self, pid: int, interval: float) -> None:
         self.pid = pid
         self.interval = interval
         self.samples: list[tuple[float, float, int]] = []
+        self.serve_mib: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._started = time.monotonic()
@@ -203,6 +205,7 @@ class Sampler:
             self.samples.append(
                 (time.monotonic() - self._started, tree_rss_kib(self.pid) / 1024, self._fds())
             )
+            self.serve_mib.append(proc_status(self.pid).get("VmRSS", 0) / 1024)
 
     @contextlib.contextmanager
     def running(self) -> Iterator[Sampler]:
@@ -373,6 +376,10 @@ def test_soak_at_five_times_the_regional_peak(
         # --- memory and open files ------------------------------------------------------------------
         steady = sampler.after_warm_up()
         rss_slope = slope_per_hour([(t, rss) for t, rss, _ in steady])
+        skip = len(sampler.samples) - len(steady)
+        serve_slope = slope_per_hour(
+            [(t, mib) for (t, _, _), mib in zip(steady, sampler.serve_mib[skip:], strict=False)]
+        )
         fd_slope = slope_per_hour([(t, float(fds)) for t, _, fds in steady])
         first_half = [fds for _, _, fds in steady[: len(steady) // 2]] or [0]
         second_half = [fds for _, _, fds in steady[len(steady) // 2 :]] or [0]
@@ -415,6 +422,11 @@ def test_soak_at_five_times_the_regional_peak(
             first_mib=round(steady[0][1], 1) if steady else 0,
             last_mib=round(steady[-1][1], 1) if steady else 0,
             peak_mib=round(max((r for _, r, _ in sampler.samples), default=0), 1),
+            serve_alone_slope_mib_per_h=round(serve_slope, 2),
+            serve_alone_first_last_mib=[
+                round(sampler.serve_mib[skip], 1) if sampler.serve_mib[skip:] else 0,
+                round(sampler.serve_mib[-1], 1) if sampler.serve_mib else 0,
+            ],
         )
         figure(
             "soak.open_files_slope",
@@ -426,7 +438,7 @@ def test_soak_at_five_times_the_regional_peak(
             max_second_half=max(second_half),
         )
         figure("soak.latency_per_interval", len(table), "intervals", interval_s=round(interval), table=table)
-        _plot(sampler.samples, table, load_seconds)
+        _plot(sampler.samples, sampler.serve_mib, table, load_seconds)
 
         assert not_ok == [], f"{len(not_ok)} stores not answered 0x0000: {not_ok[:3]}"
         assert not missing, f"{len(missing)} acknowledged instances have no row"
@@ -446,8 +458,14 @@ def test_soak_at_five_times_the_regional_peak(
         orthanc.stop()
 
 
-def _plot(samples: list[tuple[float, float, int]], table: list[dict[str, object]], seconds: float) -> None:
-    """RSS and open files over time next to the figures file (``var/soak.png`` by default)."""
+def _plot(
+    samples: list[tuple[float, float, int]],
+    serve_mib: list[float],
+    table: list[dict[str, object]],
+    seconds: float,
+) -> None:
+    """RSS and open files over time next to the figures file (``var/soak.png`` by default), and every
+    sample as ``soak-samples.csv`` beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -456,8 +474,10 @@ def _plot(samples: list[tuple[float, float, int]], table: list[dict[str, object]
     out = Path(os.environ.get("HARDENING_FIGURES") or "var/hardening-figures.jsonl").with_name("soak.png")
     fig, (ax_rss, ax_fd) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
     minutes = [t / 60 for t, _, _ in samples]
-    ax_rss.plot(minutes, [r for _, r, _ in samples])
-    ax_rss.set_ylabel("RSS serve + pool (MiB)")
+    ax_rss.plot(minutes, [r for _, r, _ in samples], label="serve + pool")
+    ax_rss.plot(minutes[: len(serve_mib)], serve_mib[: len(minutes)], label="serve alone")
+    ax_rss.set_ylabel("RSS (MiB)")
+    ax_rss.legend(loc="lower right")
     ax_fd.plot(minutes, [f for _, _, f in samples], color="tab:orange")
     ax_fd.set_ylabel("open files")
     ax_fd.set_xlabel("minutes")
@@ -466,3 +486,9 @@ def _plot(samples: list[tuple[float, float, int]], table: list[dict[str, object]
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=90)
     plt.close(fig)
+    lines = ["seconds,rss_serve_and_pool_mib,rss_serve_mib,open_files"]
+    lines += [
+        f"{t:.1f},{rss:.1f},{serve:.1f},{fds}"
+        for (t, rss, fds), serve in zip(samples, serve_mib, strict=False)
+    ]
+    out.with_name("soak-samples.csv").write_text("\n".join(lines) + "\n")
