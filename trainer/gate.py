@@ -341,6 +341,7 @@ def fit_gate(
     check_chests: int = CHECK_CHESTS,
     quantile: float = PASS_QUANTILE,
     view: bool = True,
+    turns: bool = True,
     seed: int = 0,
     classes: Sequence[str] = CLASSES,
 ) -> GateSpec:
@@ -352,7 +353,10 @@ def fit_gate(
     With ``view`` (the default) the gate also gets a view check (:mod:`trainer.viewcheck`) trained on the
     training split and synthetic negatives made from it; its threshold is the larger of 0.5 and the
     ``quantile`` of the validation chests' probabilities, at most 0.9 (:data:`VIEW_THRESHOLD_RANGE`),
-    mapped onto the Mahalanobis threshold. The
+    mapped onto the Mahalanobis threshold. With ``turns`` (the default, method ``mahalanobis+view+turns``)
+    the view check also reads each input turned by 90, 180 and 270 degrees
+    (:class:`screener.model.novelty.ViewCheck`); the check without turns is measured beside it and
+    recorded under ``alternatives``. The
     non-chest and transformed-chest check images are scored and recorded, never trained or tuned on.
     Raises :class:`DataError` when a split is empty or an image cannot be read.
     """
@@ -366,7 +370,8 @@ def fit_gate(
     train = model_features(model, _dataset_batches(splits.train, spec), target)
     labels = np.array([list(classes).index(s.label) for s in splits.train], dtype=np.int64)
     fit = fit_mahalanobis(train.features, labels, len(classes))  # ``classes``: the model's outputs
-    gate = model.add_gate(view=view)
+    turns = view and turns
+    gate = model.add_gate(view=view, turns=turns)
     gate.set_statistics(torch.from_numpy(fit.whitening), torch.from_numpy(fit.means))
     gate.to(target)
 
@@ -381,10 +386,15 @@ def fit_gate(
     view_fit: ViewCheckFit | None = None
     view_threshold = 1.0
     val_view = np.zeros(val_maha.shape)
+    val_view_plain = val_view
     if view:
         view_fit = fit_view_check(train.small, splits.train, splits.val, spec, seed=seed)
+        view_fit.view.turns = False
+        val_view_plain = not_chest_probability(view_fit.view, val.small)
+        view_fit.view.turns = turns
         val_view = not_chest_probability(view_fit.view, val.small)
         low, high = VIEW_THRESHOLD_RANGE
+        plain_threshold = min(high, max(low, pass_threshold(val_view_plain, quantile)))
         view_threshold = min(high, max(low, pass_threshold(val_view, quantile)))
         gate.set_view(view_fit.view, threshold / view_threshold)
         gate.to(target)
@@ -397,11 +407,12 @@ def fit_gate(
     )
     maha = _graph_scores(model, checks_out.features, target) if scored else np.zeros(0)
     energy = energy_scores(checks_out.logits_a, checks_out.logits_b) if scored else np.zeros(0)
-    p_view = (
-        not_chest_probability(view_fit.view, checks_out.small)
-        if view_fit is not None and scored
-        else np.zeros(len(scored))
-    )
+    p_view = p_view_plain = np.zeros(len(scored))
+    if view_fit is not None and scored:
+        p_view = not_chest_probability(view_fit.view, checks_out.small)
+        view_fit.view.turns = False
+        p_view_plain = not_chest_probability(view_fit.view, checks_out.small)
+        view_fit.view.turns = turns
     combined = np.maximum(maha, threshold * p_view / view_threshold) if view else maha
     by_name = {c.name: k for k, c in enumerate(scored)}
     results: list[dict[str, Any]] = []
@@ -423,6 +434,9 @@ def fit_gate(
         if view:
             row["not_chest"] = round(float(p_view[k]), 4)
             row["view_refused"] = bool(p_view[k] > view_threshold)
+            if turns:
+                row["not_chest_without_turns"] = round(float(p_view_plain[k]), 4)
+                row["view_without_turns_refused"] = bool(p_view_plain[k] > plain_threshold)
         results.append(row)
     n_scored = len(scored)
     checks = {
@@ -455,6 +469,15 @@ def fit_gate(
             "checks_refused": sum(1 for r in results if r.get("view_refused")),
             "checks_scored": n_scored,
         }
+        if turns:
+            alternatives["view_alone"]["score"] += ", the input also read turned by 90, 180 and 270 degrees"
+            alternatives["view_without_turns"] = {
+                "score": "the view check's probability of not a frontal chest, the input read as it is",
+                "threshold": round(plain_threshold, 4),
+                "validation_pass_rate": round(float(np.mean(val_view_plain <= plain_threshold)), 4),
+                "checks_refused": sum(1 for r in results if r.get("view_without_turns_refused")),
+                "checks_scored": n_scored,
+            }
     fitted_on: dict[str, Any] = {
         "split": "train",
         "n": int(labels.size),
@@ -474,7 +497,7 @@ def fit_gate(
         }
     edge = math.floor(pass_threshold(val_combined, BORDERLINE_QUANTILE) * 1e4) / 1e4
     spec_out = GateSpec(
-        method="mahalanobis+view" if view else "mahalanobis",
+        method=("mahalanobis+view+turns" if turns else "mahalanobis+view") if view else "mahalanobis",
         threshold=threshold,
         borderline=edge if 0 < edge < threshold else None,
         feature_dims=model.feature_dims,

@@ -222,12 +222,13 @@ def train_view_check(
 
 
 def not_chest_probability(view: ViewCheck, small: torch.Tensor) -> npt.NDArray[np.float64]:
-    """The view check's probability of "not a frontal chest" for prepared inputs, in batches."""
+    """The view check's probability of "not a frontal chest" for prepared inputs, in batches, as the graph
+    computes it (:meth:`ViewCheck.not_chest`: with the turned inputs where ``view.turns``)."""
     out = []
     view.eval()
     with torch.no_grad():
         for start in range(0, small.shape[0], 256):
-            out.append(torch.sigmoid(view.classify(small[start : start + 256].float())).double().numpy())
+            out.append(view.not_chest(small[start : start + 256].float()).double().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 

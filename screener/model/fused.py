@@ -84,6 +84,7 @@ class FusedResNet(nn.Module):
         temperatures: tuple[float, float] = (1.0, 1.0),
         gate_dims: tuple[int, int] | None = None,
         gate_view: bool = False,
+        gate_turns: bool = False,
         heatmap_size: int | None = None,
     ) -> None:
         super().__init__()
@@ -105,7 +106,7 @@ class FusedResNet(nn.Module):
         self.set_temperatures(*temperatures)
         self.novelty_gate: MahalanobisGate | None = None
         if gate_dims is not None:
-            self.add_gate(gate_dims, view=gate_view)
+            self.add_gate(gate_dims, view=gate_view, turns=gate_turns)
         # With a size, forward also returns the class activation map (screener.model.cam), last.
         self.heatmap_size = heatmap_size
 
@@ -114,15 +115,18 @@ class FusedResNet(nn.Module):
         """The pooled feature size of each network (the input size of its ``fc`` head)."""
         return int(self.net_a.fc.in_features), int(self.net_b.fc.in_features)
 
-    def add_gate(self, gate_dims: tuple[int, int] | None = None, *, view: bool = False) -> MahalanobisGate:
+    def add_gate(
+        self, gate_dims: tuple[int, int] | None = None, *, view: bool = False, turns: bool = False
+    ) -> MahalanobisGate:
         """Give the model an (unfitted) image-content gate, with a view check on the input image where
-        ``view``, and return it. Raises :class:`ModelError` when ``gate_dims`` (default: the networks'
-        own) differ from the networks' feature sizes."""
+        ``view`` (reading the input turned too where ``turns``), and return it. Raises
+        :class:`ModelError` when ``gate_dims`` (default: the networks' own) differ from the networks'
+        feature sizes."""
         dims = tuple(gate_dims) if gate_dims is not None else self.feature_dims
         if dims != self.feature_dims:
             raise ModelError(f"gate feature sizes {dims} differ from the networks' {self.feature_dims}")
         num_classes = int(self.net_a.fc.out_features)
-        self.novelty_gate = MahalanobisGate(sum(self.feature_dims), num_classes, view=view)
+        self.novelty_gate = MahalanobisGate(sum(self.feature_dims), num_classes, view=view, turns=turns)
         return self.novelty_gate
 
     def set_temperatures(self, temperature_a: float, temperature_b: float) -> None:
@@ -198,8 +202,14 @@ def _gate_dims(gate: GateSpec | None) -> tuple[int, int] | None:
 
 
 def gate_has_view(gate: GateSpec | None) -> bool:
-    """True when the card's gate includes the view check (method ``mahalanobis+view``)."""
-    return gate is not None and gate.method == "mahalanobis+view"
+    """True when the card's gate includes the view check (method ``mahalanobis+view`` or
+    ``mahalanobis+view+turns``)."""
+    return gate is not None and gate.method in ("mahalanobis+view", "mahalanobis+view+turns")
+
+
+def gate_has_turns(gate: GateSpec | None) -> bool:
+    """True when the card's view check also reads the input turned (method ``mahalanobis+view+turns``)."""
+    return gate is not None and gate.method == "mahalanobis+view+turns"
 
 
 def load_fused_from_safetensors(path: Path, card: ModelCard) -> FusedResNet:
@@ -224,6 +234,7 @@ def load_fused_from_safetensors(path: Path, card: ModelCard) -> FusedResNet:
         temperatures=(card.temperature("a"), card.temperature("b")),
         gate_dims=_gate_dims(card.gate),
         gate_view=gate_has_view(card.gate),
+        gate_turns=gate_has_turns(card.gate),
         heatmap_size=card.heatmap.size if card.heatmap is not None else None,
     )
     try:

@@ -43,7 +43,7 @@ def test_the_gate_score_is_the_larger_of_the_distance_and_the_scaled_view_probab
     image = torch.zeros(3, 3, 128, 128)
     assert ViewCheck.prepare(image).shape == (3, 1, VIEW_SIZE, VIEW_SIZE)
     features = torch.tensor([[0.0, 0.0, 0.0, 0.0], [50.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
-    p = torch.sigmoid(view(image))
+    p = torch.sigmoid(view(image))  # turns off: the input as it is
     expected = torch.maximum(gate.mahalanobis(features), 100.0 * p)
     torch.testing.assert_close(gate(features, image), expected)
     with torch.no_grad():
@@ -69,3 +69,28 @@ def test_the_view_check_learns_upright_from_rotated_on_held_out_images() -> None
     p_chest = not_chest_probability(view, upright[64:])
     p_other = not_chest_probability(view, torch.cat((rotated[64:], upside_down[64:])))
     assert np.mean(p_chest < 0.5) >= 0.9 and np.mean(p_other > 0.5) >= 0.9
+    # Read turned as well, an input is refused as soon as one of its turns looks upright: never less
+    # refused than before, and the upright ones still pass.
+    view.turns = True
+    p_chest_turns = not_chest_probability(view, upright[64:])
+    p_other_turns = not_chest_probability(view, torch.cat((rotated[64:], upside_down[64:])))
+    assert np.all(p_other_turns >= p_other - 1e-6) and np.mean(p_other_turns > 0.5) >= 0.9
+    assert np.mean(p_chest_turns < 0.5) >= 0.9
+
+
+def test_with_turns_the_view_probability_is_the_highest_of_itself_and_its_turns_looking_upright() -> None:
+    torch.manual_seed(3)
+    view = ViewCheck(turns=True).eval()
+    small = torch.rand(5, 1, VIEW_SIZE, VIEW_SIZE)
+    with torch.no_grad():
+        got = view.not_chest(small)
+        own = torch.sigmoid(view.classify(small))
+        upright_when_turned = torch.stack(
+            [1.0 - torch.sigmoid(view.classify(torch.rot90(small, k, dims=(2, 3)))) for k in (1, 2, 3)]
+        )
+    torch.testing.assert_close(got, torch.maximum(own, upright_when_turned.max(dim=0).values))
+    view.turns = False
+    with torch.no_grad():
+        torch.testing.assert_close(view.not_chest(small), own)
+    with pytest.raises(ValueError, match="needs view=True"):
+        MahalanobisGate(4, 2, turns=True)
