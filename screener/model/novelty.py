@@ -93,7 +93,14 @@ class ViewCheck(nn.Module):
         if not self.turns:
             return torch.sigmoid(self.classify(small))
         n = small.shape[0]
-        turned = [small] + [torch.rot90(small, k, dims=(2, 3)) for k in (1, 2, 3)]
+        # Turns by 90, 180 and 270 degrees (torch.rot90's direction) from transposes and flips: the ONNX
+        # exporter has no rot90, and every engine runs Transpose and Slice.
+        turned = [
+            small,
+            torch.flip(small, dims=(3,)).transpose(2, 3),
+            torch.flip(small, dims=(2, 3)),
+            torch.flip(small.transpose(2, 3), dims=(3,)),
+        ]
         p = torch.sigmoid(self.classify(torch.cat(turned))).reshape(4, n)
         return torch.maximum(p[0], (1.0 - p[1:]).max(dim=0).values)
 

@@ -94,3 +94,27 @@ def test_with_turns_the_view_probability_is_the_highest_of_itself_and_its_turns_
         torch.testing.assert_close(view.not_chest(small), own)
     with pytest.raises(ValueError, match="needs view=True"):
         MahalanobisGate(4, 2, turns=True)
+
+
+def test_a_gate_with_turns_exports_to_onnx_and_scores_as_torch_does(tmp_path) -> None:
+    import onnxruntime as ort
+
+    torch.manual_seed(4)
+    gate = MahalanobisGate(4, 2, view=True, turns=True)
+    gate.set_view(ViewCheck(), 10.0)
+    gate.eval()
+    features, image = torch.rand(3, 4), torch.rand(3, 3, 96, 96)
+    path = tmp_path / "gate.onnx"
+    torch.onnx.export(
+        gate,
+        (features, image),
+        str(path),
+        input_names=["f", "i"],
+        output_names=["n"],
+        opset_version=17,
+        dynamo=False,
+    )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"f": features.numpy(), "i": image.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, gate(features, image).numpy(), rtol=1e-4, atol=1e-5)
