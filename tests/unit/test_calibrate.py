@@ -13,6 +13,7 @@ from trainer.calibrate import (
     choose_temperatures,
     compare_methods,
     ece,
+    ece_noise_floor,
     fit_joint_temperatures,
     fit_method,
 )
@@ -55,18 +56,36 @@ def test_compare_methods_reports_every_method_and_the_choice_is_one_the_graph_ru
     for method, row in table.items():
         assert row["in_graph"] == (method in IN_GRAPH)
         assert 0.0 <= row["val_ece"] <= 1.0 and row["cross_fitted_ece"] is not None
+        assert row["cross_fitted_logloss"] is not None and row["cross_fitted_logloss"] > 0
     assert table["joint"]["val_ece"] < table["none"]["val_ece"]
     method, (ta, tb) = choose_temperatures(table)
     assert method in IN_GRAPH and method != "none"
+    # Chosen by cross-fitted log-loss: no in-graph method has a lower one.
+    assert all(table[method]["cross_fitted_logloss"] <= table[m]["cross_fitted_logloss"] for m in IN_GRAPH)
     assert (ta, tb) == (table[method]["params"]["temperature_a"], table[method]["params"]["temperature_b"])
 
 
 def test_few_images_are_not_cross_fitted_and_bad_input_is_refused() -> None:
     pa, pb, y = _overconfident(12, 2)
     table = compare_methods(pa, pb, y, 0.5)
-    assert table["joint"]["cross_fitted_ece"] is None
+    assert table["joint"]["cross_fitted_ece"] is None and table["joint"]["cross_fitted_logloss"] is None
     assert choose_temperatures(table)[0] in IN_GRAPH
     with pytest.raises(TrainingError, match="unknown calibration method 'platt'"):
         fit_method("platt", pa, pb, y, 0.5)
     with pytest.raises(TrainingError, match="matching, non-empty"):
         fit_joint_temperatures(pa, pb[:5], y, 0.5)
+
+
+def test_the_ece_noise_floor_is_what_perfect_calibration_shows_and_shrinks_with_more_images() -> None:
+    rng = np.random.default_rng(5)
+    logits = rng.normal(0, 2, size=(2000, 3))
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    small_mean, small_p95 = ece_noise_floor(probs[:100], draws=100)
+    large_mean, _ = ece_noise_floor(probs, draws=50)
+    assert 0.0 < large_mean < small_mean <= small_p95 < 0.5
+    assert small_mean > 0.03  # 100 perfectly calibrated images still show several percent
+    # Labels really drawn from the probabilities land within the floor's spread.
+    drawn = np.array([rng.choice(3, p=row) for row in probs[:100]])
+    assert ece(drawn, probs[:100]) < 2 * small_p95
+    with pytest.raises(TrainingError, match="noise floor needs"):
+        ece_noise_floor(np.zeros((0, 3)))
