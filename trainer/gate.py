@@ -44,7 +44,7 @@ from screener.imaging.pixels import PreprocessSpec, load_unit, to_model_input
 from screener.model.export import export_model_dir
 from screener.model.fused import FusedResNet, load_fused_from_safetensors
 from screener.model.modelcard import CLASSES, GateSpec, ModelCard, load_model_dir
-from screener.model.novelty import VIEW_SIZE, ViewCheck, backbone_features
+from screener.model.novelty import VIEW_SIZE, ViewCheck, backbone_features, invert_centre
 from trainer.data import ImageDataset, Sample, Splits
 from trainer.viewcheck import ViewCheckFit, fit_view_check, not_chest_probability
 
@@ -341,7 +341,7 @@ def fit_gate(
     check_chests: int = CHECK_CHESTS,
     quantile: float = PASS_QUANTILE,
     view: bool = True,
-    turns: bool = True,
+    consistency: bool = True,
     seed: int = 0,
     classes: Sequence[str] = CLASSES,
 ) -> GateSpec:
@@ -353,11 +353,11 @@ def fit_gate(
     With ``view`` (the default) the gate also gets a view check (:mod:`trainer.viewcheck`) trained on the
     training split and synthetic negatives made from it; its threshold is the larger of 0.5 and the
     ``quantile`` of the validation chests' probabilities, at most 0.9 (:data:`VIEW_THRESHOLD_RANGE`),
-    mapped onto the Mahalanobis threshold. With ``turns`` (the default, method ``mahalanobis+view+turns``)
-    the view check also reads each input turned by 90, 180 and 270 degrees
-    (:class:`screener.model.novelty.ViewCheck`); the check without turns is measured beside it and
-    recorded under ``alternatives``. The
-    non-chest and transformed-chest check images are scored and recorded, never trained or tuned on.
+    mapped onto the Mahalanobis threshold. With ``consistency`` (the default, method
+    ``mahalanobis+view+consistency``) the view check also reads each input's turned and inverted copies
+    (:class:`screener.model.novelty.ViewCheck`); the check without them is measured beside it and
+    recorded under ``alternatives``. The non-chest and transformed-chest check images are scored and
+    recorded, never trained or tuned on.
     Raises :class:`DataError` when a split is empty or an image cannot be read.
     """
     if not splits.train or not splits.val:
@@ -370,8 +370,9 @@ def fit_gate(
     train = model_features(model, _dataset_batches(splits.train, spec), target)
     labels = np.array([list(classes).index(s.label) for s in splits.train], dtype=np.int64)
     fit = fit_mahalanobis(train.features, labels, len(classes))  # ``classes``: the model's outputs
-    turns = view and turns
-    gate = model.add_gate(view=view, turns=turns)
+    consistency = view and consistency
+    centre = invert_centre(spec.mean, spec.std)
+    gate = model.add_gate(view=view, consistency=consistency)
     gate.set_statistics(torch.from_numpy(fit.whitening), torch.from_numpy(fit.means))
     gate.to(target)
 
@@ -389,14 +390,14 @@ def fit_gate(
     val_view_plain = val_view
     if view:
         view_fit = fit_view_check(train.small, splits.train, splits.val, spec, seed=seed)
-        view_fit.view.turns = False
+        view_fit.view.consistency = False
         val_view_plain = not_chest_probability(view_fit.view, val.small)
-        view_fit.view.turns = turns
-        val_view = not_chest_probability(view_fit.view, val.small)
+        view_fit.view.consistency = consistency
+        val_view = not_chest_probability(view_fit.view, val.small, centre)
         low, high = VIEW_THRESHOLD_RANGE
         plain_threshold = min(high, max(low, pass_threshold(val_view_plain, quantile)))
         view_threshold = min(high, max(low, pass_threshold(val_view, quantile)))
-        gate.set_view(view_fit.view, threshold / view_threshold)
+        gate.set_view(view_fit.view, threshold / view_threshold, centre if consistency else None)
         gate.to(target)
     val_combined = np.maximum(val_maha, threshold * val_view / view_threshold) if view else val_maha
 
@@ -409,10 +410,10 @@ def fit_gate(
     energy = energy_scores(checks_out.logits_a, checks_out.logits_b) if scored else np.zeros(0)
     p_view = p_view_plain = np.zeros(len(scored))
     if view_fit is not None and scored:
-        p_view = not_chest_probability(view_fit.view, checks_out.small)
-        view_fit.view.turns = False
+        p_view = not_chest_probability(view_fit.view, checks_out.small, centre)
+        view_fit.view.consistency = False
         p_view_plain = not_chest_probability(view_fit.view, checks_out.small)
-        view_fit.view.turns = turns
+        view_fit.view.consistency = consistency
     combined = np.maximum(maha, threshold * p_view / view_threshold) if view else maha
     by_name = {c.name: k for k, c in enumerate(scored)}
     results: list[dict[str, Any]] = []
@@ -434,9 +435,9 @@ def fit_gate(
         if view:
             row["not_chest"] = round(float(p_view[k]), 4)
             row["view_refused"] = bool(p_view[k] > view_threshold)
-            if turns:
-                row["not_chest_without_turns"] = round(float(p_view_plain[k]), 4)
-                row["view_without_turns_refused"] = bool(p_view_plain[k] > plain_threshold)
+            if consistency:
+                row["not_chest_without_consistency"] = round(float(p_view_plain[k]), 4)
+                row["view_without_consistency_refused"] = bool(p_view_plain[k] > plain_threshold)
         results.append(row)
     n_scored = len(scored)
     checks = {
@@ -469,13 +470,13 @@ def fit_gate(
             "checks_refused": sum(1 for r in results if r.get("view_refused")),
             "checks_scored": n_scored,
         }
-        if turns:
-            alternatives["view_alone"]["score"] += ", the input also read turned by 90, 180 and 270 degrees"
-            alternatives["view_without_turns"] = {
+        if consistency:
+            alternatives["view_alone"]["score"] += ", with the input's turned and inverted copies"
+            alternatives["view_without_consistency"] = {
                 "score": "the view check's probability of not a frontal chest, the input read as it is",
                 "threshold": round(plain_threshold, 4),
                 "validation_pass_rate": round(float(np.mean(val_view_plain <= plain_threshold)), 4),
-                "checks_refused": sum(1 for r in results if r.get("view_without_turns_refused")),
+                "checks_refused": sum(1 for r in results if r.get("view_without_consistency_refused")),
                 "checks_scored": n_scored,
             }
     fitted_on: dict[str, Any] = {
@@ -495,9 +496,11 @@ def fit_gate(
             "trained_on": view_fit.train_counts,
             "validation_negatives_refused": view_fit.held_out,
         }
+        if consistency:
+            fitted_on["view_check"]["invert_centre"] = round(centre, 6)
     edge = math.floor(pass_threshold(val_combined, BORDERLINE_QUANTILE) * 1e4) / 1e4
     spec_out = GateSpec(
-        method=("mahalanobis+view+turns" if turns else "mahalanobis+view") if view else "mahalanobis",
+        method=_method(view, consistency),
         threshold=threshold,
         borderline=edge if 0 < edge < threshold else None,
         feature_dims=model.feature_dims,
@@ -538,6 +541,12 @@ def _graph_scores(model: FusedResNet, features: FloatArray, device: torch.device
         scores = model.novelty_gate.mahalanobis(torch.from_numpy(features.astype(np.float32)).to(device))
     out: FloatArray = scores.double().cpu().numpy()
     return out
+
+
+def _method(view: bool, consistency: bool) -> str:
+    if not view:
+        return "mahalanobis"
+    return "mahalanobis+view+consistency" if consistency else "mahalanobis+view"
 
 
 # --- `trainer gate fit` --------------------------------------------------------------------------------

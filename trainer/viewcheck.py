@@ -221,14 +221,17 @@ def train_view_check(
     return view.eval()
 
 
-def not_chest_probability(view: ViewCheck, small: torch.Tensor) -> npt.NDArray[np.float64]:
+def not_chest_probability(
+    view: ViewCheck, small: torch.Tensor, centre: float = 0.0
+) -> npt.NDArray[np.float64]:
     """The view check's probability of "not a frontal chest" for prepared inputs, in batches, as the graph
-    computes it (:meth:`ViewCheck.not_chest`: with the turned inputs where ``view.turns``)."""
+    computes it (:meth:`ViewCheck.not_chest`: with the transformed copies where ``view.consistency``,
+    ``centre`` being the :func:`screener.model.novelty.invert_centre` of the model's normalisation)."""
     out = []
     view.eval()
     with torch.no_grad():
         for start in range(0, small.shape[0], 256):
-            out.append(view.not_chest(small[start : start + 256].float()).double().numpy())
+            out.append(view.not_chest(small[start : start + 256].float(), centre).double().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 

@@ -84,7 +84,7 @@ class FusedResNet(nn.Module):
         temperatures: tuple[float, float] = (1.0, 1.0),
         gate_dims: tuple[int, int] | None = None,
         gate_view: bool = False,
-        gate_turns: bool = False,
+        gate_consistency: bool = False,
         heatmap_size: int | None = None,
     ) -> None:
         super().__init__()
@@ -106,7 +106,7 @@ class FusedResNet(nn.Module):
         self.set_temperatures(*temperatures)
         self.novelty_gate: MahalanobisGate | None = None
         if gate_dims is not None:
-            self.add_gate(gate_dims, view=gate_view, turns=gate_turns)
+            self.add_gate(gate_dims, view=gate_view, consistency=gate_consistency)
         # With a size, forward also returns the class activation map (screener.model.cam), last.
         self.heatmap_size = heatmap_size
 
@@ -116,17 +116,19 @@ class FusedResNet(nn.Module):
         return int(self.net_a.fc.in_features), int(self.net_b.fc.in_features)
 
     def add_gate(
-        self, gate_dims: tuple[int, int] | None = None, *, view: bool = False, turns: bool = False
+        self, gate_dims: tuple[int, int] | None = None, *, view: bool = False, consistency: bool = False
     ) -> MahalanobisGate:
         """Give the model an (unfitted) image-content gate, with a view check on the input image where
-        ``view`` (reading the input turned too where ``turns``), and return it. Raises
-        :class:`ModelError` when ``gate_dims`` (default: the networks' own) differ from the networks'
-        feature sizes."""
+        ``view`` (reading the input's turned and inverted copies too where ``consistency``), and return
+        it. Raises :class:`ModelError` when ``gate_dims`` (default: the networks' own) differ from the
+        networks' feature sizes."""
         dims = tuple(gate_dims) if gate_dims is not None else self.feature_dims
         if dims != self.feature_dims:
             raise ModelError(f"gate feature sizes {dims} differ from the networks' {self.feature_dims}")
         num_classes = int(self.net_a.fc.out_features)
-        self.novelty_gate = MahalanobisGate(sum(self.feature_dims), num_classes, view=view, turns=turns)
+        self.novelty_gate = MahalanobisGate(
+            sum(self.feature_dims), num_classes, view=view, consistency=consistency
+        )
         return self.novelty_gate
 
     def set_temperatures(self, temperature_a: float, temperature_b: float) -> None:
@@ -203,13 +205,14 @@ def _gate_dims(gate: GateSpec | None) -> tuple[int, int] | None:
 
 def gate_has_view(gate: GateSpec | None) -> bool:
     """True when the card's gate includes the view check (method ``mahalanobis+view`` or
-    ``mahalanobis+view+turns``)."""
-    return gate is not None and gate.method in ("mahalanobis+view", "mahalanobis+view+turns")
+    ``mahalanobis+view+consistency``)."""
+    return gate is not None and gate.method in ("mahalanobis+view", "mahalanobis+view+consistency")
 
 
-def gate_has_turns(gate: GateSpec | None) -> bool:
-    """True when the card's view check also reads the input turned (method ``mahalanobis+view+turns``)."""
-    return gate is not None and gate.method == "mahalanobis+view+turns"
+def gate_has_consistency(gate: GateSpec | None) -> bool:
+    """True when the card's view check also reads the input's turned and inverted copies (method
+    ``mahalanobis+view+consistency``)."""
+    return gate is not None and gate.method == "mahalanobis+view+consistency"
 
 
 def load_fused_from_safetensors(path: Path, card: ModelCard) -> FusedResNet:
@@ -234,7 +237,7 @@ def load_fused_from_safetensors(path: Path, card: ModelCard) -> FusedResNet:
         temperatures=(card.temperature("a"), card.temperature("b")),
         gate_dims=_gate_dims(card.gate),
         gate_view=gate_has_view(card.gate),
-        gate_turns=gate_has_turns(card.gate),
+        gate_consistency=gate_has_consistency(card.gate),
         heatmap_size=card.heatmap.size if card.heatmap is not None else None,
     )
     try:

@@ -235,7 +235,7 @@ class LungCropSpec:
             raise _bad("lung_crop.segmenter", self.segmenter, "must be an object")
 
 
-GATE_METHODS: tuple[str, ...] = ("mahalanobis", "mahalanobis+view", "mahalanobis+view+turns")
+GATE_METHODS: tuple[str, ...] = ("mahalanobis", "mahalanobis+view", "mahalanobis+view+consistency")
 """Novelty scores the card's ``gate`` may name (the graph computes it; see :mod:`screener.model.novelty`)."""
 
 
@@ -247,8 +247,8 @@ class GateSpec:
     smallest over the classes) of the two networks' concatenated pooled features from the training
     split's class means (:mod:`screener.model.novelty`); with method ``mahalanobis+view`` it is raised to
     the view check's scaled "not a frontal chest" probability where that is higher (same units, same
-    threshold), and with ``mahalanobis+view+turns`` that probability also counts the input turned by 90,
-    180 and 270 degrees looking upright; the means, the whitening matrix and the view check's weights are
+    threshold), and with ``mahalanobis+view+consistency`` that probability also counts the input's turned
+    and inverted copies looking upright; the means, the whitening matrix and the view check's weights are
     buffers in ``weights.safetensors``, so the card's sha256 list covers them. An image whose novelty exceeds
     ``threshold`` (or is not a finite number) is not classified: it is skipped with :meth:`reason`.
     ``feature_dims`` are the two networks' feature sizes; ``fitted_on`` says which images the statistics

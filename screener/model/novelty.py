@@ -15,13 +15,18 @@ or polarity well (a lung crop and contrast enhancement make a rotated or inverte
 chest-like), so the gate's score becomes ``max(mahalanobis, view_scale * p_not_chest)``, still in the
 Mahalanobis score's units, with ``view_scale`` mapping the view check's threshold onto the gate's.
 
-With ``turns`` (card method ``mahalanobis+view+turns``) the view check also reads the input turned by 90,
-180 and 270 degrees, and ``p_not_chest`` becomes ``max(p_not_chest(x), max_k p_chest(turn_k(x)))``: an
-input that looks like an upright chest once turned is a turned chest, however upright it looked to the
-check itself. It costs three more passes of the small CNN (about 70,000 parameters at 64 px) and no
-retraining: the turned inputs are exactly the rotated negatives the check was trained to refuse, so an
-upright chest's turned versions score low. A rotation by a multiple of 90 degrees commutes with the
-contrast enhancement, so turning the prepared input is turning the image.
+With ``consistency`` (card method ``mahalanobis+view+consistency``) the view check also reads seven
+transformed copies of the input: turned by 90, 180 and 270 degrees, and inverted (a wrong MONOCHROME1/2
+flag) as it is and turned. ``u_0`` is the check's "upright chest" probability of the input as it is and
+``u_t`` that of copy ``t``; the probability the gate uses becomes
+``max(p_not_chest, max_t u_t, 0.5 + max_t u_t - u_0)`` (clipped to [0, 1]): a copy that looks like an
+upright chest, or that looks more like one than the input itself, means the input is a turned or inverted
+chest, however upright it looked to the check alone. No retraining: the copies of an upright chest are
+exactly the negatives the check was trained to refuse, so they score low. A turn by a multiple of 90
+degrees commutes with the contrast enhancement, so turning the prepared input is turning the image;
+inversion is done on the prepared input too (``centre - x``, :func:`invert_centre`), exact for the
+normalisation and close for the contrast enhancement (an equalisation of ``1 - g`` is about ``1 - `` that
+of ``g``). Seven more passes of a CNN of about 70,000 parameters at 64 px: still negligible.
 
 The statistics and weights are fitted by the trainer (``trainer.gate``); this module only holds and
 applies them.
@@ -30,6 +35,7 @@ applies them.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -62,9 +68,9 @@ class ViewCheck(nn.Module):
     70,000 parameters: negligible beside the ResNets.
     """
 
-    def __init__(self, *, turns: bool = False) -> None:
+    def __init__(self, *, consistency: bool = False) -> None:
         super().__init__()
-        self.turns = turns
+        self.consistency = consistency
         layers: list[nn.Module] = []
         channels = (1, 16, 32, 64, 64)
         for c_in, c_out in itertools.pairwise(channels):
@@ -86,27 +92,46 @@ class ViewCheck(nn.Module):
         logits: torch.Tensor = self.head(torch.flatten(self.features(small), 1))
         return logits[:, 0]
 
-    def not_chest(self, small: torch.Tensor) -> torch.Tensor:
+    def not_chest(self, small: torch.Tensor, centre: torch.Tensor | float = 0.0) -> torch.Tensor:
         """Probability ``[N]`` of "not a frontal chest the right way up" for prepared inputs; with
-        :attr:`turns`, raised to the highest "upright chest" probability of the input turned by 90, 180 or
-        270 degrees (see the module docstring)."""
-        if not self.turns:
+        :attr:`consistency`, raised by the transformed copies (see the module docstring), the inverted
+        ones being ``centre - x`` (:func:`invert_centre` of the model's normalisation)."""
+        if not self.consistency:
             return torch.sigmoid(self.classify(small))
         n = small.shape[0]
-        # Turns by 90, 180 and 270 degrees (torch.rot90's direction) from transposes and flips: the ONNX
-        # exporter has no rot90, and every engine runs Transpose and Slice.
-        turned = [
-            small,
-            torch.flip(small, dims=(3,)).transpose(2, 3),
-            torch.flip(small, dims=(2, 3)),
-            torch.flip(small.transpose(2, 3), dims=(3,)),
-        ]
-        p = torch.sigmoid(self.classify(torch.cat(turned))).reshape(4, n)
-        return torch.maximum(p[0], (1.0 - p[1:]).max(dim=0).values)
+        inverted = centre - small
+        copies = [small]
+        for x in (small, inverted):
+            # Turns by 90, 180 and 270 degrees (torch.rot90's direction) from transposes and flips: the
+            # ONNX exporter has no rot90, and every engine runs Transpose and Slice.
+            copies += [
+                torch.flip(x, dims=(3,)).transpose(2, 3),
+                torch.flip(x, dims=(2, 3)),
+                torch.flip(x.transpose(2, 3), dims=(3,)),
+            ]
+        copies.insert(4, inverted)
+        upright = 1.0 - torch.sigmoid(self.classify(torch.cat(copies))).reshape(8, n)
+        best_copy = upright[1:].max(dim=0).values
+        more_upright_than_itself = torch.clamp(0.5 + best_copy - upright[0], 0.0, 1.0)
+        return torch.maximum(torch.maximum(1.0 - upright[0], best_copy), more_upright_than_itself)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """Logits ``[N]`` of the model input ``image`` as it is (no turns)."""
+        """Logits ``[N]`` of the model input ``image`` as it is (no copies)."""
         return self.classify(self.prepare(image))
+
+
+def invert_centre(mean: tuple[float, ...], std: tuple[float, ...]) -> float:
+    """The ``c`` for which ``c - x`` is the prepared input of the inverted grey image, where ``x`` is the
+    prepared input (:meth:`ViewCheck.prepare`: the channel mean of ``(g - mean_k) / std_k``): with
+    ``a = mean_k(1 / std_k)`` and ``b = mean_k(mean_k / std_k)``, ``x = a g - b`` and
+    ``a (1 - g) - b = (a - 2 b) - x``. Raises ``ValueError`` for empty, mismatched or non-positive std."""
+    if not mean or len(mean) != len(std) or any(not s > 0 for s in std):
+        raise ValueError(
+            f"normalisation mean {mean!r} and std {std!r} must be non-empty, equal in length, std > 0"
+        )
+    a = sum(1.0 / s for s in std) / len(std)
+    b = sum(m / s for m, s in zip(mean, std, strict=True)) / len(std)
+    return a - 2.0 * b
 
 
 class MahalanobisGate(nn.Module):
@@ -122,9 +147,10 @@ class MahalanobisGate(nn.Module):
     whitening: torch.Tensor
     means: torch.Tensor
     view_scale: torch.Tensor
+    view_invert_centre: torch.Tensor
 
     def __init__(
-        self, feature_size: int, num_classes: int, *, view: bool = False, turns: bool = False
+        self, feature_size: int, num_classes: int, *, view: bool = False, consistency: bool = False
     ) -> None:
         super().__init__()
         if feature_size < 1 or num_classes < 1:
@@ -132,23 +158,32 @@ class MahalanobisGate(nn.Module):
         self.register_buffer("whitening", torch.eye(feature_size, dtype=torch.float32))
         self.register_buffer("means", torch.zeros(num_classes, feature_size, dtype=torch.float32))
         self.view: ViewCheck | None = None
-        if turns and not view:
-            raise ValueError("turns are a part of the view check: a gate with turns needs view=True")
+        if consistency and not view:
+            raise ValueError("the consistency copies are a part of the view check: they need view=True")
         if view:
-            self.view = ViewCheck(turns=turns)
+            self.view = ViewCheck(consistency=consistency)
             self.register_buffer("view_scale", torch.tensor(1.0, dtype=torch.float32))
+        if consistency:
+            self.register_buffer("view_invert_centre", torch.tensor(0.0, dtype=torch.float32))
 
-    def set_view(self, view: ViewCheck, scale: float) -> None:
+    def set_view(self, view: ViewCheck, scale: float, centre: float | None = None) -> None:
         """Load a trained view check and the factor that maps its probability onto the gate's score
-        units. Raises ``ValueError`` when the gate was built without a view check or ``scale`` is not a
-        finite positive number."""
+        units, and (a gate with the consistency copies) the :func:`invert_centre` of the model's
+        normalisation. Raises ``ValueError`` when the gate was built without a view check, ``scale`` is not
+        a finite positive number, or the centre is missing or not finite where needed."""
         if self.view is None:
             raise ValueError("this gate was built without a view check (MahalanobisGate(view=True))")
         if not (float(scale) > 0.0 and float(scale) < float("inf")):
             raise ValueError(f"view scale {scale!r} must be a finite number > 0")
+        if self.view.consistency and (centre is None or not math.isfinite(float(centre))):
+            raise ValueError(
+                f"a view check with consistency copies needs a finite inversion centre, got {centre!r}"
+            )
         self.view.load_state_dict(view.state_dict())
         self.view.eval()
         self.view_scale.fill_(float(scale))
+        if self.view.consistency and centre is not None:
+            self.view_invert_centre.fill_(float(centre))
 
     def set_statistics(self, whitening: torch.Tensor, means: torch.Tensor) -> None:
         """Load fitted statistics; raises ``ValueError`` when their shapes do not fit the gate's."""
@@ -176,4 +211,6 @@ class MahalanobisGate(nn.Module):
             return distance
         if image is None:
             raise ValueError("a gate with a view check needs the model input image")
-        return torch.maximum(distance, self.view_scale * self.view.not_chest(self.view.prepare(image)))
+        small = self.view.prepare(image)
+        centre = self.view_invert_centre if self.view.consistency else 0.0
+        return torch.maximum(distance, self.view_scale * self.view.not_chest(small, centre))

@@ -163,13 +163,15 @@ def test_training_fits_the_gate_into_the_graph_and_the_card(gated: tuple[Path, P
     model_dir, data = gated
     loaded = load_model_dir(model_dir)
     gate = loaded.card.gate
-    assert gate is not None and gate.method == "mahalanobis+view+turns" and gate.feature_dims == (512, 512)
+    assert (
+        gate is not None and gate.method == "mahalanobis+view+consistency" and gate.feature_dims == (512, 512)
+    )
     view = gate.fitted_on["view_check"]
     assert 0.5 <= view["threshold"] < 1.0 and view["scale"] == pytest.approx(
         gate.threshold / view["threshold"], rel=1e-3
     )
     assert set(view["trained_on"]) >= {"inverted", "part", "rotated", "limb phantom", "positives"}
-    assert {"energy", "mahalanobis_alone", "view_alone", "view_without_turns"} <= set(gate.alternatives)
+    assert {"energy", "mahalanobis_alone", "view_alone", "view_without_consistency"} <= set(gate.alternatives)
     assert gate.fitted_on["split"] == "train" and gate.fitted_on["n"] == sum(
         gate.fitted_on["per_class"].values()
     )

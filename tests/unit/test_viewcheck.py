@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from screener.model.novelty import VIEW_SIZE, MahalanobisGate, ViewCheck
+from screener.imaging.pixels import PreprocessSpec
+from screener.model.novelty import VIEW_SIZE, MahalanobisGate, ViewCheck, invert_centre
 from trainer.viewcheck import NEGATIVE_KINDS, negative_from, not_chest_probability, train_view_check
 
 
@@ -43,7 +44,7 @@ def test_the_gate_score_is_the_larger_of_the_distance_and_the_scaled_view_probab
     image = torch.zeros(3, 3, 128, 128)
     assert ViewCheck.prepare(image).shape == (3, 1, VIEW_SIZE, VIEW_SIZE)
     features = torch.tensor([[0.0, 0.0, 0.0, 0.0], [50.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
-    p = torch.sigmoid(view(image))  # turns off: the input as it is
+    p = torch.sigmoid(view(image))  # no consistency copies: the input as it is
     expected = torch.maximum(gate.mahalanobis(features), 100.0 * p)
     torch.testing.assert_close(gate(features, image), expected)
     with torch.no_grad():
@@ -69,39 +70,61 @@ def test_the_view_check_learns_upright_from_rotated_on_held_out_images() -> None
     p_chest = not_chest_probability(view, upright[64:])
     p_other = not_chest_probability(view, torch.cat((rotated[64:], upside_down[64:])))
     assert np.mean(p_chest < 0.5) >= 0.9 and np.mean(p_other > 0.5) >= 0.9
-    # Read turned as well, an input is refused as soon as one of its turns looks upright: never less
+    # With the consistency copies, an input is refused as soon as a turned copy looks upright: never less
     # refused than before, and the upright ones still pass.
-    view.turns = True
+    view.consistency = True
     p_chest_turns = not_chest_probability(view, upright[64:])
     p_other_turns = not_chest_probability(view, torch.cat((rotated[64:], upside_down[64:])))
     assert np.all(p_other_turns >= p_other - 1e-6) and np.mean(p_other_turns > 0.5) >= 0.9
     assert np.mean(p_chest_turns < 0.5) >= 0.9
 
 
-def test_with_turns_the_view_probability_is_the_highest_of_itself_and_its_turns_looking_upright() -> None:
+def test_with_consistency_the_view_probability_counts_turned_and_inverted_copies_looking_upright() -> None:
     torch.manual_seed(3)
-    view = ViewCheck(turns=True).eval()
-    small = torch.rand(5, 1, VIEW_SIZE, VIEW_SIZE)
+    view = ViewCheck(consistency=True).eval()
+    small, centre = torch.rand(5, 1, VIEW_SIZE, VIEW_SIZE), 0.4
     with torch.no_grad():
-        got = view.not_chest(small)
-        own = torch.sigmoid(view.classify(small))
-        upright_when_turned = torch.stack(
-            [1.0 - torch.sigmoid(view.classify(torch.rot90(small, k, dims=(2, 3)))) for k in (1, 2, 3)]
-        )
-    torch.testing.assert_close(got, torch.maximum(own, upright_when_turned.max(dim=0).values))
-    view.turns = False
+        got = view.not_chest(small, centre)
+        own = 1.0 - torch.sigmoid(view.classify(small))  # "upright chest" as it is
+        copies = [torch.rot90(small, k, dims=(2, 3)) for k in (1, 2, 3)]
+        copies += [torch.rot90(centre - small, k, dims=(2, 3)) for k in (0, 1, 2, 3)]
+        best = torch.stack([1.0 - torch.sigmoid(view.classify(c)) for c in copies]).max(dim=0).values
+    expected = torch.maximum(torch.maximum(1.0 - own, best), torch.clamp(0.5 + best - own, 0.0, 1.0))
+    torch.testing.assert_close(got, expected)
+    view.consistency = False
     with torch.no_grad():
-        torch.testing.assert_close(view.not_chest(small), own)
-    with pytest.raises(ValueError, match="needs view=True"):
-        MahalanobisGate(4, 2, turns=True)
+        torch.testing.assert_close(view.not_chest(small, centre), 1.0 - own)
+    with pytest.raises(ValueError, match="need view=True"):
+        MahalanobisGate(4, 2, consistency=True)
+    with pytest.raises(ValueError, match="needs a finite inversion centre"):
+        MahalanobisGate(4, 2, view=True, consistency=True).set_view(ViewCheck(), 1.0)
+
+
+def _normalised(grey: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """The grey plane replicated to three channels and normalised per channel, as the model input is."""
+    planes = [(grey - m) / s for m, s in zip(spec.mean, spec.std, strict=True)]
+    return np.stack(planes).astype(np.float32)
+
+
+def test_inverting_the_prepared_input_about_the_centre_is_inverting_the_grey_image() -> None:
+    spec = PreprocessSpec()
+    rng = np.random.default_rng(2)
+    grey = _chest_like(rng)
+    # Normalisation only (no contrast enhancement between): exact.
+    centre = invert_centre(spec.mean, spec.std)
+    as_is = ViewCheck.prepare(torch.from_numpy(_normalised(grey, spec)[None]))
+    inverted = ViewCheck.prepare(torch.from_numpy(_normalised(1.0 - grey, spec)[None]))
+    torch.testing.assert_close(centre - as_is, inverted, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="std > 0"):
+        invert_centre((0.5,), (0.0,))
 
 
 def test_a_gate_with_turns_exports_to_onnx_and_scores_as_torch_does(tmp_path) -> None:
     import onnxruntime as ort
 
     torch.manual_seed(4)
-    gate = MahalanobisGate(4, 2, view=True, turns=True)
-    gate.set_view(ViewCheck(), 10.0)
+    gate = MahalanobisGate(4, 2, view=True, consistency=True)
+    gate.set_view(ViewCheck(), 10.0, invert_centre((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
     gate.eval()
     features, image = torch.rand(3, 4), torch.rand(3, 3, 96, 96)
     path = tmp_path / "gate.onnx"
