@@ -105,7 +105,14 @@ def test_orthanc_routes_chest_xrays_to_us_and_receives_sr_and_sc_once(
 @pytest.mark.slow
 def test_refused_then_busy_then_back_delivers_once_and_dead_letters_are_re_driven(make_server, model_dir):
     pacs = FakePacs()
-    server = _server(make_server, model_dir, f'[{{ae_title="FAKEPACS", host="127.0.0.1", port={pacs.port}}}]')
+    # Retries come every second here; on a busy machine each `deliveries list` poll takes seconds, so the
+    # default 12 attempts could run out (dead) before step 2. Exhausting them is not what this tests.
+    server = _server(
+        make_server,
+        model_dir,
+        f'[{{ae_title="FAKEPACS", host="127.0.0.1", port={pacs.port}}}]',
+        SCREENER__PACS__MAX_ATTEMPTS="1000",
+    )
     server.start()
     study = generate_uid()
     assert store(server.port, [_rg1_dx(study)]) == [0x0000]
