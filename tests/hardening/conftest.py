@@ -28,6 +28,15 @@ def rounds(default: int) -> int:
     return int(value) if value else default
 
 
+FULL_STRENGTH_ROUNDS = 5
+"""``tests/hardening/run`` sets ``HARDENING_ROUNDS=5``: from there on the suite runs at full strength."""
+
+
+def full_strength() -> bool:
+    """True under ``tests/hardening/run`` (``HARDENING_ROUNDS`` >= 5); CI runs the same tests smaller."""
+    return rounds(2) >= FULL_STRENGTH_ROUNDS
+
+
 @pytest.fixture
 def figure(request: pytest.FixtureRequest) -> Figure:
     """``figure(name, value, unit="", **detail)`` records one measured figure of the running test."""

@@ -1,4 +1,5 @@
-"""Security of the web console (issue 18), on SQLite and PostgreSQL.
+"""Security of the web console (issue 18), on SQLite and PostgreSQL (the checks that do not touch the
+database's behaviour, CSRF, sign-in timing and TLS, on SQLite only).
 
 - Every page and action by role: signed out (sign-in page / 401), viewer, reviewer, admin (403 below the
   role needed), and every refusal audited; no PHI in a refused page.
@@ -53,6 +54,12 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> ConsoleDb:
         return copy_db(request.getfixturevalue("sqlite_template"), tmp_path)
     url = request.getfixturevalue("pg_url")
     return make_db(tmp_path, url)
+
+
+@pytest.fixture
+def sqlite_db(sqlite_template: ConsoleDb, tmp_path: Path) -> ConsoleDb:
+    """For checks whose outcome does not depend on the database (they run once, not once per engine)."""
+    return copy_db(sqlite_template, tmp_path)
 
 
 def _pages(db: ConsoleDb) -> dict[str, str]:
@@ -121,26 +128,27 @@ def _state(db: ConsoleDb) -> tuple[int, ...]:
     )
 
 
-def test_every_form_needs_its_own_sessions_csrf_token(db: ConsoleDb, figure: Any) -> None:
-    admin, other = client(db), client(db)
+def test_every_form_needs_its_own_sessions_csrf_token(sqlite_db: ConsoleDb, figure: Any) -> None:
+    admin, other = client(sqlite_db), client(sqlite_db)
     sign_in(admin, "ana")
     other_token = csrf_of(sign_in(other, "rui"))
     own_token = csrf_of(admin.get("/dashboard").text)
-    before = _state(db)
+    before = _state(sqlite_db)
     refused = 0
-    for path, data in _posts(db).items():
+    for path, data in _posts(sqlite_db).items():
         for token in (None, "", "forged-token", other_token, own_token[:-1]):
             form = dict(data) if token is None else {**data, "csrf_token": token}
             r = admin.post(path, data=form, follow_redirects=False)
             assert r.status_code == 403, (path, token, r.status_code)
             refused += 1
-    assert _state(db) == before
-    assert _count(db, "SELECT COUNT(*) FROM audit_events WHERE action = 'console.csrf_refused'") == refused
+    assert _state(sqlite_db) == before
+    refusals = "SELECT COUNT(*) FROM audit_events WHERE action = 'console.csrf_refused'"
+    assert _count(sqlite_db, refusals) == refused
     # Signed out, a POST is 401 whatever it carries.
-    anonymous = client(db)
-    for path, data in _posts(db).items():
+    anonymous = client(sqlite_db)
+    for path, data in _posts(sqlite_db).items():
         assert anonymous.post(path, data={**data, "csrf_token": own_token}).status_code == 401
-    assert _state(db) == before
+    assert _state(sqlite_db) == before
     figure("console_csrf_refusals", refused, "posts")
 
 
@@ -188,11 +196,11 @@ def test_five_wrong_passwords_lock_until_the_lockout_ends(db: ConsoleDb, figure:
     figure("console_lockout_after", 5, "wrong passwords")
 
 
-def test_an_unknown_name_costs_as_long_as_a_wrong_password(db: ConsoleDb, figure: Any) -> None:
+def test_an_unknown_name_costs_as_long_as_a_wrong_password(sqlite_db: ConsoleDb, figure: Any) -> None:
     lockout = timedelta(minutes=1)
 
     def timed(name: str) -> float:
-        with Session(db.engine) as s, s.begin():
+        with Session(sqlite_db.engine) as s, s.begin():
             started = time.perf_counter()
             accounts.authenticate(s, name, "some wrong password", max_failures=1000, lockout=lockout)
             return time.perf_counter() - started
@@ -201,7 +209,7 @@ def test_an_unknown_name_costs_as_long_as_a_wrong_password(db: ConsoleDb, figure
     unknown = statistics.median(timed("nobody-here") for _ in range(5))
     figure("console_login_time_ratio_unknown_to_known", round(unknown / known, 2), "")
     assert unknown > 0.5 * known  # an argon2 verification either way: names cannot be told apart by time
-    with Session(db.engine) as s:
+    with Session(sqlite_db.engine) as s:
         hashes = s.scalars(select(ConsoleUser.password_hash)).all()
     assert all(h.startswith("$argon2id$") and PASSWORD not in h for h in hashes)
 
@@ -235,12 +243,12 @@ def test_html_and_sql_are_data(db: ConsoleDb) -> None:
     assert c.get("/static/%2e%2e/web.py").status_code == 404
 
 
-def test_real_server_under_tls(db: ConsoleDb, pki: dict[str, Path], tmp_path: Path) -> None:
+def test_real_server_under_tls(sqlite_db: ConsoleDb, pki: dict[str, Path], tmp_path: Path) -> None:
     port = free_port()
     settings = ConsoleConfig(
         enabled=True, port=port, tls=TLSConfig(cert_file=pki["server_pem"], key_file=pki["server_key"])
     )
-    server = ConsoleServer(ConsoleContext(settings, db.engine, db.spool))
+    server = ConsoleServer(ConsoleContext(settings, sqlite_db.engine, sqlite_db.spool))
     with structlog.testing.capture_logs() as logs:
         server.start()
         try:
@@ -268,9 +276,10 @@ def test_real_server_under_tls(db: ConsoleDb, pki: dict[str, Path], tmp_path: Pa
             assert r.status == 303
             cookie = next(v for k, v in r.getheaders() if k.lower() == "set-cookie" and COOKIE_NAME in v)
             assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie
-            conn.request("GET", f"/studies/{db.study_ids[0]}", headers={"Cookie": cookie.split(";")[0]})
+            study = f"/studies/{sqlite_db.study_ids[0]}"
+            conn.request("GET", study, headers={"Cookie": cookie.split(";")[0]})
             r = conn.getresponse()
-            assert r.status == 200 and db.patient_name in r.read().decode()
+            assert r.status == 200 and sqlite_db.patient_name in r.read().decode()
             assert r.getheader("server") is None  # no server banner
             plain = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
             with pytest.raises((http.client.HTTPException, ConnectionError, OSError)):
@@ -280,7 +289,7 @@ def test_real_server_under_tls(db: ConsoleDb, pki: dict[str, Path], tmp_path: Pa
         finally:
             server.stop()
     assert not server.is_alive()
-    assert db.patient_name not in json.dumps(logs, default=str)
+    assert sqlite_db.patient_name not in json.dumps(logs, default=str)
     assert any(e.get("event") == "console.login" for e in logs)
 
 
@@ -296,7 +305,7 @@ def test_dashboard_turnaround_is_the_reports(db: ConsoleDb) -> None:
     assert (measure_result["n"], measure_delivery["n"], measure_delivery["missing"]) == (3, 1, 2)
 
 
-def test_real_server_can_require_a_client_certificate(db: ConsoleDb, pki: dict[str, Path]) -> None:
+def test_real_server_can_require_a_client_certificate(sqlite_db: ConsoleDb, pki: dict[str, Path]) -> None:
     port = free_port()
     tls = TLSConfig(
         cert_file=pki["server_pem"],
@@ -305,7 +314,7 @@ def test_real_server_can_require_a_client_certificate(db: ConsoleDb, pki: dict[s
         require_client_cert=True,
     )
     server = ConsoleServer(
-        ConsoleContext(ConsoleConfig(enabled=True, port=port, tls=tls), db.engine, db.spool)
+        ConsoleContext(ConsoleConfig(enabled=True, port=port, tls=tls), sqlite_db.engine, sqlite_db.spool)
     )
     server.start()
     try:
