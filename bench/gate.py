@@ -12,7 +12,8 @@ it with the card's ``gate.threshold``. Prints:
 - RG1 (a real CR chest PA in pydicom-data) in its four encodings: must pass;
 - the score of every non-chest case: the pydicom-data non-chest images (RG3 tibia in four encodings, MR,
   CT, NM, US, OT; colour images are refused by decoding, before the gate) and test-split chests rotated by
-  90 degrees or inverted: none may pass.
+  90 degrees or inverted (``--transformed N`` of them; ``--every-turn`` adds 180, 270 and inverted then
+  turned): none may pass.
 The issue's bar: no non-chest passes; at least 99% of real chests pass. Exit status 0 when both hold, 3
 when not, 2 for a model without a gate.
 """
@@ -61,6 +62,17 @@ def main(argv: list[str] | None = None) -> int:
         "--limit", type=int, help="at most N chests per root (evenly spread), for a quick look"
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--transformed",
+        type=int,
+        default=16,
+        help="test-split chests to turn and invert as non-chest cases (default 16)",
+    )
+    parser.add_argument(
+        "--every-turn",
+        action="store_true",
+        help="also rotate them by 180 and 270 degrees and invert then rotate (default: 90 and inverted)",
+    )
     parser.add_argument("--json", type=Path, help="write every score here")
     args = parser.parse_args(argv)
 
@@ -132,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     report["rg1"] = {n: float(v) for n, v in zip(RG1, rg1_scores, strict=True)}
 
     cases: list[CheckCase] = non_chest_cases(spec)
-    cases += transformed_chest_cases(test or samples[:16], spec, 16)
+    cases += transformed_chest_cases(
+        test or samples[: args.transformed], spec, args.transformed, every_turn=args.every_turn
+    )
     scored = [c for c in cases if c.array is not None]
     values = _scores(engine, [c.array for c in scored if c.array is not None])
     value_of = {c.name: float(v) for c, v in zip(scored, values, strict=True)}

@@ -302,8 +302,11 @@ def _decoded(path: str, spec: PreprocessSpec) -> npt.NDArray[np.float32] | str:
         return f"decoding ({type(exc).__name__})"
 
 
-def transformed_chest_cases(samples: Sequence[Sample], spec: PreprocessSpec, count: int) -> list[CheckCase]:
-    """The first ``count`` of ``samples`` (by key) rotated by 90 degrees and inverted (1 - grey)."""
+def transformed_chest_cases(
+    samples: Sequence[Sample], spec: PreprocessSpec, count: int, *, every_turn: bool = False
+) -> list[CheckCase]:
+    """The first ``count`` of ``samples`` (by key) rotated by 90 degrees and inverted (1 - grey); with
+    ``every_turn`` also rotated by 180 and 270 degrees and inverted then rotated by 90."""
     cases = []
     for sample in sorted(samples, key=lambda s: s.key)[:count]:
         try:
@@ -314,6 +317,13 @@ def transformed_chest_cases(samples: Sequence[Sample], spec: PreprocessSpec, cou
         inverted = (1.0 - unit).astype(np.float32)
         cases.append(CheckCase(f"{sample.key} rotated 90", "chest rotated 90", to_model_input(rotated, spec)))
         cases.append(CheckCase(f"{sample.key} inverted", "chest inverted", to_model_input(inverted, spec)))
+        if every_turn:
+            for turns in (2, 3):
+                turned = np.ascontiguousarray(np.rot90(unit, turns))
+                name = f"rotated {90 * turns}"
+                cases.append(CheckCase(f"{sample.key} {name}", f"chest {name}", to_model_input(turned, spec)))
+            both = to_model_input(np.ascontiguousarray(np.rot90(inverted)), spec)
+            cases.append(CheckCase(f"{sample.key} inverted rotated 90", "chest inverted rotated 90", both))
     return cases
 
 
