@@ -141,3 +141,18 @@ def test_a_gate_with_turns_exports_to_onnx_and_scores_as_torch_does(tmp_path) ->
     (got,) = session.run(None, {"f": features.numpy(), "i": image.numpy()})
     with torch.no_grad():
         np.testing.assert_allclose(got, gate(features, image).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_the_view_threshold_sits_halfway_between_the_chests_and_the_check_cases_within_its_range() -> None:
+    from trainer.gate import VIEW_THRESHOLD_RANGE, choose_view_threshold, pass_threshold
+
+    chests = np.linspace(0.0, 0.8, 200)
+    q = pass_threshold(chests, 0.995)
+    assert 0.79 < q <= 0.8
+    assert choose_view_threshold(chests, np.array([0.99, 1.0])) == pytest.approx((q + 0.99) / 2)
+    # A check case below the chests' quantile: the chests come first.
+    assert choose_view_threshold(chests, np.array([0.3, 1.0])) == pytest.approx(q)
+    assert choose_view_threshold(chests, np.zeros(0)) == pytest.approx(q)
+    low, high = VIEW_THRESHOLD_RANGE
+    assert choose_view_threshold(np.full(50, 0.1), np.array([0.2])) == low
+    assert choose_view_threshold(np.full(50, 0.999), np.array([1.0])) == high
