@@ -171,11 +171,11 @@ def apply_method(method: str, params: dict[str, Any], probs_a: Probs, probs_b: P
     raise TrainingError(f"unknown calibration method {method!r}; known: {', '.join(METHODS)}")
 
 
-def cross_fitted_ece(
+def cross_fitted_probs(
     method: str, probs_a: Probs, probs_b: Probs, labels: Labels, weight: float, seed: int = 0
-) -> float | None:
-    """ECE of ``method`` fitted on one half of the images and applied to the other (both ways, pooled);
-    None with fewer than 20 images."""
+) -> Probs | None:
+    """The fused probabilities of ``method`` fitted on one half of the images and applied to the other,
+    both ways (every image scored by a fit that never saw it); None with fewer than 20 images."""
     n = labels.size
     if n < 20:
         return None
@@ -185,24 +185,23 @@ def cross_fitted_ece(
     for fit_idx, eval_idx in (halves, halves[::-1]):
         params = fit_method(method, probs_a[fit_idx], probs_b[fit_idx], labels[fit_idx], weight)
         out[eval_idx] = apply_method(method, params, probs_a[eval_idx], probs_b[eval_idx], weight)
-    return ece(labels, out)
+    return out
+
+
+def cross_fitted_ece(
+    method: str, probs_a: Probs, probs_b: Probs, labels: Labels, weight: float, seed: int = 0
+) -> float | None:
+    """ECE of :func:`cross_fitted_probs`; None with fewer than 20 images."""
+    out = cross_fitted_probs(method, probs_a, probs_b, labels, weight, seed)
+    return None if out is None else ece(labels, out)
 
 
 def cross_fitted_logloss(
     method: str, probs_a: Probs, probs_b: Probs, labels: Labels, weight: float, seed: int = 0
 ) -> float | None:
-    """Log-loss of ``method`` fitted on one half of the images and applied to the other (both ways, pooled,
-    the same halves as :func:`cross_fitted_ece`); None with fewer than 20 images."""
-    n = labels.size
-    if n < 20:
-        return None
-    order = np.random.default_rng(seed).permutation(n)
-    halves = (order[: n // 2], order[n // 2 :])
-    out = np.zeros((n, probs_a.shape[1]))
-    for fit_idx, eval_idx in (halves, halves[::-1]):
-        params = fit_method(method, probs_a[fit_idx], probs_b[fit_idx], labels[fit_idx], weight)
-        out[eval_idx] = apply_method(method, params, probs_a[eval_idx], probs_b[eval_idx], weight)
-    return log_loss(out, labels)
+    """Log-loss of :func:`cross_fitted_probs`; None with fewer than 20 images."""
+    out = cross_fitted_probs(method, probs_a, probs_b, labels, weight, seed)
+    return None if out is None else log_loss(out, labels)
 
 
 def ece_noise_floor(probs: Probs, draws: int = 200, seed: int = 0) -> tuple[float, float]:
@@ -232,8 +231,9 @@ def compare_methods(
     for method in METHODS:
         params = fit_method(method, probs_a, probs_b, labels, weight)
         probs = apply_method(method, params, probs_a, probs_b, weight)
-        cross = cross_fitted_ece(method, probs_a, probs_b, labels, weight, seed)
-        cross_ll = cross_fitted_logloss(method, probs_a, probs_b, labels, weight, seed)
+        held_out = cross_fitted_probs(method, probs_a, probs_b, labels, weight, seed)
+        cross = None if held_out is None else ece(labels, held_out)
+        cross_ll = None if held_out is None else log_loss(held_out, labels)
         table[method] = {
             "val_ece": round(ece(labels, probs), 4),
             "val_logloss": round(log_loss(probs, labels), 4),
@@ -267,6 +267,7 @@ __all__ = [
     "compare_methods",
     "cross_fitted_ece",
     "cross_fitted_logloss",
+    "cross_fitted_probs",
     "ece",
     "ece_noise_floor",
     "fit_joint_temperatures",
