@@ -481,23 +481,31 @@ def fit_gate(
             "checks_scored": n_scored,
         },
     }
-    if view_fit is not None:
-        alternatives["view_alone"] = {
-            "score": "the view check's probability of not a frontal chest",
+
+    def view_row(score: str, view_threshold: float, val_p: FloatArray, refused_key: str) -> dict[str, Any]:
+        return {
+            "score": score,
             "threshold": round(view_threshold, 4),
-            "validation_pass_rate": round(float(np.mean(val_view <= view_threshold)), 4),
-            "checks_refused": sum(1 for r in results if r.get("view_refused")),
+            "validation_pass_rate": round(float(np.mean(val_p <= view_threshold)), 4),
+            "checks_refused": sum(1 for r in results if r.get(refused_key)),
             "checks_scored": n_scored,
         }
+
+    if view_fit is not None:
+        copies = ", with the input's turned and inverted copies" if consistency else ""
+        alternatives["view_alone"] = view_row(
+            "the view check's probability of not a frontal chest" + copies,
+            view_threshold,
+            val_view,
+            "view_refused",
+        )
         if consistency:
-            alternatives["view_alone"]["score"] += ", with the input's turned and inverted copies"
-            alternatives["view_without_consistency"] = {
-                "score": "the view check's probability of not a frontal chest, the input read as it is",
-                "threshold": round(plain_threshold, 4),
-                "validation_pass_rate": round(float(np.mean(val_view_plain <= plain_threshold)), 4),
-                "checks_refused": sum(1 for r in results if r.get("view_without_consistency_refused")),
-                "checks_scored": n_scored,
-            }
+            alternatives["view_without_consistency"] = view_row(
+                "the view check's probability of not a frontal chest, the input read as it is",
+                plain_threshold,
+                val_view_plain,
+                "view_without_consistency_refused",
+            )
     fitted_on: dict[str, Any] = {
         "split": "train",
         "n": int(labels.size),
