@@ -124,15 +124,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{'n/a' if cross is None else f'{100 * cross:.1f}'} | {row['val_logloss']:.3f} | "
             f"{'n/a' if cross_ll is None else f'{cross_ll:.3f}'} | {100 * test_ece:.1f} | {pool_cell} |"
         )
-    kept = apply_method(chosen, fit_method(chosen, va, vb, vy, w), va, vb, w)
-    floor = ece_noise_floor(kept)
+    kept_params = fit_method(chosen, va, vb, vy, w)
+    floor = ece_noise_floor(apply_method(chosen, kept_params, va, vb, w))
     print(
         f"noise floor (validation, n={vy.size}, the kept method's probabilities): a perfectly calibrated "
         f"model would show ECE {100 * floor[0]:.1f}% on average, up to {100 * floor[1]:.1f}% (95th pct.)"
     )
     table["noise_floor_val"] = {"mean": round(floor[0], 4), "p95": round(floor[1], 4)}
     if py.size:
-        pool_floor = ece_noise_floor(apply_method(chosen, fit_method(chosen, va, vb, vy, w), pa, pb, w))
+        pool_floor = ece_noise_floor(apply_method(chosen, kept_params, pa, pb, w))
         print(
             f"noise floor (pool, n={py.size}): {100 * pool_floor[0]:.1f}% on average, up to "
             f"{100 * pool_floor[1]:.1f}%"

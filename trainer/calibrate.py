@@ -188,22 +188,6 @@ def cross_fitted_probs(
     return out
 
 
-def cross_fitted_ece(
-    method: str, probs_a: Probs, probs_b: Probs, labels: Labels, weight: float, seed: int = 0
-) -> float | None:
-    """ECE of :func:`cross_fitted_probs`; None with fewer than 20 images."""
-    out = cross_fitted_probs(method, probs_a, probs_b, labels, weight, seed)
-    return None if out is None else ece(labels, out)
-
-
-def cross_fitted_logloss(
-    method: str, probs_a: Probs, probs_b: Probs, labels: Labels, weight: float, seed: int = 0
-) -> float | None:
-    """Log-loss of :func:`cross_fitted_probs`; None with fewer than 20 images."""
-    out = cross_fitted_probs(method, probs_a, probs_b, labels, weight, seed)
-    return None if out is None else log_loss(out, labels)
-
-
 def ece_noise_floor(probs: Probs, draws: int = 200, seed: int = 0) -> tuple[float, float]:
     """``(mean, 95th percentile)`` of the ECE that a PERFECTLY calibrated model with these very
     probabilities would show on this many images: labels drawn from ``probs`` themselves, ``draws`` times.
@@ -265,8 +249,6 @@ __all__ = [
     "apply_method",
     "choose_temperatures",
     "compare_methods",
-    "cross_fitted_ece",
-    "cross_fitted_logloss",
     "cross_fitted_probs",
     "ece",
     "ece_noise_floor",

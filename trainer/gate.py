@@ -422,14 +422,16 @@ def fit_gate(
     p_view = p_view_plain = np.zeros(len(scored))
     if view:
         view_fit = fit_view_check(train.small, splits.train, splits.val, spec, seed=seed)
-        view_fit.view.consistency = False
+        view_fit.view.consistency = False  # the check as trained: the input read as it is
         val_view_plain = not_chest_probability(view_fit.view, val.small)
         p_view_plain = not_chest_probability(view_fit.view, checks_out.small) if scored else p_view_plain
-        view_fit.view.consistency = consistency
-        val_view = not_chest_probability(view_fit.view, val.small, centre)
-        p_view = not_chest_probability(view_fit.view, checks_out.small, centre) if scored else p_view
         plain_threshold = choose_view_threshold(val_view_plain, p_view_plain, quantile)
-        view_threshold = choose_view_threshold(val_view, p_view, quantile)
+        val_view, p_view, view_threshold = val_view_plain, p_view_plain, plain_threshold
+        if consistency:
+            view_fit.view.consistency = True
+            val_view = not_chest_probability(view_fit.view, val.small, centre)
+            p_view = not_chest_probability(view_fit.view, checks_out.small, centre) if scored else p_view
+            view_threshold = choose_view_threshold(val_view, p_view, quantile)
         gate.set_view(view_fit.view, threshold / view_threshold, centre if consistency else None)
         gate.to(target)
     val_combined = np.maximum(val_maha, threshold * val_view / view_threshold) if view else val_maha

@@ -453,20 +453,17 @@ def train_and_export(
         method, temperatures = choose_temperatures(table)
         probs_a = apply_temperature(raw_a, temperatures[0])
         probs_b = apply_temperature(raw_b, temperatures[1])
+        calibrated = fused_probs(fusion.weight, probs_a, probs_b)
         calibration = {
             "method": f"{method} temperature scaling on the validation split (trainer.calibrate)",
             "temperature_a": temperatures[0],
             "temperature_b": temperatures[1],
             "val_ece_before": table["none"]["val_ece"],
-            "val_ece_after": calibration_bins(labels, fused_probs(fusion.weight, probs_a, probs_b))[0],
+            "val_ece_after": calibration_bins(labels, calibrated)[0],
             "chosen_by": "lowest two-fold cross-fitted log-loss among the methods the graph runs",
             # What a perfectly calibrated model with these confidences would show on this many images.
             "val_ece_noise_floor": dict(
-                zip(
-                    ("mean", "p95"),
-                    (round(v, 4) for v in ece_noise_floor(fused_probs(fusion.weight, probs_a, probs_b))),
-                    strict=True,
-                )
+                zip(("mean", "p95"), (round(v, 4) for v in ece_noise_floor(calibrated)), strict=True)
             ),
             "alternatives": table,
         }

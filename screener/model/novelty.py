@@ -100,16 +100,7 @@ class ViewCheck(nn.Module):
             return torch.sigmoid(self.classify(small))
         n = small.shape[0]
         inverted = centre - small
-        copies = [small]
-        for x in (small, inverted):
-            # Turns by 90, 180 and 270 degrees (torch.rot90's direction) from transposes and flips: the
-            # ONNX exporter has no rot90, and every engine runs Transpose and Slice.
-            copies += [
-                torch.flip(x, dims=(3,)).transpose(2, 3),
-                torch.flip(x, dims=(2, 3)),
-                torch.flip(x.transpose(2, 3), dims=(3,)),
-            ]
-        copies.insert(4, inverted)
+        copies = [small, *_turns(small), inverted, *_turns(inverted)]
         upright = 1.0 - torch.sigmoid(self.classify(torch.cat(copies))).reshape(8, n)
         best_copy = upright[1:].max(dim=0).values
         more_upright_than_itself = torch.clamp(0.5 + best_copy - upright[0], 0.0, 1.0)
@@ -118,6 +109,16 @@ class ViewCheck(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Logits ``[N]`` of the model input ``image`` as it is (no copies)."""
         return self.classify(self.prepare(image))
+
+
+def _turns(x: torch.Tensor) -> list[torch.Tensor]:
+    """``x`` ``[N, 1, S, S]`` turned by 90, 180 and 270 degrees (torch.rot90's direction), from transposes
+    and flips: the ONNX exporter has no rot90, and every engine runs Transpose and Slice."""
+    return [
+        torch.flip(x, dims=(3,)).transpose(2, 3),
+        torch.flip(x, dims=(2, 3)),
+        torch.flip(x.transpose(2, 3), dims=(3,)),
+    ]
 
 
 def invert_centre(mean: tuple[float, ...], std: tuple[float, ...]) -> float:
