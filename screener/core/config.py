@@ -539,6 +539,22 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class MemoryConfig:
+    """The C heap of ``serve`` (screener/core/allocator.py): glibc malloc arenas and returning free pages."""
+
+    malloc_arena_max: int = 2  # 0 = glibc's default (8 per core)
+    trim_interval_seconds: float = 60.0  # 0 = never
+
+    def validate(self) -> None:
+        _require(0 <= self.malloc_arena_max <= 1024, "malloc_arena_max", "must be 0 (glibc default) to 1024")
+        _require(
+            self.trim_interval_seconds == 0 or 1 <= self.trim_interval_seconds <= 86400,
+            "trim_interval_seconds",
+            "must be 0 (never) or a number of seconds in [1, 86400]",
+        )
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     host: str = "127.0.0.1"
     port: int = 9110
@@ -589,6 +605,7 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
     source: str = field(default="built-in defaults", compare=False)

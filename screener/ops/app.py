@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from screener.core.allocator import HeapTrimmer, limit_arenas
 from screener.core.config import Config
 from screener.core.db.migrate import ensure_at_head
 from screener.core.db.session import make_engine, make_session_factory
@@ -81,6 +82,8 @@ def _console(config: Config, spool: Spool) -> ConsoleServer:
 def serve(config: Config, stop: threading.Event | None = None, role: str = "all") -> int:
     """Run ``role`` until ``stop`` is set or a SIGTERM/SIGINT arrives. Returns the exit code."""
     stop = stop or threading.Event()
+    # Before any thread starts: a thread's first allocation picks its arena.
+    arenas_limited = limit_arenas(config.memory.malloc_arena_max)
     roles = frozenset(ROLES) if role == "all" else frozenset({role})
     if role == "all" and not config.console.enabled:  # the console joins `all` only when enabled
         roles = roles - {"console"}
@@ -206,7 +209,14 @@ def serve(config: Config, stop: threading.Event | None = None, role: str = "all"
             )
         else:
             log.info("results.mode", mode="live", destinations=destinations)
-        log.info("serve.ready", config=config.source, roles=sorted(roles), results_mode=config.results.mode)
+        HeapTrimmer(config.memory.trim_interval_seconds, stop).start()
+        log.info(
+            "serve.ready",
+            config=config.source,
+            roles=sorted(roles),
+            results_mode=config.results.mode,
+            malloc_arena_max=config.memory.malloc_arena_max if arenas_limited else None,
+        )
         stop.wait()
         if scheduler is not None:
             scheduler.shutdown(wait=False)
