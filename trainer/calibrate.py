@@ -1,6 +1,7 @@
 """Calibration of the fused output on validation data: the methods measured, and the one the graph runs.
 
-The graph computes ``w * softmax(logits_a / T_a) + (1 - w) * softmax(logits_b / T_b)``. Fitting each
+The graph computes ``p = w * softmax(logits_a / T_a) + (1 - w) * softmax(logits_b / T_b)``, then, with a
+fused temperature ``T_f``, ``softmax(log(p) / T_f)`` (:func:`screener.model.fused.fuse`). Fitting each
 network's ``T`` on its own log-loss (the old recipe) calibrates each network, not their mixture: the mean
 of two calibrated distributions is less confident than either, and on the robust model the fused
 validation ECE rose from 6.3% to 7.4%. The methods measured here (Guo, Pleiss, Sun & Weinberger, ICML
@@ -9,7 +10,8 @@ validation ECE rose from 6.3% to 7.4%. The methods measured here (Guo, Pleiss, S
 - ``per_network``: each ``T`` on its own network's log-loss;
 - ``joint``: both ``T`` together, on the log-loss of the FUSED output with the model's fusion weight
   (no new operator in the graph: it is what the model ships);
-- ``fused_temperature``: one ``T`` on the log of the fused probabilities;
+- ``fused_temperature``: one ``T_f`` on the log of the fused probabilities (in the graph);
+- ``joint_fused``: the ``joint`` temperatures, then a ``T_f`` on their mixture (in the graph);
 - ``vector``: a per-class scale and bias on the log of the fused probabilities;
 - ``matrix``: a full affine map of the log of the fused probabilities.
 
@@ -41,9 +43,19 @@ from trainer.fuse import apply_temperature, fit_temperature, fused_probs, log_lo
 
 Probs = npt.NDArray[np.float64]
 Labels = npt.NDArray[np.int64]
-METHODS: tuple[str, ...] = ("none", "per_network", "joint", "fused_temperature", "vector", "matrix")
-IN_GRAPH: tuple[str, ...] = ("none", "per_network", "joint")
-"""Methods the exported graph can run (two temperatures); the others are measured only."""
+METHODS: tuple[str, ...] = (
+    "none",
+    "per_network",
+    "joint",
+    "fused_temperature",
+    "joint_fused",
+    "vector",
+    "matrix",
+)
+IN_GRAPH: tuple[str, ...] = ("none", "per_network", "joint", "fused_temperature", "joint_fused")
+"""Methods the exported graph can run (three temperatures: ``T_a``, ``T_b``, ``T_f``); the others are
+measured only. Their parameters are always the three keys of :data:`TEMPERATURE_KEYS`."""
+TEMPERATURE_KEYS: tuple[str, ...] = ("temperature_a", "temperature_b", "fused_temperature")
 _LOG_T = np.linspace(math.log(0.1), math.log(10.0), 47)
 
 
@@ -138,17 +150,23 @@ def fit_method(method: str, probs_a: Probs, probs_b: Probs, labels: Labels, weig
     Raises :class:`TrainingError` for an unknown method."""
     fused = fused_probs(weight, probs_a, probs_b)
     if method == "none":
-        return {"temperature_a": 1.0, "temperature_b": 1.0}
+        return dict.fromkeys(TEMPERATURE_KEYS, 1.0)
     if method == "per_network":
         return {
             "temperature_a": fit_temperature(probs_a, labels),
             "temperature_b": fit_temperature(probs_b, labels),
+            "fused_temperature": 1.0,
         }
-    if method == "joint":
+    if method in ("joint", "joint_fused"):
         ta, tb = fit_joint_temperatures(probs_a, probs_b, labels, weight)
-        return {"temperature_a": ta, "temperature_b": tb}
+        tf = 1.0
+        if method == "joint_fused":
+            mixed = fused_probs(weight, apply_temperature(probs_a, ta), apply_temperature(probs_b, tb))
+            tf = fit_temperature(mixed, labels)
+        return {"temperature_a": ta, "temperature_b": tb, "fused_temperature": tf}
     if method == "fused_temperature":
-        return {"temperature": fit_temperature(fused, labels)}
+        tf = fit_temperature(fused, labels)
+        return {"temperature_a": 1.0, "temperature_b": 1.0, "fused_temperature": tf}
     if method in ("vector", "matrix"):
         w, b = _fit_affine(_log(fused), labels, full=method == "matrix")
         return {"w": w.tolist(), "b": b.tolist()}
@@ -157,18 +175,30 @@ def fit_method(method: str, probs_a: Probs, probs_b: Probs, labels: Labels, weig
 
 def apply_method(method: str, params: dict[str, Any], probs_a: Probs, probs_b: Probs, weight: float) -> Probs:
     """The fused probabilities of ``method`` with ``params`` (from :func:`fit_method`)."""
-    if method in ("none", "per_network", "joint"):
-        return fused_probs(
-            weight,
-            apply_temperature(probs_a, float(params["temperature_a"])),
-            apply_temperature(probs_b, float(params["temperature_b"])),
-        )
+    if method in IN_GRAPH:
+        return apply_temperatures(temperatures_of(params), probs_a, probs_b, weight)
     fused = fused_probs(weight, probs_a, probs_b)
-    if method == "fused_temperature":
-        return apply_temperature(fused, float(params["temperature"]))
     if method in ("vector", "matrix"):
         return _apply_affine(_log(fused), np.asarray(params["w"]), np.asarray(params["b"]))
     raise TrainingError(f"unknown calibration method {method!r}; known: {', '.join(METHODS)}")
+
+
+Temperatures = tuple[float, float, float]
+"""``(T_a, T_b, T_f)``: the two networks' temperatures and the fused output's."""
+
+
+def temperatures_of(params: dict[str, Any]) -> Temperatures:
+    """The three temperatures of an in-graph method's parameters (1 where a key is absent)."""
+    ta, tb, tf = (float(params.get(key, 1.0)) for key in TEMPERATURE_KEYS)
+    return ta, tb, tf
+
+
+def apply_temperatures(temperatures: Temperatures, probs_a: Probs, probs_b: Probs, weight: float) -> Probs:
+    """What the graph outputs as ``probs`` for uncalibrated network outputs ``probs_a``/``probs_b``:
+    each network's temperature, the weighted mixture, then the fused temperature (where not 1)."""
+    ta, tb, tf = temperatures
+    mixed = fused_probs(weight, apply_temperature(probs_a, ta), apply_temperature(probs_b, tb))
+    return mixed if tf == 1.0 else apply_temperature(mixed, tf)
 
 
 def cross_fitted_probs(
@@ -224,14 +254,14 @@ def compare_methods(
             "cross_fitted_ece": None if cross is None else round(cross, 4),
             "cross_fitted_logloss": None if cross_ll is None else round(cross_ll, 4),
             "in_graph": method in IN_GRAPH,
-            "params": {k: v for k, v in params.items() if k.startswith("temperature")},
+            "params": {k: v for k, v in params.items() if k in TEMPERATURE_KEYS},
         }
     return table
 
 
-def choose_temperatures(table: dict[str, dict[str, Any]]) -> tuple[str, tuple[float, float]]:
+def choose_temperatures(table: dict[str, dict[str, Any]]) -> tuple[str, Temperatures]:
     """The in-graph method with the lowest cross-fitted log-loss (in-sample log-loss where too few images
-    to cross-fit; see the module docstring for why not ECE), and its two temperatures."""
+    to cross-fit; see the module docstring for why not ECE), and its three temperatures."""
 
     def key(method: str) -> float:
         row = table[method]
@@ -239,14 +269,16 @@ def choose_temperatures(table: dict[str, dict[str, Any]]) -> tuple[str, tuple[fl
         return float(cross if cross is not None else row["val_logloss"])
 
     best = min((m for m in IN_GRAPH if m in table), key=key)
-    params = table[best]["params"]
-    return best, (float(params["temperature_a"]), float(params["temperature_b"]))
+    return best, temperatures_of(table[best]["params"])
 
 
 __all__ = [
     "IN_GRAPH",
     "METHODS",
+    "TEMPERATURE_KEYS",
+    "Temperatures",
     "apply_method",
+    "apply_temperatures",
     "choose_temperatures",
     "compare_methods",
     "cross_fitted_probs",
@@ -254,4 +286,5 @@ __all__ = [
     "ece_noise_floor",
     "fit_joint_temperatures",
     "fit_method",
+    "temperatures_of",
 ]

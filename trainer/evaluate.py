@@ -618,6 +618,7 @@ def evaluate_model(
         report["temperature_scaling"] = {
             "temperature_a": card.temperature("a"),
             "temperature_b": card.temperature("b"),
+            "fused_temperature": card.temperature("fused"),
             "ece_before": calibration_bins(y, raw)[0],
             "ece_after": report["ece"],
         }
@@ -897,7 +898,8 @@ def format_summary(report: Mapping[str, Any]) -> str:
         lines.append(
             f"calibration: ECE {_pct(calibration.get('ece_before'))} before, "
             f"{_pct(calibration.get('ece_after'))} after temperature scaling "
-            f"(T = {calibration.get('temperature_a')}, {calibration.get('temperature_b')})"
+            f"(T = {calibration.get('temperature_a')}, {calibration.get('temperature_b')}; "
+            f"fused T = {calibration.get('fused_temperature', 1.0)})"
         )
     lung = report.get("lung_crop")
     if lung:

@@ -33,7 +33,13 @@ from screener.model.fused import ARCHITECTURES, FusedResNet
 from screener.model.lungs import LungCrop, load_lung_crop
 from screener.model.modelcard import CLASSES, LoadedModel, LungCropSpec, ModelCard, read_card
 from trainer.augment import Augmenter, Chain, SiteAugmenter
-from trainer.calibrate import choose_temperatures, compare_methods, ece_noise_floor
+from trainer.calibrate import (
+    Temperatures,
+    apply_temperatures,
+    choose_temperatures,
+    compare_methods,
+    ece_noise_floor,
+)
 from trainer.data import (
     ImageDataset,
     Sample,
@@ -55,7 +61,6 @@ from trainer.fuse import (
     fit_temperature,
     freeze,
     fuse_probs,
-    fused_probs,
     log_loss,
     predict_probs,
 )
@@ -224,13 +229,13 @@ def _test_metrics(
     weight: float,
     loader: DataLoader[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
-    temperatures: tuple[float, float] = (1.0, 1.0),
+    temperatures: Temperatures = (1.0, 1.0, 1.0),
     classes: Sequence[str] = CLASSES,
 ) -> dict[str, Any]:
-    probs_a, probs_b, labels = predict_probs(net_a, net_b, loader, device)
-    probs_a = apply_temperature(probs_a, temperatures[0])
-    probs_b = apply_temperature(probs_b, temperatures[1])
-    fused = fused_probs(weight, probs_a, probs_b)
+    raw_a, raw_b, labels = predict_probs(net_a, net_b, loader, device)
+    probs_a = apply_temperature(raw_a, temperatures[0])
+    probs_b = apply_temperature(raw_b, temperatures[1])
+    fused = apply_temperatures(temperatures, raw_a, raw_b, weight)
     predicted = fused.argmax(axis=1)
     per_class = {}
     for index, name in enumerate(classes):
@@ -433,14 +438,14 @@ def train_and_export(
     net_b = freeze(load_backbone_weights(second.arch, second.weights_path).to(target))
     val_loader = _loader(val_ds, batch, workers)
     probs_a, probs_b, labels = predict_probs(net_a, net_b, val_loader, target)
-    temperatures = (1.0, 1.0)
+    temperatures: Temperatures = (1.0, 1.0, 1.0)
     calibration: dict[str, Any] = {}
     raw_a, raw_b = probs_a, probs_b
     # Every preset calibrates once the validation split is big enough to fit on (the robust and paper
     # presets always do); a handful of validation images would only add noise.
     calibrate = recipe.calibrate or labels.size >= MIN_CALIBRATION_IMAGES
     if calibrate:
-        temperatures = (fit_temperature(raw_a, labels), fit_temperature(raw_b, labels))
+        temperatures = (fit_temperature(raw_a, labels), fit_temperature(raw_b, labels), 1.0)
         probs_a = apply_temperature(raw_a, temperatures[0])
         probs_b = apply_temperature(raw_b, temperatures[1])
     fusion = fuse_probs(
@@ -448,16 +453,18 @@ def train_and_export(
     )
     if calibrate:
         # The fusion weight is chosen on per-network calibrated outputs; then every calibration method is
-        # measured with that weight and the in-graph one with the lowest cross-fitted ECE is kept.
+        # measured with that weight and the in-graph one with the lowest cross-fitted log-loss is kept.
         table = compare_methods(raw_a, raw_b, labels, fusion.weight, seed=seed)
         method, temperatures = choose_temperatures(table)
         probs_a = apply_temperature(raw_a, temperatures[0])
         probs_b = apply_temperature(raw_b, temperatures[1])
-        calibrated = fused_probs(fusion.weight, probs_a, probs_b)
+    calibrated = apply_temperatures(temperatures, raw_a, raw_b, fusion.weight)  # the graph's `probs`
+    if calibrate:
         calibration = {
             "method": f"{method} temperature scaling on the validation split (trainer.calibrate)",
             "temperature_a": temperatures[0],
             "temperature_b": temperatures[1],
+            "fused_temperature": temperatures[2],
             "val_ece_before": table["none"]["val_ece"],
             "val_ece_after": calibration_bins(labels, calibrated)[0],
             "chosen_by": "lowest two-fold cross-fitted log-loss among the methods the graph runs",
@@ -481,7 +488,7 @@ def train_and_export(
         # retrain/adapt keep the parent's operating-point policy, for the classes validation can set
         present = {classes[int(i)] for i in np.unique(labels)}
         targets = {c: t for c, t in inherited_targets(parent.card).items() if c in present}
-    points = pick_thresholds(fused_probs(fusion.weight, probs_a, probs_b), labels, classes, targets)
+    points = pick_thresholds(calibrated, labels, classes, targets)
     if points.thresholds:
         log.info("operating_points", thresholds=points.thresholds)
 
@@ -490,7 +497,8 @@ def train_and_export(
         second.arch,
         fusion_weight=fusion.weight,
         lung_crop=crop.spec if crop is not None else None,
-        temperatures=temperatures,
+        temperatures=temperatures[:2],
+        fused_temperature=temperatures[2],
         num_classes=len(classes),
     )
     model.net_a.load_state_dict(net_a.state_dict())
@@ -514,7 +522,7 @@ def train_and_export(
     if out_of_source:
         metrics["out_of_source"] = dict(out_of_source)
     metrics.update(extra_metrics or {})
-    metrics["reference"] = _reference(val_ds, fused_probs(fusion.weight, probs_a, probs_b))
+    metrics["reference"] = _reference(val_ds, calibrated)
     if version is None:
         version = f"{preset}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-seed{seed}"
     if rank == 0:

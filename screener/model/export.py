@@ -67,14 +67,14 @@ def export_model_dir(
 
     The ONNX graph holds both networks and the fusion: input ``image`` float32 ``[N, 3, S, S]`` with a
     dynamic batch axis, outputs ``probs``, ``probs_a``, ``probs_b`` ``[N, 3]``. ``S`` is
-    ``preprocessing.input_size``. The caller's model is not modified (a CPU copy is exported). The card
-    takes the model's temperatures (``calibration``) and lung crop; ``sources`` is the class x source
-    table of the training data. A model with a fitted image-content gate (``model.novelty_gate``) needs
-    its card section ``gate``; the graph then has a fourth output ``novelty`` ``[N]``. With ``heatmap``
-    (the default) the graph's last output is ``heatmap`` ``[N, size, size]`` (:mod:`screener.model.cam`) and
-    the card says so in its section ``heatmap``; ``heatmap=None`` exports without it.
-    ``classes`` name the model's outputs in order (default: the paper's three); the card describes them
-    with their default concepts (:data:`screener.model.modelcard.DEFAULT_CONCEPTS`).
+    ``preprocessing.input_size``. The caller's model is not modified (a CPU copy is exported). The card takes
+    the model's temperatures, the fused one too (``calibration``), and lung crop; ``sources`` is the class x
+    source table of the training data. A model with a fitted image-content gate (``model.novelty_gate``) needs
+    its card section ``gate``; the graph then has a fourth output ``novelty`` ``[N]``. With ``heatmap`` (the
+    default) the graph's last output is ``heatmap`` ``[N, size, size]`` (:mod:`screener.model.cam`) and the
+    card says so in its section ``heatmap``; ``heatmap=None`` exports without it. ``classes`` name the model's
+    outputs in order (default: the paper's three); the card describes them with their default concepts
+    (:data:`screener.model.modelcard.DEFAULT_CONCEPTS`).
     Raises :class:`ModelError` when ``out`` already exists, the card is invalid, the model's gate and
     ``gate`` disagree, ``classes`` do not match the model's outputs, or the graph fails ``onnx.checker``.
     """
@@ -99,6 +99,8 @@ def export_model_dir(
         if (temperature_a, temperature_b) != (1.0, 1.0)
         else {}
     )
+    if model.fused_temperature != 1.0:
+        calibration["fused_temperature"] = round(model.fused_temperature, 6)
     card = ModelCard(
         version=version,
         classes=tuple(classes),
@@ -128,7 +130,9 @@ def export_model_dir(
     tmp.mkdir()
     try:
         cpu_model = copy.deepcopy(model).to("cpu").eval()
-        cpu_model.set_temperatures(card.temperature("a"), card.temperature("b"))  # exactly the card's
+        cpu_model.set_temperatures(  # exactly the card's
+            card.temperature("a"), card.temperature("b"), fused=card.temperature("fused")
+        )
         cpu_model.heatmap_size = heatmap.size if heatmap is not None else None
         _write_safetensors(cpu_model, tmp / WEIGHTS_FILE)
         _export_onnx(cpu_model, tmp / ONNX_FILE, preprocessing.input_size, opset)

@@ -59,7 +59,9 @@ class FusedResNet(nn.Module):
     :meth:`forward` takes a float32 image batch ``[N, 3, S, S]`` and returns ``(probs, probs_a, probs_b)``,
     each ``[N, num_classes]``, with ``probs = w * probs_a + (1 - w) * probs_b`` and
     ``probs_x = softmax(logits_x / T_x)``: each network's temperature ``T`` (1 by default) comes from the
-    card's ``calibration`` and is not part of the weights file. With ``lung_crop`` the input first goes
+    card's ``calibration`` and is not part of the weights file. With a fused temperature ``T_f`` other than
+    1 (card ``calibration.fused_temperature``), ``probs`` is then ``softmax(log(probs) / T_f)``: the
+    mixture itself calibrated (:func:`fuse`). With ``lung_crop`` the input first goes
     through :class:`screener.model.lungs.LungCrop` (its U-Net weights are part of the state dict, under
     ``lung_crop.``) and the backbones see the crop. With ``gate_dims`` (the two networks' feature sizes)
     the model holds a :class:`screener.model.novelty.MahalanobisGate` (``novelty_gate.``, its statistics in
@@ -72,6 +74,7 @@ class FusedResNet(nn.Module):
     fusion_weight: torch.Tensor
     temperature_a: torch.Tensor
     temperature_b: torch.Tensor
+    temperature_fused: torch.Tensor
 
     def __init__(
         self,
@@ -82,6 +85,7 @@ class FusedResNet(nn.Module):
         num_classes: int = len(CLASSES),
         lung_crop: LungCropSpec | None = None,
         temperatures: tuple[float, float] = (1.0, 1.0),
+        fused_temperature: float = 1.0,
         gate_dims: tuple[int, int] | None = None,
         gate_view: bool = False,
         gate_consistency: bool = False,
@@ -103,7 +107,9 @@ class FusedResNet(nn.Module):
         )
         self.register_buffer("temperature_a", torch.tensor(1.0), persistent=False)
         self.register_buffer("temperature_b", torch.tensor(1.0), persistent=False)
-        self.set_temperatures(*temperatures)
+        self.register_buffer("temperature_fused", torch.tensor(1.0), persistent=False)
+        self.fused_calibrated = False  # a Python flag, so the exported graph holds the step only when used
+        self.set_temperatures(*temperatures, fused=fused_temperature)
         self.novelty_gate: MahalanobisGate | None = None
         if gate_dims is not None:
             self.add_gate(gate_dims, view=gate_view, consistency=gate_consistency)
@@ -131,18 +137,32 @@ class FusedResNet(nn.Module):
         )
         return self.novelty_gate
 
-    def set_temperatures(self, temperature_a: float, temperature_b: float) -> None:
-        """Set each network's softmax temperature (calibration). Raises :class:`ModelError` unless both
-        are finite and positive."""
-        for value in (temperature_a, temperature_b):
+    def set_temperatures(self, temperature_a: float, temperature_b: float, fused: float = 1.0) -> None:
+        """Set each network's softmax temperature and the fused output's (calibration). Raises
+        :class:`ModelError` unless all three are finite and positive."""
+        for value in (temperature_a, temperature_b, fused):
             if not (float(value) > 0.0 and float(value) < float("inf")):
                 raise ModelError(f"temperature {value!r} must be a finite number > 0")
         self.temperature_a.fill_(float(temperature_a))
         self.temperature_b.fill_(float(temperature_b))
+        self.temperature_fused.fill_(float(fused))
+        self.fused_calibrated = float(fused) != 1.0
 
     @property
     def temperatures(self) -> tuple[float, float]:
+        """The two networks' temperatures ``(T_a, T_b)``."""
         return float(self.temperature_a), float(self.temperature_b)
+
+    @property
+    def fused_temperature(self) -> float:
+        """The fused output's temperature ``T_f`` (1: none)."""
+        return float(self.temperature_fused)
+
+    def fuse(self, probs_a: torch.Tensor, probs_b: torch.Tensor) -> torch.Tensor:
+        """The fused probabilities of the two networks' (calibrated) ones: :func:`fuse`."""
+        return fuse(
+            probs_a, probs_b, self.fusion_weight, self.temperature_fused if self.fused_calibrated else None
+        )
 
     def set_fusion_weight(self, weight: float) -> None:
         """Re-weight the two networks (the paper's integration step).
@@ -164,8 +184,7 @@ class FusedResNet(nn.Module):
             features_b, logits_b = backbone_features(self.net_b, image)
         probs_a = torch.softmax(logits_a / self.temperature_a.to(image.dtype), dim=1)
         probs_b = torch.softmax(logits_b / self.temperature_b.to(image.dtype), dim=1)
-        w = self.fusion_weight.to(probs_a.dtype)
-        probs = w * probs_a + (1.0 - w) * probs_b
+        probs = self.fuse(probs_a, probs_b)
         if self.novelty_gate is None:
             return probs, probs_a, probs_b
         return probs, probs_a, probs_b, self.novelty_gate(torch.cat((features_a, features_b), dim=1), whole)
@@ -183,13 +202,36 @@ class FusedResNet(nn.Module):
         fmap_b, features_b, logits_b = backbone_maps(self.net_b, image)
         probs_a = torch.softmax(logits_a / self.temperature_a.to(image.dtype), dim=1)
         probs_b = torch.softmax(logits_b / self.temperature_b.to(image.dtype), dim=1)
+        probs = self.fuse(probs_a, probs_b)
         w = self.fusion_weight.to(probs_a.dtype)
-        probs = w * probs_a + (1.0 - w) * probs_b
         heatmap = fused_heatmap((fmap_a, fmap_b), (self.net_a.fc, self.net_b.fc), probs, w, box, size)
         if self.novelty_gate is None:
             return probs, probs_a, probs_b, heatmap
         novelty = self.novelty_gate(torch.cat((features_a, features_b), dim=1), whole)
         return probs, probs_a, probs_b, novelty, heatmap
+
+
+LOG_FLOOR = 1e-12
+"""Probabilities are floored here before a logarithm (the fused temperature's ``log``)."""
+
+
+def fuse(
+    probs_a: torch.Tensor,
+    probs_b: torch.Tensor,
+    fusion_weight: torch.Tensor,
+    fused_temperature: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``w * probs_a + (1 - w) * probs_b`` (the paper's weighted integration), then, with a fused
+    temperature ``T_f``, ``softmax(log(mixture) / T_f)``: temperature scaling of the mixture itself
+    (Guo et al., ICML 2017). A mixture of two calibrated distributions is under-confident; calibrating
+    each network alone cannot fix that, this step can (trainer/calibrate.py)."""
+    w = fusion_weight.to(probs_a.dtype)
+    probs = w * probs_a + (1.0 - w) * probs_b
+    if fused_temperature is None:
+        return probs
+    # the floor of the trainer's numpy twin (trainer.fuse.apply_temperature), so both give the same numbers
+    logs = torch.log(probs.clamp_min(LOG_FLOOR))
+    return torch.softmax(logs / fused_temperature.to(probs.dtype), dim=1)
 
 
 def _checked_weight(weight: float) -> float:
@@ -235,6 +277,7 @@ def load_fused_from_safetensors(path: Path, card: ModelCard) -> FusedResNet:
         num_classes=len(card.classes),
         lung_crop=card.lung_crop,
         temperatures=(card.temperature("a"), card.temperature("b")),
+        fused_temperature=card.temperature("fused"),
         gate_dims=_gate_dims(card.gate),
         gate_view=gate_has_view(card.gate),
         gate_consistency=gate_has_consistency(card.gate),

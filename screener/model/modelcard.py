@@ -350,8 +350,9 @@ class HeatmapSpec:
             raise _bad("heatmap.size", self.size, "must be an integer between 8 and 1024")
 
 
-CALIBRATION_KEYS: tuple[str, ...] = ("temperature_a", "temperature_b")
-"""Keys of the card's ``calibration`` section: each network's softmax temperature (1 where absent)."""
+CALIBRATION_KEYS: tuple[str, ...] = ("temperature_a", "temperature_b", "fused_temperature")
+"""Keys of the card's ``calibration`` section: each network's softmax temperature, and the fused output's
+(:func:`screener.model.fused.fuse`); 1 where absent."""
 
 
 @dataclass(frozen=True)
@@ -363,10 +364,10 @@ class ModelCard:
     class to its operating point on its fused probability (:func:`screener.model.verdict.decide`: where no
     class reaches its own, the label is ``indeterminate``); an empty mapping means "argmax". ``files``
     maps each file name in the model directory to its sha256 (lower-case hex).
-    ``calibration`` holds each network's softmax temperature (fitted on validation data, built into the
-    graph), ``lung_crop`` the lung-field crop the graph applies first (None: the whole image), and
-    ``sources`` the class x source counts of the training data, ``gate`` the image-content gate the
-    graph computes (None: the graph has no ``novelty`` output and every image is classified).
+    ``calibration`` holds each network's softmax temperature and the fused output's (fitted on validation
+    data, built into the graph), ``lung_crop`` the lung-field crop the graph applies first (None: the whole
+    image), and ``sources`` the class x source counts of the training data, ``gate`` the image-content gate
+    the graph computes (None: the graph has no ``novelty`` output and every image is classified).
     Construct through :meth:`from_json` or call :meth:`validate`; :meth:`to_json` validates first.
     """
 
@@ -415,8 +416,9 @@ class ModelCard:
         return tuple(sorted(flagged, key=lambda c: (self.concept(c).priority, order[c])))
 
     def temperature(self, which: str) -> float:
-        """The softmax temperature of network ``"a"`` or ``"b"`` (1.0: uncalibrated)."""
-        return float(self.calibration.get(f"temperature_{which}", 1.0))
+        """The softmax temperature of network ``"a"`` or ``"b"``, or of the ``"fused"`` output (1.0: none)."""
+        key = "fused_temperature" if which == "fused" else f"temperature_{which}"
+        return float(self.calibration.get(key, 1.0))
 
     def validate(self) -> None:
         """Check every field; raises :class:`ModelError` naming the offending key and value."""

@@ -221,7 +221,9 @@ def test_the_segmenter_crops_real_chests_to_their_lungs(segmenter: LungCrop, cxr
 def test_a_model_with_lung_crop_and_temperatures_exports_exactly(segmenter: LungCrop, tmp_path: Path) -> None:
     from screener.model.export import export_model_dir
 
-    model = FusedResNet("resnet18", "resnet18", lung_crop=segmenter.spec, temperatures=(1.7, 0.6))
+    model = FusedResNet(
+        "resnet18", "resnet18", lung_crop=segmenter.spec, temperatures=(1.7, 0.6), fused_temperature=0.8
+    )
     assert model.lung_crop is not None
     model.lung_crop.load_state_dict(segmenter.state_dict())
     card = export_model_dir(
@@ -230,7 +232,7 @@ def test_a_model_with_lung_crop_and_temperatures_exports_exactly(segmenter: Lung
         version="t",
         preprocessing=PreprocessSpec(input_size=128, working_size=128),
     )
-    assert card.calibration == {"temperature_a": 1.7, "temperature_b": 0.6}
+    assert card.calibration == {"temperature_a": 1.7, "temperature_b": 0.6, "fused_temperature": 0.8}
     assert card.lung_crop is not None and card.lung_crop.segmenter["test_dice_mean"] > 0.75
     loaded = load_model_dir(tmp_path / "m")
     torch_model = load_fused_from_safetensors(loaded.weights_path, loaded.card)
@@ -241,6 +243,11 @@ def test_a_model_with_lung_crop_and_temperatures_exports_exactly(segmenter: Lung
     got = session.run(None, {"image": image.numpy()})
     for ours, theirs in zip(got, expected, strict=True):
         assert np.abs(ours - theirs.numpy()).max() < 1e-4
+    # The graph's `probs` is what the trainer fitted: the mixture, then the fused temperature.
+    from trainer.fuse import apply_temperature, fused_probs
+
+    mixed = fused_probs(card.fusion_weight, got[1].astype(np.float64), got[2].astype(np.float64))
+    assert np.abs(got[0] - apply_temperature(mixed, 0.8)).max() < 1e-4
 
     # INT8 keeps the whole lung crop FP32 and finds the ResNet stems behind it, not the U-Net's pools.
     from onnxruntime.quantization.shape_inference import quant_pre_process

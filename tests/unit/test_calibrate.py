@@ -10,6 +10,7 @@ from trainer.calibrate import (
     IN_GRAPH,
     METHODS,
     apply_method,
+    apply_temperatures,
     choose_temperatures,
     compare_methods,
     ece,
@@ -17,7 +18,7 @@ from trainer.calibrate import (
     fit_joint_temperatures,
     fit_method,
 )
-from trainer.fuse import fused_probs, log_loss
+from trainer.fuse import apply_temperature, fit_temperature, fused_probs, log_loss
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -58,11 +59,41 @@ def test_compare_methods_reports_every_method_and_the_choice_is_one_the_graph_ru
         assert 0.0 <= row["val_ece"] <= 1.0 and row["cross_fitted_ece"] is not None
         assert row["cross_fitted_logloss"] is not None and row["cross_fitted_logloss"] > 0
     assert table["joint"]["val_ece"] < table["none"]["val_ece"]
-    method, (ta, tb) = choose_temperatures(table)
+    method, (ta, tb, tf) = choose_temperatures(table)
     assert method in IN_GRAPH and method != "none"
     # Chosen by cross-fitted log-loss: no in-graph method has a lower one.
     assert all(table[method]["cross_fitted_logloss"] <= table[m]["cross_fitted_logloss"] for m in IN_GRAPH)
-    assert (ta, tb) == (table[method]["params"]["temperature_a"], table[method]["params"]["temperature_b"])
+    params = table[method]["params"]
+    assert (ta, tb, tf) == (params["temperature_a"], params["temperature_b"], params["fused_temperature"])
+
+
+def test_the_mixture_of_two_calibrated_networks_is_under_confident_and_a_fused_temperature_sharpens_it() -> (
+    None
+):
+    # Two overconfident networks that disagree. Calibrated one by one, their mixture is LESS confident
+    # than it is right (the old per-network recipe); a temperature on the mixture itself undoes that.
+    rng = np.random.default_rng(4)
+    n = 3000
+    true_logits = rng.normal(size=(n, 3)) * 2.5
+    y = np.array([rng.choice(3, p=p) for p in _softmax(true_logits)], dtype=np.int64)
+    pa = _softmax(true_logits + rng.normal(scale=1.2, size=(n, 3)))
+    pb = _softmax(true_logits + rng.normal(scale=1.2, size=(n, 3)))
+    table = compare_methods(pa, pb, y, 0.5)
+    assert table["per_network"]["val_ece"] > table["none"]["val_ece"]  # each calibrated, the mix is not
+    per_network_mix = apply_method("per_network", table["per_network"]["params"], pa, pb, 0.5)
+    assert fit_temperature(per_network_mix, y) < 0.9  # under-confident: T_f < 1 sharpens it
+    method, temperatures = choose_temperatures(table)
+    cross = table[method]["cross_fitted_logloss"]
+    assert (
+        cross < table["per_network"]["cross_fitted_logloss"]
+        and cross <= table["joint"]["cross_fitted_logloss"]
+    )
+    # What the graph runs (three temperatures) is what was scored.
+    kept = apply_temperatures(temperatures, pa, pb, 0.5)
+    assert np.allclose(kept, apply_method(method, table[method]["params"], pa, pb, 0.5))
+    assert np.allclose(
+        apply_temperatures((1.0, 1.0, 0.7), pa, pb, 0.5), apply_temperature(fused_probs(0.5, pa, pb), 0.7)
+    )
 
 
 def test_few_images_are_not_cross_fitted_and_bad_input_is_refused() -> None:

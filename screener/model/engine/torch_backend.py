@@ -19,7 +19,7 @@ from torch import nn
 from screener.core.logs import get_logger
 from screener.model.cam import backbone_maps, fused_heatmap, whole_image_box
 from screener.model.engine.base import EngineOutput, FloatArray, as_output, check_batch, concat_outputs
-from screener.model.fused import FusedResNet, load_fused_from_safetensors
+from screener.model.fused import FusedResNet, fuse, load_fused_from_safetensors
 from screener.model.lungs import LungCrop, crop_boxes
 from screener.model.modelcard import LoadedModel
 from screener.model.novelty import backbone_features
@@ -68,6 +68,7 @@ class HalfFused(nn.Module):
     fusion_weight: torch.Tensor
     temperature_a: torch.Tensor
     temperature_b: torch.Tensor
+    temperature_fused: torch.Tensor
 
     def __init__(self, fused: FusedResNet, memory_format: torch.memory_format) -> None:
         super().__init__()
@@ -77,9 +78,14 @@ class HalfFused(nn.Module):
         self.register_buffer("fusion_weight", fused.fusion_weight.detach().float().clone())
         self.register_buffer("temperature_a", fused.temperature_a.detach().float().clone())
         self.register_buffer("temperature_b", fused.temperature_b.detach().float().clone())
+        self.register_buffer("temperature_fused", fused.temperature_fused.detach().float().clone())
+        self.fused_calibrated = fused.fused_calibrated
         self.novelty_gate = fused.novelty_gate.float() if fused.novelty_gate is not None else None
         self.memory_format = memory_format
         self.heatmap_size = fused.heatmap_size
+
+    def _fused_temperature(self) -> torch.Tensor | None:
+        return self.temperature_fused if self.fused_calibrated else None
 
     def forward(self, image: torch.Tensor) -> _Outputs:
         if self.heatmap_size is not None:
@@ -95,8 +101,7 @@ class HalfFused(nn.Module):
             features_b, logits_b = backbone_features(self.net_b, x)
         probs_a = torch.softmax(logits_a.float() / self.temperature_a, dim=1)
         probs_b = torch.softmax(logits_b.float() / self.temperature_b, dim=1)
-        w = self.fusion_weight
-        probs = w * probs_a + (1.0 - w) * probs_b
+        probs = fuse(probs_a, probs_b, self.fusion_weight, self._fused_temperature())
         if self.novelty_gate is None:
             return probs, probs_a, probs_b
         features = torch.cat((features_a.float(), features_b.float()), dim=1)
@@ -116,8 +121,8 @@ class HalfFused(nn.Module):
         fmap_b, features_b, logits_b = backbone_maps(self.net_b, x)
         probs_a = torch.softmax(logits_a.float() / self.temperature_a, dim=1)
         probs_b = torch.softmax(logits_b.float() / self.temperature_b, dim=1)
+        probs = fuse(probs_a, probs_b, self.fusion_weight, self._fused_temperature())
         w = self.fusion_weight
-        probs = w * probs_a + (1.0 - w) * probs_b
         heatmap = fused_heatmap((fmap_a, fmap_b), (self.net_a.fc, self.net_b.fc), probs, w, box, size)
         if self.novelty_gate is None:
             return probs, probs_a, probs_b, heatmap
