@@ -214,3 +214,23 @@ def test_trainer_init_model_writes_a_loadable_small_model(
     # Model directories are immutable: a second export to the same place is refused.
     assert trainer_cli.main(argv) == 1  # a ScreenerError: message on stderr, exit 1
     assert "already exists" in capsys.readouterr().err
+
+
+def test_the_fused_temperature_is_the_same_step_in_the_fp32_and_fp16_models() -> None:
+    import torch
+
+    from screener.model.engine.torch_backend import HalfFused
+    from trainer.fuse import apply_temperature, fused_probs
+
+    torch.manual_seed(0)
+    model = FusedResNet("resnet18", "resnet18", temperatures=(1.3, 0.9), fused_temperature=0.7).eval()
+    image = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        probs, probs_a, probs_b = (t.double().numpy() for t in model(image))
+        half = HalfFused(model, torch.contiguous_format)(image)
+    expected = apply_temperature(fused_probs(float(model.fusion_weight), probs_a, probs_b), 0.7)
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    assert np.abs(probs - fused_probs(float(model.fusion_weight), probs_a, probs_b)).max() > 1e-3
+    np.testing.assert_allclose(half[0].double().numpy(), probs, atol=2e-2)
+    with pytest.raises(ModelError, match="finite number > 0"):
+        model.set_temperatures(1.0, 1.0, fused=0.0)
