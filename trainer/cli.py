@@ -18,6 +18,17 @@ from screener.core.errors import ConfigError, ScreenerError
 from screener.model.modelcard import CARD_FILE
 
 
+def _fraction(text: str) -> float:
+    """An argparse type: a number in (0, 0.8]; anything else is refused naming the value."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a share such as 0.2") from None
+    if not 0.0 < value <= 0.8:
+        raise argparse.ArgumentTypeError(f"{value} must be more than 0 and at most 0.8 (a share of the data)")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trainer", description="CXR Screener trainer")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -55,6 +66,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="new model directory")
     p.add_argument("--epochs", type=int, help="epochs per backbone (default: the preset's)")
     p.add_argument("--limit", type=int, help="at most N images per class")
+    p.add_argument(
+        "--val-fraction",
+        type=_fraction,
+        default=0.1,
+        help="share of each class (after the test share) for validation, where calibration, the fusion "
+        "weight, the operating points and the gate's threshold are fitted (default 0.1); a calibration "
+        "figure needs several hundred validation images to mean anything",
+    )
     p.add_argument(
         "--samples-per-epoch", type=int, help="class-balanced draws per epoch (default: the preset's)"
     )

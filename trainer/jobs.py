@@ -94,6 +94,7 @@ def _run_train(config: Config, args: argparse.Namespace) -> int:
             "preset": args.preset,
             "data": [str(Path(d).resolve()) for d in args.data],
             "limit": args.limit,
+            "val_fraction": args.val_fraction,
             "seed": args.seed,
             "epochs": args.epochs,
             "samples_per_epoch": args.samples_per_epoch,
@@ -125,6 +126,7 @@ def _run_train(config: Config, args: argparse.Namespace) -> int:
         segmenter_epochs=args.segmenter_epochs,
         out_of_source=out_of_source_figures(args.crossval, args.preset) if args.crossval else None,
         target_sensitivity=targets,
+        val_fraction=args.val_fraction,
     )
     from trainer.train import is_main_process
 

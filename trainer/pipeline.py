@@ -515,6 +515,8 @@ def train_and_export(
     metrics = _card_metrics(
         preset, results, (first, second), fusion, test, splits, time.perf_counter() - started
     )
+    # How the data was split, so that `trainer gate fit` and `export --int8` can re-make the same split.
+    metrics["split_fractions"] = {"val": val_fraction, "test": test_fraction}
     if calibration:
         metrics["calibration"] = calibration
     if points.details:

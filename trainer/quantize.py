@@ -236,7 +236,8 @@ def model_split(
 ) -> Splits:
     """The train / validation / test split of ``data`` exactly as ``trainer train`` made it.
 
-    ``seed`` and ``limit`` (images per class) must be those given to ``trainer train``. Raises
+    ``seed`` and ``limit`` (images per class) must be those given to ``trainer train``; the split's
+    fractions come from the card (``metrics.split_fractions``). Raises
     :class:`DataError` when the card has no training-data digest (an untrained, random-weight model has
     none: there are no training images) or when the split of ``data`` does not reproduce it (another
     dataset, a subset such as the test-split CSV, or another seed or limit).
@@ -251,7 +252,14 @@ def model_split(
     samples = load_samples(data) if isinstance(data, Path | str) else list(data)
     if limit is not None:
         samples = limit_per_class(samples, limit, seed=seed)
-    splits = split_samples(samples, spec=card.preprocessing, seed=seed)
+    fractions = card.metrics.get("split_fractions") or {}  # absent on cards before --val-fraction: 0.1
+    splits = split_samples(
+        samples,
+        spec=card.preprocessing,
+        seed=seed,
+        val_fraction=float(fractions.get("val", 0.1)),
+        test_fraction=float(fractions.get("test", 0.1)),
+    )
     digest = splits.digest()
     if digest != card.training_data_digest:
         raise DataError(
