@@ -32,7 +32,7 @@ from screener.model.modelcard import CLASSES, load_model_dir
 from trainer.calibrate import (
     METHODS,
     apply_method,
-    choose_temperatures,
+    choose_calibration,
     compare_methods,
     ece,
     ece_noise_floor,
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     splits = model_split(loaded, everything, seed=args.seed, limit=args.limit)
     model = load_fused_from_safetensors(loaded.weights_path, loaded.card)
     model.set_temperatures(1.0, 1.0)
+    model.set_output_calibration(None)
     model.novelty_gate = None
     model.heatmap_size = None
     spec = loaded.card.preprocessing
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         "| val log-loss (cross-fitted) | test ECE | pool ECE [95% CI] |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    chosen, _ = choose_temperatures(table)
+    chosen, _ = choose_calibration(table)
     for method in METHODS:
         params = fit_method(method, va, vb, vy, w)
         test_ece = ece(ty, apply_method(method, params, ta, tb, w))

@@ -1,7 +1,8 @@
 """Calibration of the fused output on validation data: the methods measured, and the one the graph runs.
 
-The graph computes ``p = w * softmax(logits_a / T_a) + (1 - w) * softmax(logits_b / T_b)``, then, with a
-fused temperature ``T_f``, ``softmax(log(p) / T_f)`` (:func:`screener.model.fused.fuse`). Fitting each
+The graph computes ``p = w * softmax(logits_a / T_a) + (1 - w) * softmax(logits_b / T_b)``, then, with an
+output step, ``softmax(scale * log(p) + bias)`` (:func:`screener.model.fused.fuse`; a fused temperature
+is ``scale = 1 / T_f``, ``bias = 0``). Fitting each
 network's ``T`` on its own log-loss (the old recipe) calibrates each network, not their mixture: the mean
 of two calibrated distributions is less confident than either, and on the robust model the fused
 validation ECE rose from 6.3% to 7.4%. The methods measured here (Guo, Pleiss, Sun & Weinberger, ICML
@@ -12,7 +13,7 @@ validation ECE rose from 6.3% to 7.4%. The methods measured here (Guo, Pleiss, S
   (no new operator in the graph: it is what the model ships);
 - ``fused_temperature``: one ``T_f`` on the log of the fused probabilities (in the graph);
 - ``joint_fused``: the ``joint`` temperatures, then a ``T_f`` on their mixture (in the graph);
-- ``vector``: a per-class scale and bias on the log of the fused probabilities;
+- ``vector``: a per-class scale and bias on the log of the fused probabilities (in the graph);
 - ``matrix``: a full affine map of the log of the fused probabilities.
 
 Each is scored by its ECE on the validation split it was fitted on ("in-sample", what the issue's target
@@ -39,6 +40,7 @@ import torch
 
 from screener.core.errors import TrainingError
 from screener.core.stats import calibration_of_indices
+from screener.model.modelcard import CALIBRATION_KEYS, OutputCalibration
 from trainer.fuse import apply_temperature, fit_temperature, fused_probs, log_loss
 
 Probs = npt.NDArray[np.float64]
@@ -52,10 +54,11 @@ METHODS: tuple[str, ...] = (
     "vector",
     "matrix",
 )
-IN_GRAPH: tuple[str, ...] = ("none", "per_network", "joint", "fused_temperature", "joint_fused")
-"""Methods the exported graph can run (three temperatures: ``T_a``, ``T_b``, ``T_f``); the others are
-measured only. Their parameters are always the three keys of :data:`TEMPERATURE_KEYS`."""
-TEMPERATURE_KEYS: tuple[str, ...] = ("temperature_a", "temperature_b", "fused_temperature")
+IN_GRAPH: tuple[str, ...] = ("none", "per_network", "joint", "fused_temperature", "joint_fused", "vector")
+"""Methods the exported graph can run; matrix scaling is measured only. Their parameters are the card's
+``calibration`` keys (:data:`screener.model.modelcard.CALIBRATION_KEYS`): ``temperature_a``,
+``temperature_b`` and, for a step on the fused output, ``fused_temperature`` or ``vector_scale`` and
+``vector_bias``."""
 _LOG_T = np.linspace(math.log(0.1), math.log(10.0), 47)
 
 
@@ -150,25 +153,28 @@ def fit_method(method: str, probs_a: Probs, probs_b: Probs, labels: Labels, weig
     Raises :class:`TrainingError` for an unknown method."""
     fused = fused_probs(weight, probs_a, probs_b)
     if method == "none":
-        return dict.fromkeys(TEMPERATURE_KEYS, 1.0)
+        return {"temperature_a": 1.0, "temperature_b": 1.0}
     if method == "per_network":
         return {
             "temperature_a": fit_temperature(probs_a, labels),
             "temperature_b": fit_temperature(probs_b, labels),
-            "fused_temperature": 1.0,
         }
     if method in ("joint", "joint_fused"):
         ta, tb = fit_joint_temperatures(probs_a, probs_b, labels, weight)
-        tf = 1.0
-        if method == "joint_fused":
-            mixed = fused_probs(weight, apply_temperature(probs_a, ta), apply_temperature(probs_b, tb))
-            tf = fit_temperature(mixed, labels)
-        return {"temperature_a": ta, "temperature_b": tb, "fused_temperature": tf}
+        if method == "joint":
+            return {"temperature_a": ta, "temperature_b": tb}
+        mixed = fused_probs(weight, apply_temperature(probs_a, ta), apply_temperature(probs_b, tb))
+        return {"temperature_a": ta, "temperature_b": tb, "fused_temperature": fit_temperature(mixed, labels)}
     if method == "fused_temperature":
         tf = fit_temperature(fused, labels)
         return {"temperature_a": 1.0, "temperature_b": 1.0, "fused_temperature": tf}
-    if method in ("vector", "matrix"):
-        w, b = _fit_affine(_log(fused), labels, full=method == "matrix")
+    if method == "vector":
+        w, b = _fit_affine(_log(fused), labels, full=False)
+        scale = [round(float(x), 6) for x in w]
+        bias = [round(float(x), 6) for x in b]
+        return {"temperature_a": 1.0, "temperature_b": 1.0, "vector_scale": scale, "vector_bias": bias}
+    if method == "matrix":
+        w, b = _fit_affine(_log(fused), labels, full=True)
         return {"w": w.tolist(), "b": b.tolist()}
     raise TrainingError(f"unknown calibration method {method!r}; known: {', '.join(METHODS)}")
 
@@ -176,29 +182,29 @@ def fit_method(method: str, probs_a: Probs, probs_b: Probs, labels: Labels, weig
 def apply_method(method: str, params: dict[str, Any], probs_a: Probs, probs_b: Probs, weight: float) -> Probs:
     """The fused probabilities of ``method`` with ``params`` (from :func:`fit_method`)."""
     if method in IN_GRAPH:
-        return apply_temperatures(temperatures_of(params), probs_a, probs_b, weight)
+        return apply_graph_calibration(params, probs_a, probs_b, weight)
     fused = fused_probs(weight, probs_a, probs_b)
-    if method in ("vector", "matrix"):
+    if method == "matrix":
         return _apply_affine(_log(fused), np.asarray(params["w"]), np.asarray(params["b"]))
     raise TrainingError(f"unknown calibration method {method!r}; known: {', '.join(METHODS)}")
 
 
-Temperatures = tuple[float, float, float]
-"""``(T_a, T_b, T_f)``: the two networks' temperatures and the fused output's."""
+def graph_calibration(params: dict[str, Any]) -> dict[str, Any]:
+    """An in-graph method's parameters as the card's ``calibration`` section (temperatures of 1 and an
+    absent output step left out: what the exporter writes)."""
+    return {k: v for k, v in params.items() if k in CALIBRATION_KEYS and v != 1.0}
 
 
-def temperatures_of(params: dict[str, Any]) -> Temperatures:
-    """The three temperatures of an in-graph method's parameters (1 where a key is absent)."""
-    ta, tb, tf = (float(params.get(key, 1.0)) for key in TEMPERATURE_KEYS)
-    return ta, tb, tf
-
-
-def apply_temperatures(temperatures: Temperatures, probs_a: Probs, probs_b: Probs, weight: float) -> Probs:
-    """What the graph outputs as ``probs`` for uncalibrated network outputs ``probs_a``/``probs_b``:
-    each network's temperature, the weighted mixture, then the fused temperature (where not 1)."""
-    ta, tb, tf = temperatures
+def apply_graph_calibration(params: dict[str, Any], probs_a: Probs, probs_b: Probs, weight: float) -> Probs:
+    """What the graph outputs as ``probs`` for uncalibrated network outputs ``probs_a``/``probs_b`` under
+    the card ``calibration`` keys ``params``: each network's temperature, the weighted mixture, then the
+    output step where there is one (:class:`screener.model.modelcard.OutputCalibration`)."""
+    ta, tb = (float(params.get(key, 1.0)) for key in ("temperature_a", "temperature_b"))
     mixed = fused_probs(weight, apply_temperature(probs_a, ta), apply_temperature(probs_b, tb))
-    return mixed if tf == 1.0 else apply_temperature(mixed, tf)
+    step = OutputCalibration.of(params, probs_a.shape[1])
+    if step is None:
+        return mixed
+    return _apply_affine(_log(mixed), np.asarray(step.scale), np.asarray(step.bias))
 
 
 def cross_fitted_probs(
@@ -254,14 +260,14 @@ def compare_methods(
             "cross_fitted_ece": None if cross is None else round(cross, 4),
             "cross_fitted_logloss": None if cross_ll is None else round(cross_ll, 4),
             "in_graph": method in IN_GRAPH,
-            "params": {k: v for k, v in params.items() if k in TEMPERATURE_KEYS},
+            "params": graph_calibration(params) if method in IN_GRAPH else {},
         }
     return table
 
 
-def choose_temperatures(table: dict[str, dict[str, Any]]) -> tuple[str, Temperatures]:
+def choose_calibration(table: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     """The in-graph method with the lowest cross-fitted log-loss (in-sample log-loss where too few images
-    to cross-fit; see the module docstring for why not ECE), and its three temperatures."""
+    to cross-fit; see the module docstring for why not ECE), and its card ``calibration`` keys."""
 
     def key(method: str) -> float:
         row = table[method]
@@ -269,22 +275,20 @@ def choose_temperatures(table: dict[str, dict[str, Any]]) -> tuple[str, Temperat
         return float(cross if cross is not None else row["val_logloss"])
 
     best = min((m for m in IN_GRAPH if m in table), key=key)
-    return best, temperatures_of(table[best]["params"])
+    return best, dict(table[best]["params"])
 
 
 __all__ = [
     "IN_GRAPH",
     "METHODS",
-    "TEMPERATURE_KEYS",
-    "Temperatures",
+    "apply_graph_calibration",
     "apply_method",
-    "apply_temperatures",
-    "choose_temperatures",
+    "choose_calibration",
     "compare_methods",
     "cross_fitted_probs",
     "ece",
     "ece_noise_floor",
     "fit_joint_temperatures",
     "fit_method",
-    "temperatures_of",
+    "graph_calibration",
 ]

@@ -618,7 +618,9 @@ def evaluate_model(
         report["temperature_scaling"] = {
             "temperature_a": card.temperature("a"),
             "temperature_b": card.temperature("b"),
-            "fused_temperature": card.temperature("fused"),
+            "output_step": {
+                k: v for k, v in card.calibration.items() if k not in ("temperature_a", "temperature_b")
+            },
             "ece_before": calibration_bins(y, raw)[0],
             "ece_after": report["ece"],
         }
@@ -899,7 +901,7 @@ def format_summary(report: Mapping[str, Any]) -> str:
             f"calibration: ECE {_pct(calibration.get('ece_before'))} before, "
             f"{_pct(calibration.get('ece_after'))} after temperature scaling "
             f"(T = {calibration.get('temperature_a')}, {calibration.get('temperature_b')}; "
-            f"fused T = {calibration.get('fused_temperature', 1.0)})"
+            f"on the fused output: {calibration.get('output_step') or 'nothing'})"
         )
     lung = report.get("lung_crop")
     if lung:

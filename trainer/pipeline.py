@@ -31,15 +31,16 @@ from screener.imaging.pixels import PreprocessSpec
 from screener.model.export import export_model_dir
 from screener.model.fused import ARCHITECTURES, FusedResNet
 from screener.model.lungs import LungCrop, load_lung_crop
-from screener.model.modelcard import CLASSES, LoadedModel, LungCropSpec, ModelCard, read_card
-from trainer.augment import Augmenter, Chain, SiteAugmenter
-from trainer.calibrate import (
-    Temperatures,
-    apply_temperatures,
-    choose_temperatures,
-    compare_methods,
-    ece_noise_floor,
+from screener.model.modelcard import (
+    CLASSES,
+    LoadedModel,
+    LungCropSpec,
+    ModelCard,
+    OutputCalibration,
+    read_card,
 )
+from trainer.augment import Augmenter, Chain, SiteAugmenter
+from trainer.calibrate import apply_graph_calibration, choose_calibration, compare_methods, ece_noise_floor
 from trainer.data import (
     ImageDataset,
     Sample,
@@ -229,13 +230,15 @@ def _test_metrics(
     weight: float,
     loader: DataLoader[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
-    temperatures: Temperatures = (1.0, 1.0, 1.0),
+    calibration: Mapping[str, Any] | None = None,
     classes: Sequence[str] = CLASSES,
 ) -> dict[str, Any]:
+    """Figures on the test split, with the card ``calibration`` the graph will run."""
+    params = dict(calibration or {})
     raw_a, raw_b, labels = predict_probs(net_a, net_b, loader, device)
-    probs_a = apply_temperature(raw_a, temperatures[0])
-    probs_b = apply_temperature(raw_b, temperatures[1])
-    fused = apply_temperatures(temperatures, raw_a, raw_b, weight)
+    probs_a = apply_temperature(raw_a, float(params.get("temperature_a", 1.0)))
+    probs_b = apply_temperature(raw_b, float(params.get("temperature_b", 1.0)))
+    fused = apply_graph_calibration(params, raw_a, raw_b, weight)
     predicted = fused.argmax(axis=1)
     per_class = {}
     for index, name in enumerate(classes):
@@ -438,16 +441,15 @@ def train_and_export(
     net_b = freeze(load_backbone_weights(second.arch, second.weights_path).to(target))
     val_loader = _loader(val_ds, batch, workers)
     probs_a, probs_b, labels = predict_probs(net_a, net_b, val_loader, target)
-    temperatures: Temperatures = (1.0, 1.0, 1.0)
+    in_graph: dict[str, Any] = {}  # the card's `calibration`: what the graph runs
     calibration: dict[str, Any] = {}
     raw_a, raw_b = probs_a, probs_b
     # Every preset calibrates once the validation split is big enough to fit on (the robust and paper
     # presets always do); a handful of validation images would only add noise.
     calibrate = recipe.calibrate or labels.size >= MIN_CALIBRATION_IMAGES
     if calibrate:
-        temperatures = (fit_temperature(raw_a, labels), fit_temperature(raw_b, labels), 1.0)
-        probs_a = apply_temperature(raw_a, temperatures[0])
-        probs_b = apply_temperature(raw_b, temperatures[1])
+        probs_a = apply_temperature(raw_a, fit_temperature(raw_a, labels))
+        probs_b = apply_temperature(raw_b, fit_temperature(raw_b, labels))
     fusion = fuse_probs(
         probs_a, probs_b, labels, method=fusion_method, rounds=recipe.fusion_rounds, seed=seed
     )
@@ -455,16 +457,12 @@ def train_and_export(
         # The fusion weight is chosen on per-network calibrated outputs; then every calibration method is
         # measured with that weight and the in-graph one with the lowest cross-fitted log-loss is kept.
         table = compare_methods(raw_a, raw_b, labels, fusion.weight, seed=seed)
-        method, temperatures = choose_temperatures(table)
-        probs_a = apply_temperature(raw_a, temperatures[0])
-        probs_b = apply_temperature(raw_b, temperatures[1])
-    calibrated = apply_temperatures(temperatures, raw_a, raw_b, fusion.weight)  # the graph's `probs`
+        method, in_graph = choose_calibration(table)
+    calibrated = apply_graph_calibration(in_graph, raw_a, raw_b, fusion.weight)  # the graph's `probs`
     if calibrate:
         calibration = {
-            "method": f"{method} temperature scaling on the validation split (trainer.calibrate)",
-            "temperature_a": temperatures[0],
-            "temperature_b": temperatures[1],
-            "fused_temperature": temperatures[2],
+            "method": f"{method} on the validation split (trainer.calibrate)",
+            **in_graph,
             "val_ece_before": table["none"]["val_ece"],
             "val_ece_after": calibration_bins(labels, calibrated)[0],
             "chosen_by": "lowest two-fold cross-fitted log-loss among the methods the graph runs",
@@ -474,12 +472,12 @@ def train_and_export(
             ),
             "alternatives": table,
         }
-        log.info("calibrated", method=method, temperatures=temperatures, val_ece=calibration["val_ece_after"])
+        log.info("calibrated", method=method, params=in_graph, val_ece=calibration["val_ece_after"])
     test_loader = _loader(
         ImageDataset(splits.test, spec, seed=seed, crop=crop, classes=classes), batch, workers
     )
     test = (
-        _test_metrics(net_a, net_b, fusion.weight, test_loader, target, temperatures, classes)
+        _test_metrics(net_a, net_b, fusion.weight, test_loader, target, in_graph, classes)
         if splits.test
         else {}
     )
@@ -497,8 +495,8 @@ def train_and_export(
         second.arch,
         fusion_weight=fusion.weight,
         lung_crop=crop.spec if crop is not None else None,
-        temperatures=temperatures[:2],
-        fused_temperature=temperatures[2],
+        temperatures=(float(in_graph.get("temperature_a", 1.0)), float(in_graph.get("temperature_b", 1.0))),
+        output_calibration=OutputCalibration.of(in_graph, len(classes)),
         num_classes=len(classes),
     )
     model.net_a.load_state_dict(net_a.state_dict())

@@ -99,8 +99,9 @@ def export_model_dir(
         if (temperature_a, temperature_b) != (1.0, 1.0)
         else {}
     )
-    if model.fused_temperature != 1.0:
-        calibration["fused_temperature"] = round(model.fused_temperature, 6)
+    step = model.output_calibration
+    if step is not None:
+        calibration.update(step.card_keys())
     card = ModelCard(
         version=version,
         classes=tuple(classes),
@@ -130,9 +131,8 @@ def export_model_dir(
     tmp.mkdir()
     try:
         cpu_model = copy.deepcopy(model).to("cpu").eval()
-        cpu_model.set_temperatures(  # exactly the card's
-            card.temperature("a"), card.temperature("b"), fused=card.temperature("fused")
-        )
+        cpu_model.set_temperatures(card.temperature("a"), card.temperature("b"))  # exactly the card's
+        cpu_model.set_output_calibration(card.output_calibration())
         cpu_model.heatmap_size = heatmap.size if heatmap is not None else None
         _write_safetensors(cpu_model, tmp / WEIGHTS_FILE)
         _export_onnx(cpu_model, tmp / ONNX_FILE, preprocessing.input_size, opset)

@@ -6,6 +6,7 @@ with ResNet-101 and ResNet-152 by default. Weights are only ever read from safet
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,7 +18,14 @@ from torchvision import models
 from screener.core.errors import ModelError
 from screener.model.cam import backbone_maps, fused_heatmap, whole_image_box
 from screener.model.lungs import LungCrop, crop_boxes
-from screener.model.modelcard import ARCHITECTURE_NAMES, CLASSES, GateSpec, LungCropSpec, ModelCard
+from screener.model.modelcard import (
+    ARCHITECTURE_NAMES,
+    CLASSES,
+    GateSpec,
+    LungCropSpec,
+    ModelCard,
+    OutputCalibration,
+)
 from screener.model.novelty import MahalanobisGate, backbone_features
 
 if TYPE_CHECKING:
@@ -59,12 +67,12 @@ class FusedResNet(nn.Module):
     :meth:`forward` takes a float32 image batch ``[N, 3, S, S]`` and returns ``(probs, probs_a, probs_b)``,
     each ``[N, num_classes]``, with ``probs = w * probs_a + (1 - w) * probs_b`` and
     ``probs_x = softmax(logits_x / T_x)``: each network's temperature ``T`` (1 by default) comes from the
-    card's ``calibration`` and is not part of the weights file. With a fused temperature ``T_f`` other than
-    1 (card ``calibration.fused_temperature``), ``probs`` is then ``softmax(log(probs) / T_f)``: the
-    mixture itself calibrated (:func:`fuse`). With ``lung_crop`` the input first goes
-    through :class:`screener.model.lungs.LungCrop` (its U-Net weights are part of the state dict, under
-    ``lung_crop.``) and the backbones see the crop. With ``gate_dims`` (the two networks' feature sizes)
-    the model holds a :class:`screener.model.novelty.MahalanobisGate` (``novelty_gate.``, its statistics in
+    card's ``calibration`` and is not part of the weights file. With an output calibration (card
+    ``calibration``: a fused temperature or vector scaling, :class:`OutputCalibration`), ``probs`` is then
+    ``softmax(scale * log(probs) + bias)``: the mixture itself calibrated (:func:`fuse`). With
+    ``lung_crop`` the input first goes through :class:`screener.model.lungs.LungCrop` (its U-Net weights
+    are part of the state dict, under ``lung_crop.``) and the backbones see the crop. With ``gate_dims``
+    (the two networks' feature sizes) the model holds a :class:`screener.model.novelty.MahalanobisGate` (``novelty_gate.``, its statistics in
     the state dict) and :meth:`forward` returns a fourth tensor, ``novelty`` ``[N]`` float32.
     With ``heatmap_size`` it returns one more tensor, last: ``heatmap``
     ``[N, heatmap_size, heatmap_size]`` float32 in [0, 1], the class activation map of the fused prediction
@@ -74,7 +82,8 @@ class FusedResNet(nn.Module):
     fusion_weight: torch.Tensor
     temperature_a: torch.Tensor
     temperature_b: torch.Tensor
-    temperature_fused: torch.Tensor
+    output_scale: torch.Tensor
+    output_bias: torch.Tensor
 
     def __init__(
         self,
@@ -85,7 +94,7 @@ class FusedResNet(nn.Module):
         num_classes: int = len(CLASSES),
         lung_crop: LungCropSpec | None = None,
         temperatures: tuple[float, float] = (1.0, 1.0),
-        fused_temperature: float = 1.0,
+        output_calibration: OutputCalibration | None = None,
         gate_dims: tuple[int, int] | None = None,
         gate_view: bool = False,
         gate_consistency: bool = False,
@@ -107,9 +116,11 @@ class FusedResNet(nn.Module):
         )
         self.register_buffer("temperature_a", torch.tensor(1.0), persistent=False)
         self.register_buffer("temperature_b", torch.tensor(1.0), persistent=False)
-        self.register_buffer("temperature_fused", torch.tensor(1.0), persistent=False)
-        self.fused_calibrated = False  # a Python flag, so the exported graph holds the step only when used
-        self.set_temperatures(*temperatures, fused=fused_temperature)
+        self.set_temperatures(*temperatures)
+        self.register_buffer("output_scale", torch.ones(num_classes), persistent=False)
+        self.register_buffer("output_bias", torch.zeros(num_classes), persistent=False)
+        self.output_calibrated = False  # a Python flag, so the exported graph holds the step only when used
+        self.set_output_calibration(output_calibration)
         self.novelty_gate: MahalanobisGate | None = None
         if gate_dims is not None:
             self.add_gate(gate_dims, view=gate_view, consistency=gate_consistency)
@@ -137,16 +148,30 @@ class FusedResNet(nn.Module):
         )
         return self.novelty_gate
 
-    def set_temperatures(self, temperature_a: float, temperature_b: float, fused: float = 1.0) -> None:
-        """Set each network's softmax temperature and the fused output's (calibration). Raises
-        :class:`ModelError` unless all three are finite and positive."""
-        for value in (temperature_a, temperature_b, fused):
+    def set_temperatures(self, temperature_a: float, temperature_b: float) -> None:
+        """Set each network's softmax temperature (calibration). Raises :class:`ModelError` unless both
+        are finite and positive."""
+        for value in (temperature_a, temperature_b):
             if not (float(value) > 0.0 and float(value) < float("inf")):
                 raise ModelError(f"temperature {value!r} must be a finite number > 0")
         self.temperature_a.fill_(float(temperature_a))
         self.temperature_b.fill_(float(temperature_b))
-        self.temperature_fused.fill_(float(fused))
-        self.fused_calibrated = float(fused) != 1.0
+
+    def set_output_calibration(self, calibration: OutputCalibration | None) -> None:
+        """Set (or, with None, remove) the step on the fused probabilities. Raises :class:`ModelError`
+        when its length is not the number of classes or a value is not finite."""
+        if calibration is None:
+            self.output_scale.fill_(1.0)
+            self.output_bias.fill_(0.0)
+            self.output_calibrated = False
+            return
+        k = int(self.output_scale.shape[0])
+        values = (*calibration.scale, *calibration.bias)
+        if len(calibration.scale) != k or len(calibration.bias) != k or not all(map(math.isfinite, values)):
+            raise ModelError(f"output calibration {calibration} must hold {k} finite scales and {k} biases")
+        self.output_scale.copy_(torch.tensor(calibration.scale))
+        self.output_bias.copy_(torch.tensor(calibration.bias))
+        self.output_calibrated = True
 
     @property
     def temperatures(self) -> tuple[float, float]:
@@ -154,15 +179,18 @@ class FusedResNet(nn.Module):
         return float(self.temperature_a), float(self.temperature_b)
 
     @property
-    def fused_temperature(self) -> float:
-        """The fused output's temperature ``T_f`` (1: none)."""
-        return float(self.temperature_fused)
+    def output_calibration(self) -> OutputCalibration | None:
+        """The step on the fused probabilities (None: none)."""
+        if not self.output_calibrated:
+            return None
+        return OutputCalibration(
+            tuple(float(x) for x in self.output_scale), tuple(float(x) for x in self.output_bias)
+        )
 
     def fuse(self, probs_a: torch.Tensor, probs_b: torch.Tensor) -> torch.Tensor:
         """The fused probabilities of the two networks' (calibrated) ones: :func:`fuse`."""
-        return fuse(
-            probs_a, probs_b, self.fusion_weight, self.temperature_fused if self.fused_calibrated else None
-        )
+        step = (self.output_scale, self.output_bias) if self.output_calibrated else None
+        return fuse(probs_a, probs_b, self.fusion_weight, step)
 
     def set_fusion_weight(self, weight: float) -> None:
         """Re-weight the two networks (the paper's integration step).
@@ -219,19 +247,20 @@ def fuse(
     probs_a: torch.Tensor,
     probs_b: torch.Tensor,
     fusion_weight: torch.Tensor,
-    fused_temperature: torch.Tensor | None = None,
+    output_step: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``w * probs_a + (1 - w) * probs_b`` (the paper's weighted integration), then, with a fused
-    temperature ``T_f``, ``softmax(log(mixture) / T_f)``: temperature scaling of the mixture itself
-    (Guo et al., ICML 2017). A mixture of two calibrated distributions is under-confident; calibrating
-    each network alone cannot fix that, this step can (trainer/calibrate.py)."""
+    """``w * probs_a + (1 - w) * probs_b`` (the paper's weighted integration), then, with an output step
+    ``(scale, bias)``, ``softmax(scale * log(mixture) + bias)``: temperature or vector scaling of the
+    mixture itself (Guo et al., ICML 2017). A mixture of two calibrated distributions is under-confident;
+    calibrating each network alone cannot fix that, this step can (trainer/calibrate.py)."""
     w = fusion_weight.to(probs_a.dtype)
     probs = w * probs_a + (1.0 - w) * probs_b
-    if fused_temperature is None:
+    if output_step is None:
         return probs
-    # the floor of the trainer's numpy twin (trainer.fuse.apply_temperature), so both give the same numbers
+    scale, bias = output_step
+    # the floor of the trainer's numpy twin (trainer.calibrate), so both give the same numbers
     logs = torch.log(probs.clamp_min(LOG_FLOOR))
-    return torch.softmax(logs / fused_temperature.to(probs.dtype), dim=1)
+    return torch.softmax(logs * scale.to(probs.dtype) + bias.to(probs.dtype), dim=1)
 
 
 def _checked_weight(weight: float) -> float:
@@ -277,7 +306,7 @@ def load_fused_from_safetensors(path: Path, card: ModelCard) -> FusedResNet:
         num_classes=len(card.classes),
         lung_crop=card.lung_crop,
         temperatures=(card.temperature("a"), card.temperature("b")),
-        fused_temperature=card.temperature("fused"),
+        output_calibration=card.output_calibration(),
         gate_dims=_gate_dims(card.gate),
         gate_view=gate_has_view(card.gate),
         gate_consistency=gate_has_consistency(card.gate),

@@ -350,9 +350,59 @@ class HeatmapSpec:
             raise _bad("heatmap.size", self.size, "must be an integer between 8 and 1024")
 
 
-CALIBRATION_KEYS: tuple[str, ...] = ("temperature_a", "temperature_b", "fused_temperature")
-"""Keys of the card's ``calibration`` section: each network's softmax temperature, and the fused output's
-(:func:`screener.model.fused.fuse`); 1 where absent."""
+TEMPERATURE_KEYS: tuple[str, ...] = ("temperature_a", "temperature_b", "fused_temperature")
+"""Keys of the card's ``calibration`` section that hold one temperature (1 where absent): each network's,
+and the fused output's."""
+VECTOR_KEYS: tuple[str, ...] = ("vector_scale", "vector_bias")
+"""Keys of the card's ``calibration`` section that hold one number per class: vector scaling of the fused
+output (Guo et al., ICML 2017), ``softmax(vector_scale * log(probs) + vector_bias)``."""
+CALIBRATION_KEYS: tuple[str, ...] = TEMPERATURE_KEYS + VECTOR_KEYS
+_VECTOR_LIMIT = 100.0
+
+
+@dataclass(frozen=True)
+class OutputCalibration:
+    """The step the graph applies to the fused probabilities: ``softmax(scale * log(probs) + bias)``, one
+    ``scale`` and ``bias`` per class. A fused temperature ``T`` is ``scale = 1 / T``, ``bias = 0``."""
+
+    scale: tuple[float, ...]
+    bias: tuple[float, ...]
+
+    @classmethod
+    def of(cls, calibration: dict[str, Any], num_classes: int) -> OutputCalibration | None:
+        """The output step a card's ``calibration`` section describes, or None (no step). Raises
+        :class:`ModelError` when the section holds both a fused temperature and vector scaling, only one
+        of the two vectors, or vectors of the wrong length or with impossible values."""
+        temperature = calibration.get("fused_temperature")
+        vectors = [calibration.get(key) for key in VECTOR_KEYS]
+        if temperature is not None and any(v is not None for v in vectors):
+            raise _bad("calibration", sorted(calibration), "holds fused_temperature and vector scaling: one")
+        if temperature is not None:
+            if float(temperature) == 1.0:
+                return None
+            return cls((1.0 / float(temperature),) * num_classes, (0.0,) * num_classes)
+        if all(v is None for v in vectors):
+            return None
+        for key, value in zip(VECTOR_KEYS, vectors, strict=True):
+            if not isinstance(value, list) or len(value) != num_classes:
+                raise _bad(f"calibration.{key}", value, f"must list one number per class ({num_classes})")
+            for x in value:
+                if isinstance(x, bool) or not isinstance(x, int | float) or not abs(x) <= _VECTOR_LIMIT:
+                    raise _bad(
+                        f"calibration.{key}", value, f"must hold numbers between -100 and 100, not {x!r}"
+                    )
+        scale, bias = (tuple(float(x) for x in v) for v in vectors if isinstance(v, list))
+        return cls(scale, bias)
+
+    def card_keys(self) -> dict[str, Any]:
+        """The card's ``calibration`` keys for this step: ``fused_temperature`` where it is one (equal
+        scales, no bias), else ``vector_scale`` and ``vector_bias``."""
+        if len(set(self.scale)) == 1 and not any(self.bias) and self.scale[0] > 0:
+            return {"fused_temperature": round(1.0 / self.scale[0], 6)}
+        return {
+            "vector_scale": [round(x, 6) for x in self.scale],
+            "vector_bias": [round(x, 6) for x in self.bias],
+        }
 
 
 @dataclass(frozen=True)
@@ -364,8 +414,9 @@ class ModelCard:
     class to its operating point on its fused probability (:func:`screener.model.verdict.decide`: where no
     class reaches its own, the label is ``indeterminate``); an empty mapping means "argmax". ``files``
     maps each file name in the model directory to its sha256 (lower-case hex).
-    ``calibration`` holds each network's softmax temperature and the fused output's (fitted on validation
-    data, built into the graph), ``lung_crop`` the lung-field crop the graph applies first (None: the whole
+    ``calibration`` holds each network's softmax temperature and the step on the fused output (a
+    temperature or vector scaling: :class:`OutputCalibration`; fitted on validation data, built into the
+    graph), ``lung_crop`` the lung-field crop the graph applies first (None: the whole
     image), and ``sources`` the class x source counts of the training data, ``gate`` the image-content gate
     the graph computes (None: the graph has no ``novelty`` output and every image is classified).
     Construct through :meth:`from_json` or call :meth:`validate`; :meth:`to_json` validates first.
@@ -386,7 +437,7 @@ class ModelCard:
     parent_version: str | None = None
     notes: str = ""
     int8: Int8Card | None = None
-    calibration: dict[str, float] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
     lung_crop: LungCropSpec | None = None
     sources: dict[str, dict[str, int]] = field(default_factory=dict)
     gate: GateSpec | None = None
@@ -416,9 +467,13 @@ class ModelCard:
         return tuple(sorted(flagged, key=lambda c: (self.concept(c).priority, order[c])))
 
     def temperature(self, which: str) -> float:
-        """The softmax temperature of network ``"a"`` or ``"b"``, or of the ``"fused"`` output (1.0: none)."""
-        key = "fused_temperature" if which == "fused" else f"temperature_{which}"
-        return float(self.calibration.get(key, 1.0))
+        """The softmax temperature of network ``"a"`` or ``"b"`` (1.0: uncalibrated)."""
+        return float(self.calibration.get(f"temperature_{which}", 1.0))
+
+    def output_calibration(self) -> OutputCalibration | None:
+        """The step the graph applies to the fused probabilities (None: none). Raises :class:`ModelError`
+        for an impossible ``calibration`` section."""
+        return OutputCalibration.of(self.calibration, len(self.classes))
 
     def validate(self) -> None:
         """Check every field; raises :class:`ModelError` naming the offending key and value."""
@@ -489,8 +544,11 @@ class ModelCard:
         for key, value in self.calibration.items():
             if key not in CALIBRATION_KEYS:
                 raise _bad(f"calibration.{key}", value, f"unknown key; known: {', '.join(CALIBRATION_KEYS)}")
+            if key in VECTOR_KEYS:
+                continue  # checked as a whole below
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0.05 <= value <= 20.0:
                 raise _bad(f"calibration.{key}", value, "must be a temperature between 0.05 and 20")
+        self.output_calibration()
         if self.lung_crop is not None:
             self.lung_crop.validate()
         if not isinstance(self.sources, dict):

@@ -17,7 +17,7 @@ import torch
 from screener.imaging.pixels import PreprocessSpec, raster_to_unit, to_model_input
 from screener.model.fused import FusedResNet, load_fused_from_safetensors
 from screener.model.lungs import LungCrop
-from screener.model.modelcard import LungCropSpec, load_model_dir
+from screener.model.modelcard import LungCropSpec, OutputCalibration, load_model_dir
 from trainer.augment import SiteAugmenter
 from trainer.cli import main as trainer_main
 from trainer.crossval import assign_folds, out_of_source_figures, sensitivity_at_specificity
@@ -222,7 +222,11 @@ def test_a_model_with_lung_crop_and_temperatures_exports_exactly(segmenter: Lung
     from screener.model.export import export_model_dir
 
     model = FusedResNet(
-        "resnet18", "resnet18", lung_crop=segmenter.spec, temperatures=(1.7, 0.6), fused_temperature=0.8
+        "resnet18",
+        "resnet18",
+        lung_crop=segmenter.spec,
+        temperatures=(1.7, 0.6),
+        output_calibration=OutputCalibration((0.8, 1.3, 1.1), (0.2, -0.4, 0.1)),
     )
     assert model.lung_crop is not None
     model.lung_crop.load_state_dict(segmenter.state_dict())
@@ -232,7 +236,12 @@ def test_a_model_with_lung_crop_and_temperatures_exports_exactly(segmenter: Lung
         version="t",
         preprocessing=PreprocessSpec(input_size=128, working_size=128),
     )
-    assert card.calibration == {"temperature_a": 1.7, "temperature_b": 0.6, "fused_temperature": 0.8}
+    assert card.calibration == {
+        "temperature_a": 1.7,
+        "temperature_b": 0.6,
+        "vector_scale": [0.8, 1.3, 1.1],
+        "vector_bias": [0.2, -0.4, 0.1],
+    }
     assert card.lung_crop is not None and card.lung_crop.segmenter["test_dice_mean"] > 0.75
     loaded = load_model_dir(tmp_path / "m")
     torch_model = load_fused_from_safetensors(loaded.weights_path, loaded.card)
@@ -243,11 +252,14 @@ def test_a_model_with_lung_crop_and_temperatures_exports_exactly(segmenter: Lung
     got = session.run(None, {"image": image.numpy()})
     for ours, theirs in zip(got, expected, strict=True):
         assert np.abs(ours - theirs.numpy()).max() < 1e-4
-    # The graph's `probs` is what the trainer fitted: the mixture, then the fused temperature.
-    from trainer.fuse import apply_temperature, fused_probs
+    # The graph's `probs` is what the trainer fitted: the mixture, then the vector scaling.
+    from trainer.calibrate import apply_graph_calibration
 
-    mixed = fused_probs(card.fusion_weight, got[1].astype(np.float64), got[2].astype(np.float64))
-    assert np.abs(got[0] - apply_temperature(mixed, 0.8)).max() < 1e-4
+    step = {k: v for k, v in card.calibration.items() if k.startswith("vector")}
+    graph = apply_graph_calibration(
+        step, got[1].astype(np.float64), got[2].astype(np.float64), card.fusion_weight
+    )
+    assert np.abs(got[0] - graph).max() < 1e-4
 
     # INT8 keeps the whole lung crop FP32 and finds the ResNet stems behind it, not the U-Net's pools.
     from onnxruntime.quantization.shape_inference import quant_pre_process

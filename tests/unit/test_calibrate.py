@@ -9,9 +9,9 @@ from screener.core.errors import TrainingError
 from trainer.calibrate import (
     IN_GRAPH,
     METHODS,
+    apply_graph_calibration,
     apply_method,
-    apply_temperatures,
-    choose_temperatures,
+    choose_calibration,
     compare_methods,
     ece,
     ece_noise_floor,
@@ -59,12 +59,11 @@ def test_compare_methods_reports_every_method_and_the_choice_is_one_the_graph_ru
         assert 0.0 <= row["val_ece"] <= 1.0 and row["cross_fitted_ece"] is not None
         assert row["cross_fitted_logloss"] is not None and row["cross_fitted_logloss"] > 0
     assert table["joint"]["val_ece"] < table["none"]["val_ece"]
-    method, (ta, tb, tf) = choose_temperatures(table)
+    method, params = choose_calibration(table)
     assert method in IN_GRAPH and method != "none"
     # Chosen by cross-fitted log-loss: no in-graph method has a lower one.
     assert all(table[method]["cross_fitted_logloss"] <= table[m]["cross_fitted_logloss"] for m in IN_GRAPH)
-    params = table[method]["params"]
-    assert (ta, tb, tf) == (params["temperature_a"], params["temperature_b"], params["fused_temperature"])
+    assert params == table[method]["params"]
 
 
 def test_the_mixture_of_two_calibrated_networks_is_under_confident_and_a_fused_temperature_sharpens_it() -> (
@@ -82,25 +81,34 @@ def test_the_mixture_of_two_calibrated_networks_is_under_confident_and_a_fused_t
     assert table["per_network"]["val_ece"] > table["none"]["val_ece"]  # each calibrated, the mix is not
     per_network_mix = apply_method("per_network", table["per_network"]["params"], pa, pb, 0.5)
     assert fit_temperature(per_network_mix, y) < 0.9  # under-confident: T_f < 1 sharpens it
-    method, temperatures = choose_temperatures(table)
+    method, params = choose_calibration(table)
     cross = table[method]["cross_fitted_logloss"]
     assert (
         cross < table["per_network"]["cross_fitted_logloss"]
         and cross <= table["joint"]["cross_fitted_logloss"]
     )
-    # What the graph runs (three temperatures) is what was scored.
-    kept = apply_temperatures(temperatures, pa, pb, 0.5)
+    # What the graph runs (the card keys) is what was scored.
+    kept = apply_graph_calibration(params, pa, pb, 0.5)
     assert np.allclose(kept, apply_method(method, table[method]["params"], pa, pb, 0.5))
     assert np.allclose(
-        apply_temperatures((1.0, 1.0, 0.7), pa, pb, 0.5), apply_temperature(fused_probs(0.5, pa, pb), 0.7)
+        apply_graph_calibration({"fused_temperature": 0.7}, pa, pb, 0.5),
+        apply_temperature(fused_probs(0.5, pa, pb), 0.7),
     )
+    # Vector scaling is in the graph too: per-class scale and bias on the log of the mixture.
+    vector = table["vector"]["params"]
+    assert len(vector["vector_scale"]) == len(vector["vector_bias"]) == 3
+    log_mix = np.log(np.clip(fused_probs(0.5, pa, pb), 1e-12, 1.0))
+    z = log_mix * np.array(vector["vector_scale"]) + np.array(vector["vector_bias"])
+    expected = np.exp(z - z.max(axis=1, keepdims=True))
+    expected /= expected.sum(axis=1, keepdims=True)
+    assert np.allclose(apply_graph_calibration(vector, pa, pb, 0.5), expected)
 
 
 def test_few_images_are_not_cross_fitted_and_bad_input_is_refused() -> None:
     pa, pb, y = _overconfident(12, 2)
     table = compare_methods(pa, pb, y, 0.5)
     assert table["joint"]["cross_fitted_ece"] is None and table["joint"]["cross_fitted_logloss"] is None
-    assert choose_temperatures(table)[0] in IN_GRAPH
+    assert choose_calibration(table)[0] in IN_GRAPH
     with pytest.raises(TrainingError, match="unknown calibration method 'platt'"):
         fit_method("platt", pa, pb, y, 0.5)
     with pytest.raises(TrainingError, match="matching, non-empty"):

@@ -216,14 +216,17 @@ def test_trainer_init_model_writes_a_loadable_small_model(
     assert "already exists" in capsys.readouterr().err
 
 
-def test_the_fused_temperature_is_the_same_step_in_the_fp32_and_fp16_models() -> None:
+def test_the_output_calibration_is_the_same_step_in_the_fp32_and_fp16_models() -> None:
     import torch
 
     from screener.model.engine.torch_backend import HalfFused
+    from screener.model.modelcard import OutputCalibration
     from trainer.fuse import apply_temperature, fused_probs
 
     torch.manual_seed(0)
-    model = FusedResNet("resnet18", "resnet18", temperatures=(1.3, 0.9), fused_temperature=0.7).eval()
+    step = OutputCalibration.of({"fused_temperature": 0.7}, 3)
+    assert step is not None and step.card_keys() == {"fused_temperature": 0.7}
+    model = FusedResNet("resnet18", "resnet18", temperatures=(1.3, 0.9), output_calibration=step).eval()
     image = torch.randn(4, 3, 64, 64)
     with torch.no_grad():
         probs, probs_a, probs_b = (t.double().numpy() for t in model(image))
@@ -232,5 +235,11 @@ def test_the_fused_temperature_is_the_same_step_in_the_fp32_and_fp16_models() ->
     np.testing.assert_allclose(probs, expected, atol=1e-5)
     assert np.abs(probs - fused_probs(float(model.fusion_weight), probs_a, probs_b)).max() > 1e-3
     np.testing.assert_allclose(half[0].double().numpy(), probs, atol=2e-2)
-    with pytest.raises(ModelError, match="finite number > 0"):
-        model.set_temperatures(1.0, 1.0, fused=0.0)
+    with pytest.raises(ModelError, match="3 finite scales and 3 biases"):
+        model.set_output_calibration(OutputCalibration((1.0, 1.0), (0.0, 0.0)))
+    with pytest.raises(ModelError, match="fused_temperature and vector scaling"):
+        OutputCalibration.of(
+            {"fused_temperature": 0.7, "vector_scale": [1, 1, 1], "vector_bias": [0, 0, 0]}, 3
+        )
+    with pytest.raises(ModelError, match="one number per class"):
+        OutputCalibration.of({"vector_scale": [1, 1], "vector_bias": [0, 0]}, 3)

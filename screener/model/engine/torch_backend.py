@@ -68,7 +68,8 @@ class HalfFused(nn.Module):
     fusion_weight: torch.Tensor
     temperature_a: torch.Tensor
     temperature_b: torch.Tensor
-    temperature_fused: torch.Tensor
+    output_scale: torch.Tensor
+    output_bias: torch.Tensor
 
     def __init__(self, fused: FusedResNet, memory_format: torch.memory_format) -> None:
         super().__init__()
@@ -78,14 +79,15 @@ class HalfFused(nn.Module):
         self.register_buffer("fusion_weight", fused.fusion_weight.detach().float().clone())
         self.register_buffer("temperature_a", fused.temperature_a.detach().float().clone())
         self.register_buffer("temperature_b", fused.temperature_b.detach().float().clone())
-        self.register_buffer("temperature_fused", fused.temperature_fused.detach().float().clone())
-        self.fused_calibrated = fused.fused_calibrated
+        self.register_buffer("output_scale", fused.output_scale.detach().float().clone())
+        self.register_buffer("output_bias", fused.output_bias.detach().float().clone())
+        self.output_calibrated = fused.output_calibrated
         self.novelty_gate = fused.novelty_gate.float() if fused.novelty_gate is not None else None
         self.memory_format = memory_format
         self.heatmap_size = fused.heatmap_size
 
-    def _fused_temperature(self) -> torch.Tensor | None:
-        return self.temperature_fused if self.fused_calibrated else None
+    def _output_step(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return (self.output_scale, self.output_bias) if self.output_calibrated else None
 
     def forward(self, image: torch.Tensor) -> _Outputs:
         if self.heatmap_size is not None:
@@ -101,7 +103,7 @@ class HalfFused(nn.Module):
             features_b, logits_b = backbone_features(self.net_b, x)
         probs_a = torch.softmax(logits_a.float() / self.temperature_a, dim=1)
         probs_b = torch.softmax(logits_b.float() / self.temperature_b, dim=1)
-        probs = fuse(probs_a, probs_b, self.fusion_weight, self._fused_temperature())
+        probs = fuse(probs_a, probs_b, self.fusion_weight, self._output_step())
         if self.novelty_gate is None:
             return probs, probs_a, probs_b
         features = torch.cat((features_a.float(), features_b.float()), dim=1)
@@ -121,7 +123,7 @@ class HalfFused(nn.Module):
         fmap_b, features_b, logits_b = backbone_maps(self.net_b, x)
         probs_a = torch.softmax(logits_a.float() / self.temperature_a, dim=1)
         probs_b = torch.softmax(logits_b.float() / self.temperature_b, dim=1)
-        probs = fuse(probs_a, probs_b, self.fusion_weight, self._fused_temperature())
+        probs = fuse(probs_a, probs_b, self.fusion_weight, self._output_step())
         w = self.fusion_weight
         heatmap = fused_heatmap((fmap_a, fmap_b), (self.net_a.fc, self.net_b.fc), probs, w, box, size)
         if self.novelty_gate is None:
