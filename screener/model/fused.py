@@ -65,18 +65,18 @@ class FusedResNet(nn.Module):
     """Two backbones and a fusion weight ``w`` in [0, 1], kept as a float32 buffer named ``fusion_weight``.
 
     :meth:`forward` takes a float32 image batch ``[N, 3, S, S]`` and returns ``(probs, probs_a, probs_b)``,
-    each ``[N, num_classes]``, with ``probs = w * probs_a + (1 - w) * probs_b`` and
-    ``probs_x = softmax(logits_x / T_x)``: each network's temperature ``T`` (1 by default) comes from the
-    card's ``calibration`` and is not part of the weights file. With an output calibration (card
-    ``calibration``: a fused temperature or vector scaling, :class:`OutputCalibration`), ``probs`` is then
-    ``softmax(scale * log(probs) + bias)``: the mixture itself calibrated (:func:`fuse`). With
-    ``lung_crop`` the input first goes through :class:`screener.model.lungs.LungCrop` (its U-Net weights
-    are part of the state dict, under ``lung_crop.``) and the backbones see the crop. With ``gate_dims``
-    (the two networks' feature sizes) the model holds a :class:`screener.model.novelty.MahalanobisGate` (``novelty_gate.``, its statistics in
-    the state dict) and :meth:`forward` returns a fourth tensor, ``novelty`` ``[N]`` float32.
-    With ``heatmap_size`` it returns one more tensor, last: ``heatmap``
-    ``[N, heatmap_size, heatmap_size]`` float32 in [0, 1], the class activation map of the fused prediction
-    on the whole input (:mod:`screener.model.cam`).
+    each ``[N, num_classes]``, with ``probs = w * probs_a + (1 - w) * probs_b`` and ``probs_x =
+    softmax(logits_x / T_x)``: each network's temperature ``T`` (1 by default) comes from the card's
+    ``calibration`` and is not part of the weights file. With an output calibration (card ``calibration``: a
+    fused temperature or vector scaling, :class:`OutputCalibration`), ``probs`` is then ``softmax(scale *
+    log(probs) + bias)``: the mixture itself calibrated (:func:`fuse`). With ``lung_crop`` the input first
+    goes through :class:`screener.model.lungs.LungCrop` (its U-Net weights are part of the state dict, under
+    ``lung_crop.``) and the backbones see the crop. With ``gate_dims`` (the two networks' feature sizes) the
+    model holds a :class:`screener.model.novelty.MahalanobisGate` (``novelty_gate.``, its statistics in the
+    state dict) and :meth:`forward` returns a fourth tensor, ``novelty`` ``[N]`` float32. With
+    ``heatmap_size`` it returns one more tensor, last: ``heatmap`` ``[N, heatmap_size, heatmap_size]`` float32
+    in [0, 1], the class activation map of the fused prediction on the whole input
+    (:mod:`screener.model.cam`).
     """
 
     fusion_weight: torch.Tensor
