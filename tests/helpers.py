@@ -423,11 +423,16 @@ def cli(server: Server, *args: str, check: bool = True) -> subprocess.CompletedP
 
 
 def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.25) -> None:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds pass (AssertionError naming ``what``).
+
+    Sleeps at least as long as the last check took: a check that runs a `screener` command costs about a
+    second of CPU, and polling it back to back on two cores starves the very server being waited for."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        started = time.monotonic()
         if predicate():
             return
-        time.sleep(interval)
+        time.sleep(max(interval, time.monotonic() - started))
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 

@@ -118,7 +118,7 @@ def test_ten_dcmtk_associations_of_many_then_hundreds_of_single_instance_associa
     make_server, tiny_model_dir: Path, tmp_path: Path, figure: Figure
 ):
     # Full strength (tests/hardening/run): 10 associations of 100, then 500 of one; CI: 40 and 200.
-    per_association, n_single = (100, 500) if full_strength() else (40, 200)
+    per_association, n_single = (100, 500) if full_strength() else (20, 200)
     n_bulk = 10 * per_association
     total = n_bulk + n_single
     bulk = _radiographs(tmp_path / "bulk", n_bulk, per_study=4, prefix="b")

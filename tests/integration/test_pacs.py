@@ -103,13 +103,15 @@ def test_orthanc_routes_chest_xrays_to_us_and_receives_sr_and_sc_once(
 
 
 @pytest.mark.slow
-def test_refused_then_busy_then_back_delivers_once_and_dead_letters_are_re_driven(make_server, model_dir):
+def test_refused_then_busy_then_back_delivers_once_and_dead_letters_are_re_driven(
+    make_server, tiny_model_dir
+):
     pacs = FakePacs()
     # Retries come every second here; on a busy machine each `deliveries list` poll takes seconds, so the
     # default 12 attempts could run out (dead) before step 2. Exhausting them is not what this tests.
     server = _server(
         make_server,
-        model_dir,
+        tiny_model_dir,  # delivery, not the model, is under test: the small one costs seconds less per start
         f'[{{ae_title="FAKEPACS", host="127.0.0.1", port={pacs.port}}}]',
         SCREENER__PACS__MAX_ATTEMPTS="1000",
     )
@@ -165,11 +167,11 @@ def test_refused_then_busy_then_back_delivers_once_and_dead_letters_are_re_drive
 
 
 @pytest.mark.slow
-def test_kill9_with_deliveries_pending_sends_each_once_after_restart(make_server, model_dir):
+def test_kill9_with_deliveries_pending_sends_each_once_after_restart(make_server, tiny_model_dir):
     pacs = FakePacs()
     server = _server(
         make_server,
-        model_dir,
+        tiny_model_dir,
         f'[{{ae_title="FAKEPACS", host="127.0.0.1", port={pacs.port}}}]',
         SCREENER__PACS__BACKOFF_INITIAL_SECONDS="1",
     )
