@@ -81,6 +81,7 @@ def make_db(tmp: Path, url: str | None = None) -> ConsoleDb:
                 files={"model.onnx": "0" * 64, "weights.safetensors": "1" * 64},
                 opset=17,
                 metrics={"accuracy": 0.9, "macro_f1": 0.88},
+                calibration={"vector_scale": [1.4, 1.5, 2.2], "vector_bias": [-0.1, -0.8, 0.9]},
             ).to_json(),
             activated_at=now - timedelta(days=1),
         )

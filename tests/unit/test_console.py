@@ -109,6 +109,11 @@ def test_dashboard_numbers_are_those_of_screener_status(db: ConsoleDb) -> None:
     assert data["model"]["version"] == "cxr-test-1" and data["model"]["figures"]["macro_f1"] == 0.88
     html = c.get("/dashboard").text
     assert '<span class="n" id="instances-total">3</span>' in html and "<svg" in html
+    assert data["model"]["calibration"] == {
+        "vector_scale": "1.400 / 1.500 / 2.200",
+        "vector_bias": "-0.100 / -0.800 / 0.900",
+    }
+    assert "vector_scale 1.400 / 1.500 / 2.200" in html
     assert collect_dashboard(db.engine).as_dict()["verdicts"] == data["verdicts"]
 
 

@@ -42,13 +42,23 @@ T = TypeVar("T")
 CARD_FIGURES: tuple[str, ...] = ("accuracy", "test_accuracy", "macro_f1", "auc_macro", "ece")
 
 
+def _shown(value: object) -> str | None:
+    """A card calibration value as the dashboard prints it: 0.788, or "1.400 / 1.530 / 2.177" for one number
+    per class (vector scaling); None for anything else."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"{value:.3f}"
+    if isinstance(value, list) and value and all(isinstance(x, int | float) for x in value):
+        return " / ".join(f"{x:.3f}" for x in value)
+    return None
+
+
 @dataclass(frozen=True)
 class ActiveModel:
     version: str
     architectures: str
     activated_at: str | None
     figures: dict[str, float]
-    calibration: dict[str, float]
+    calibration: dict[str, str]  # key -> value as shown (a temperature, or one number per class)
     thresholds: dict[str, float]
     int8: bool
     classes: tuple[str, ...]
@@ -148,9 +158,8 @@ def _active_model(session: Session) -> ActiveModel | None:
     card = json.loads(row.card_json)
     metrics = card.get("metrics", {}) if isinstance(card.get("metrics"), dict) else {}
     figures = {k: float(metrics[k]) for k in CARD_FIGURES if isinstance(metrics.get(k), int | float)}
-    calibration = {
-        k: float(v) for k, v in (card.get("calibration") or {}).items() if isinstance(v, int | float)
-    }
+    shown = {k: _shown(v) for k, v in (card.get("calibration") or {}).items()}
+    calibration = {k: v for k, v in shown.items() if v is not None}
     thresholds = {
         k: float(v) for k, v in (card.get("thresholds") or {}).items() if isinstance(v, int | float)
     }
