@@ -38,6 +38,7 @@ from trainer.calibrate import (
     ece_noise_floor,
 )
 from trainer.data import ImageDataset, Sample, limit_per_class, load_roots
+from trainer.fuse import log_loss
 from trainer.quantize import model_split
 
 
@@ -102,14 +103,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"classes {', '.join(CLASSES)}")
     print(
         "| method | in graph | val ECE (in-sample) | val ECE (2-fold cross-fitted) | val log-loss "
-        "| val log-loss (cross-fitted) | test ECE | pool ECE [95% CI] |"
+        "| val log-loss (cross-fitted) | test ECE | test log-loss | pool ECE [95% CI] |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     chosen, _ = choose_calibration(table)
     for method in METHODS:
         params = fit_method(method, va, vb, vy, w)
-        test_ece = ece(ty, apply_method(method, params, ta, tb, w))
+        test_probs = apply_method(method, params, ta, tb, w)
+        test_ece = ece(ty, test_probs)
+        test_ll = log_loss(test_probs, ty)
         table[method]["test_ece"] = round(test_ece, 4)
+        table[method]["test_logloss"] = round(test_ll, 4)
         pool_cell = "n/a"
         if py.size:
             pool_probs = apply_method(method, params, pa, pb, w)
@@ -123,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {name} | {'yes' if row['in_graph'] else 'no'} | {100 * row['val_ece']:.1f} | "
             f"{'n/a' if cross is None else f'{100 * cross:.1f}'} | {row['val_logloss']:.3f} | "
-            f"{'n/a' if cross_ll is None else f'{cross_ll:.3f}'} | {100 * test_ece:.1f} | {pool_cell} |"
+            f"{'n/a' if cross_ll is None else f'{cross_ll:.3f}'} | {100 * test_ece:.1f} | {test_ll:.3f} | "
+            f"{pool_cell} |"
         )
     kept_params = fit_method(chosen, va, vb, vy, w)
     floor = ece_noise_floor(apply_method(chosen, kept_params, va, vb, w))
