@@ -40,7 +40,7 @@ import torch
 
 from screener.core.errors import TrainingError
 from screener.core.stats import calibration_of_indices
-from screener.model.modelcard import CALIBRATION_KEYS, OutputCalibration
+from screener.model.modelcard import OutputCalibration
 from trainer.fuse import apply_temperature, fit_temperature, fused_probs, log_loss
 
 Probs = npt.NDArray[np.float64]
@@ -190,9 +190,14 @@ def apply_method(method: str, params: dict[str, Any], probs_a: Probs, probs_b: P
 
 
 def graph_calibration(params: dict[str, Any]) -> dict[str, Any]:
-    """An in-graph method's parameters as the card's ``calibration`` section (temperatures of 1 and an
-    absent output step left out: what the exporter writes)."""
-    return {k: v for k, v in params.items() if k in CALIBRATION_KEYS and v != 1.0}
+    """An in-graph method's parameters as the exporter writes the card's ``calibration`` section: both
+    network temperatures where either is not 1, and the output step where there is one."""
+    temperatures = {k: params.get(k, 1.0) for k in ("temperature_a", "temperature_b")}
+    out = temperatures if any(v != 1.0 for v in temperatures.values()) else {}
+    step = {k: v for k, v in params.items() if k in ("vector_scale", "vector_bias")}
+    if params.get("fused_temperature", 1.0) != 1.0:
+        step["fused_temperature"] = params["fused_temperature"]
+    return {**out, **step}
 
 
 def apply_graph_calibration(params: dict[str, Any], probs_a: Probs, probs_b: Probs, weight: float) -> Probs:

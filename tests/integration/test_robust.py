@@ -19,6 +19,7 @@ from screener.model.fused import FusedResNet, load_fused_from_safetensors
 from screener.model.lungs import LungCrop
 from screener.model.modelcard import LungCropSpec, OutputCalibration, load_model_dir
 from trainer.augment import SiteAugmenter
+from trainer.calibrate import IN_GRAPH
 from trainer.cli import main as trainer_main
 from trainer.crossval import assign_folds, out_of_source_figures, sensitivity_at_specificity
 from trainer.data import (
@@ -295,7 +296,12 @@ def test_robust_train_evaluate_by_source_and_crossval(
     assert card.preprocessing.working_size == 256 and card.input_size == 256
     assert card.lung_crop is not None and card.lung_crop.crop_size == 128
     assert card.lung_crop.segmenter["epochs"] == 1
-    assert set(card.calibration) == {"temperature_a", "temperature_b"}
+    # The card holds what the kept in-graph method fitted (trainer.calibrate), nothing else.
+    kept = card.metrics["calibration"]["method"].split()[0]
+    fitted = card.metrics["calibration"]["alternatives"][kept]["params"]
+    assert kept in IN_GRAPH and set(card.calibration) == set(fitted)
+    for key, value in fitted.items():
+        assert card.calibration[key] == pytest.approx(value, abs=1e-5)
     assert card.sources["jsrt"]["normal"] == 4
     assert card.sources["cohen-italy"]["covid19"] == 4
     assert card.metrics["calibration"]["val_ece_after"] is not None
