@@ -40,7 +40,7 @@ import torch
 
 from screener.core.errors import TrainingError
 from screener.core.stats import calibration_of_indices
-from screener.model.modelcard import OutputCalibration
+from screener.model.modelcard import OutputCalibration, calibration_section, network_temperatures
 from trainer.fuse import apply_temperature, fit_temperature, fused_probs, log_loss
 
 Probs = npt.NDArray[np.float64]
@@ -189,22 +189,17 @@ def apply_method(method: str, params: dict[str, Any], probs_a: Probs, probs_b: P
     raise TrainingError(f"unknown calibration method {method!r}; known: {', '.join(METHODS)}")
 
 
-def graph_calibration(params: dict[str, Any]) -> dict[str, Any]:
-    """An in-graph method's parameters as the exporter writes the card's ``calibration`` section: both
-    network temperatures where either is not 1, and the output step where there is one."""
-    temperatures = {k: params.get(k, 1.0) for k in ("temperature_a", "temperature_b")}
-    out = temperatures if any(v != 1.0 for v in temperatures.values()) else {}
-    step = {k: v for k, v in params.items() if k in ("vector_scale", "vector_bias")}
-    if params.get("fused_temperature", 1.0) != 1.0:
-        step["fused_temperature"] = params["fused_temperature"]
-    return {**out, **step}
+def graph_calibration(params: dict[str, Any], num_classes: int) -> dict[str, Any]:
+    """An in-graph method's parameters as the exporter writes the card's ``calibration`` section
+    (:func:`screener.model.modelcard.calibration_section`)."""
+    return calibration_section(network_temperatures(params), OutputCalibration.of(params, num_classes))
 
 
 def apply_graph_calibration(params: dict[str, Any], probs_a: Probs, probs_b: Probs, weight: float) -> Probs:
     """What the graph outputs as ``probs`` for uncalibrated network outputs ``probs_a``/``probs_b`` under
     the card ``calibration`` keys ``params``: each network's temperature, the weighted mixture, then the
     output step where there is one (:class:`screener.model.modelcard.OutputCalibration`)."""
-    ta, tb = (float(params.get(key, 1.0)) for key in ("temperature_a", "temperature_b"))
+    ta, tb = network_temperatures(params)
     mixed = fused_probs(weight, apply_temperature(probs_a, ta), apply_temperature(probs_b, tb))
     step = OutputCalibration.of(params, probs_a.shape[1])
     if step is None:
@@ -265,7 +260,7 @@ def compare_methods(
             "cross_fitted_ece": None if cross is None else round(cross, 4),
             "cross_fitted_logloss": None if cross_ll is None else round(cross_ll, 4),
             "in_graph": method in IN_GRAPH,
-            "params": graph_calibration(params) if method in IN_GRAPH else {},
+            "params": graph_calibration(params, probs_a.shape[1]) if method in IN_GRAPH else {},
         }
     return table
 

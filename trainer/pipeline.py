@@ -37,6 +37,7 @@ from screener.model.modelcard import (
     LungCropSpec,
     ModelCard,
     OutputCalibration,
+    network_temperatures,
     read_card,
 )
 from trainer.augment import Augmenter, Chain, SiteAugmenter
@@ -236,8 +237,9 @@ def _test_metrics(
     """Figures on the test split, with the card ``calibration`` the graph will run."""
     params = dict(calibration or {})
     raw_a, raw_b, labels = predict_probs(net_a, net_b, loader, device)
-    probs_a = apply_temperature(raw_a, float(params.get("temperature_a", 1.0)))
-    probs_b = apply_temperature(raw_b, float(params.get("temperature_b", 1.0)))
+    temperature_a, temperature_b = network_temperatures(params)
+    probs_a = apply_temperature(raw_a, temperature_a)
+    probs_b = apply_temperature(raw_b, temperature_b)
     fused = apply_graph_calibration(params, raw_a, raw_b, weight)
     predicted = fused.argmax(axis=1)
     per_class = {}
@@ -495,7 +497,7 @@ def train_and_export(
         second.arch,
         fusion_weight=fusion.weight,
         lung_crop=crop.spec if crop is not None else None,
-        temperatures=(float(in_graph.get("temperature_a", 1.0)), float(in_graph.get("temperature_b", 1.0))),
+        temperatures=network_temperatures(in_graph),
         output_calibration=OutputCalibration.of(in_graph, len(classes)),
         num_classes=len(classes),
     )

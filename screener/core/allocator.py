@@ -17,10 +17,6 @@ import ctypes.util
 import threading
 from functools import cache
 
-from screener.core.logs import get_logger
-
-log = get_logger("screener.allocator")
-
 M_ARENA_MAX = -8  # glibc malloc.h: mallopt parameter for the arena limit
 
 

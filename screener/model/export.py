@@ -32,6 +32,7 @@ from screener.model.modelcard import (
     GateSpec,
     HeatmapSpec,
     ModelCard,
+    calibration_section,
     default_concepts,
     sha256_file,
 )
@@ -93,15 +94,7 @@ def export_model_dir(
         raise ModelError(
             f"card gate.feature_dims {gate.feature_dims} differ from the model's {model.feature_dims}"
         )
-    temperature_a, temperature_b = model.temperatures
-    calibration = (
-        {"temperature_a": round(temperature_a, 6), "temperature_b": round(temperature_b, 6)}
-        if (temperature_a, temperature_b) != (1.0, 1.0)
-        else {}
-    )
-    step = model.output_calibration
-    if step is not None:
-        calibration.update(step.card_keys())
+    calibration = calibration_section(model.temperatures, model.output_calibration)
     card = ModelCard(
         version=version,
         classes=tuple(classes),

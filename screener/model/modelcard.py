@@ -405,6 +405,23 @@ class OutputCalibration:
         }
 
 
+def network_temperatures(calibration: dict[str, Any]) -> tuple[float, float]:
+    """``(T_a, T_b)`` of a card's ``calibration`` section (1 where a key is absent)."""
+    return float(calibration.get("temperature_a", 1.0)), float(calibration.get("temperature_b", 1.0))
+
+
+def calibration_section(temperatures: tuple[float, float], step: OutputCalibration | None) -> dict[str, Any]:
+    """The card's ``calibration`` section for these network temperatures and output step: both
+    temperatures where either is not 1, then the step's keys (:meth:`OutputCalibration.card_keys`)."""
+    ta, tb = temperatures
+    section: dict[str, Any] = (
+        {"temperature_a": round(ta, 6), "temperature_b": round(tb, 6)} if (ta, tb) != (1.0, 1.0) else {}
+    )
+    if step is not None:
+        section.update(step.card_keys())
+    return section
+
+
 @dataclass(frozen=True)
 class ModelCard:
     """What a model promises: label map, preprocessing, fusion, thresholds, provenance and file digests.
